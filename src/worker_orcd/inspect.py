@@ -1,0 +1,100 @@
+"""Facts about a GGUF file for `worker-orcd inspect`: what it is, what it holds, what it will cost in VRAM."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from worker_orcd.gguf import GGUFFile
+
+# Hyperparameters worth showing, as '<arch>.<suffix>' keys.
+ARCH_KEYS = [
+    "context_length",
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.key_length",
+    "attention.value_length",
+    "attention.sliding_window",
+    "attention.layer_norm_rms_epsilon",
+    "attention.layer_norm_epsilon",
+    "rope.freq_base",
+    "rope.dimension_count",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "rope.scaling.original_context_length",
+    "expert_count",
+    "expert_used_count",
+    "expert_feed_forward_length",
+    "vocab_size",
+]
+
+
+@dataclass
+class ModelFacts:
+    path: str
+    architecture: str
+    name: str | None
+    version: int
+    hyperparameters: dict[str, object]
+    tokenizer_model: str | None
+    tokenizer_pre: str | None
+    vocab_size: int
+    tensor_count: int
+    types: dict[str, tuple[int, int]] = field(default_factory=dict)  # type -> (tensors, bytes)
+    weight_bytes: int = 0
+    kv_bytes_per_token: int = 0  # f16 K and V for every layer
+    parameters: int = 0
+
+
+def _scalar(v: object) -> object:
+    return v.item() if hasattr(v, "item") and getattr(v, "ndim", 1) == 0 else v
+
+
+def model_facts(f: GGUFFile) -> ModelFacts:
+    arch = f.architecture
+    hp = {k: _scalar(f.get(f"{arch}.{k}")) for k in ARCH_KEYS if f"{arch}.{k}" in f.metadata}
+    tokens = f.get("tokenizer.ggml.tokens") or []
+    counts: Counter[str] = Counter()
+    nbytes: Counter[str] = Counter()
+    params = 0
+    for t in f.tensors.values():
+        counts[t.type_name] += 1
+        nbytes[t.type_name] += t.nbytes
+        params += t.n_elements
+    facts = ModelFacts(
+        path=f.path,
+        architecture=arch,
+        name=f.get("general.name"),
+        version=f.version,
+        hyperparameters=hp,
+        tokenizer_model=f.get("tokenizer.ggml.model"),
+        tokenizer_pre=f.get("tokenizer.ggml.pre"),
+        vocab_size=len(tokens),
+        tensor_count=len(f.tensors),
+        types={k: (counts[k], nbytes[k]) for k in sorted(counts, key=lambda k: -nbytes[k])},
+        weight_bytes=sum(nbytes.values()),
+        kv_bytes_per_token=_kv_bytes_per_token(f, arch),
+        parameters=params,
+    )
+    return facts
+
+
+def _kv_bytes_per_token(f: GGUFFile, arch: str) -> int:
+    layers = f.get(f"{arch}.block_count") or 0
+    heads = f.get(f"{arch}.attention.head_count") or 0
+    kv_heads = f.get(f"{arch}.attention.head_count_kv") or heads
+    embd = f.get(f"{arch}.embedding_length") or 0
+    head_k = f.get(f"{arch}.attention.key_length") or (embd // heads if heads else 0)
+    head_v = f.get(f"{arch}.attention.value_length") or head_k
+    return int(layers * _scalar(kv_heads) * (head_k + head_v) * 2)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
