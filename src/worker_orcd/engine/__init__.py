@@ -1,0 +1,1 @@
+"""Scheduling, KV cache, sampling and the generate loop."""

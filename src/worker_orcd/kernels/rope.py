@@ -1,0 +1,81 @@
+"""Rotary position embeddings: frequencies (plain, per-dim factors, YaRN) and their application.
+
+Two layouts, as llama.cpp names them: NORM rotates adjacent pairs (x[2i], x[2i+1]) — what GGUF
+`llama` files need, since the converter permutes Q/K rows for it — and NEOX rotates the halves
+(x[i], x[i + d/2]). Only the first `n_rot` dims of each head rotate (partial rotary).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    n_rot: int  # rotated dims per head
+    base: float
+    neox: bool
+    freq_factors: torch.Tensor | None = None  # per-pair divisors (llama3 rope_freqs, LongRoPE)
+    attn_factor: float = 1.0  # scales cos and sin (LongRoPE / YaRN magnitude correction)
+    yarn_factor: float = 1.0  # YaRN context extension factor (1 = off)
+    yarn_orig_ctx: int = 0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+
+
+def inv_freq(cfg: RopeConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """theta_i = base^(-2i/n_rot) for i < n_rot/2, with factors and YaRN interpolation applied. float64."""
+    i = torch.arange(0, cfg.n_rot, 2, dtype=torch.float64, device=device)
+    freq = cfg.base ** (-i / cfg.n_rot)
+    if cfg.freq_factors is not None:
+        freq = freq / cfg.freq_factors.to(device=device, dtype=torch.float64)
+    if cfg.yarn_factor > 1.0:
+        freq = _yarn(freq, cfg)
+    return freq
+
+
+def _yarn(freq: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
+    """YaRN (NTK-by-parts): interpolate low frequencies by 1/factor, keep high ones; ramp between.
+
+    The correction range is not rounded, as in OpenAI's gpt-oss reference and transformers
+    (llama.cpp floors/ceils it).
+    """
+    d, base, orig = cfg.n_rot, cfg.base, cfg.yarn_orig_ctx
+
+    def dim_for(rotations: float) -> float:
+        return d * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(dim_for(cfg.yarn_beta_fast), 0.0)
+    high = min(dim_for(cfg.yarn_beta_slow), d - 1.0)
+    if low == high:
+        high += 1e-3
+    ramp = ((torch.arange(d // 2, dtype=torch.float64, device=freq.device) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1.0 - ramp  # 1 where the dim keeps its original frequency
+    return freq / cfg.yarn_factor * (1 - extrapolate) + freq * extrapolate
+
+
+def yarn_attn_factor(factor: float) -> float:
+    """YaRN's magnitude correction 0.1 ln(s) + 1, applied to cos and sin."""
+    return 0.1 * math.log(factor) + 1.0 if factor > 1.0 else 1.0
+
+
+def cos_sin(cfg: RopeConfig, positions: torch.Tensor, freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, n_rot/2] in float32 for integer positions [T]."""
+    angles = positions.to(torch.float64)[:, None] * freq[None, :]
+    return (angles.cos() * cfg.attn_factor).float(), (angles.sin() * cfg.attn_factor).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int, neox: bool) -> torch.Tensor:
+    """Rotate x [T, heads, head_dim] by cos/sin [T, n_rot/2]; dims past n_rot pass through."""
+    rot, rest = x[..., :n_rot].float(), x[..., n_rot:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    if neox:
+        a, b = rot[..., : n_rot // 2], rot[..., n_rot // 2 :]
+        out = torch.cat([a * c - b * s, a * s + b * c], dim=-1)
+    else:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+    return torch.cat([out.to(x.dtype), rest], dim=-1) if rest.shape[-1] else out.to(x.dtype)

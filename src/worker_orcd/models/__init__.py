@@ -1,0 +1,1 @@
+"""One module per architecture family; `registry` maps general.architecture to the family."""

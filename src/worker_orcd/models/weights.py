@@ -1,0 +1,67 @@
+"""Moving GGUF tensors to the device: matrices stay in their block format, vectors become float32."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from worker_orcd.gguf import GGUFError, GGUFFile
+from worker_orcd.quant import QuantTensor
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+class Weights:
+    """The tensors of one model on one device, looked up by GGUF name."""
+
+    def __init__(self, f: GGUFFile, device: torch.device, progress: Progress | None = None):
+        self.path = f.path
+        self.device = device
+        self._t: dict[str, QuantTensor | torch.Tensor] = {}
+        total = sum(t.nbytes for t in f.tensors.values())
+        done = 0
+        for name, ref in f.tensors.items():
+            raw = f.tensor_bytes(name)
+            if len(ref.shape) == 1:  # norms, biases, rope factors: small, used in float32
+                q = QuantTensor.from_bytes(raw, ref.ggml_type, ref.shape, device="cpu")
+                self._t[name] = q.dequantize().to(device)
+            else:
+                self._t[name] = QuantTensor.from_bytes(raw, ref.ggml_type, ref.shape, device=device)
+            done += ref.nbytes
+            if progress is not None:
+                progress(done, total)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._t
+
+    def get(self, name: str) -> QuantTensor | torch.Tensor | None:
+        return self._t.get(name)
+
+    def __getitem__(self, name: str) -> QuantTensor | torch.Tensor:
+        try:
+            return self._t[name]
+        except KeyError:
+            raise GGUFError(self.path, f"tensor {name} is required but missing") from None
+
+    def vector(self, name: str) -> torch.Tensor:
+        t = self[name]
+        if not isinstance(t, torch.Tensor):
+            raise GGUFError(self.path, f"tensor {name} must be 1-D, has shape {t.shape}")
+        return t
+
+    def matrix(self, name: str, shape: tuple[int, ...]) -> QuantTensor:
+        t = self[name]
+        if isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
+            raise GGUFError(self.path, f"tensor {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        return t
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes if isinstance(t, QuantTensor) else t.numel() * t.element_size() for t in self._t.values())
+
+
+def linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias), with w in its block format."""
+    y = w.matmul(x)
+    return y + bias if bias is not None else y
