@@ -72,6 +72,131 @@ def inspect(path: ModelArg = None) -> None:
     )
 
 
+ModelOpt = Annotated[Path | None, typer.Option("--model", "-m", help="GGUF file (default: the packaged model)")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+
+
+def _load(model: Path | None, device: str):
+    """Load with a progress bar over the bytes moved to the device."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    import worker_orcd
+    from worker_orcd.gguf import GGUFError
+    from worker_orcd.packaged import ModelNotInstalled
+
+    err = Console(stderr=True)
+    with Progress(TextColumn("loading weights"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("load", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        try:
+            return worker_orcd.load(model, device=device, progress=progress)
+        except (GGUFError, ModelNotInstalled, RuntimeError, ValueError) as e:
+            _fail(str(e))
+
+
+@app.command()
+def generate(
+    model: ModelOpt = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="raw prompt text")] = None,
+    chat: Annotated[str | None, typer.Option("--chat", help="a user message, rendered with the chat template")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", "-t")] = 0.8,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k")] = 0,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Generate text and stream it to stdout."""
+    import sys
+    import time
+
+    if (prompt is None) == (chat is None):
+        _fail("give exactly one of --prompt or --chat")
+    m = _load(model, device)
+    if chat is not None:
+        text = m.tokenizer.apply_chat_template([{"role": "user", "content": chat}], add_generation_prompt=True)
+        ids = m.tokenize(text, add_special=False, parse_special=True)
+        if m.tokenizer.add_bos and m.tokenizer.bos_id is not None and (not ids or ids[0] != m.tokenizer.bos_id):
+            ids = [m.tokenizer.bos_id] + ids
+    else:
+        ids = m.tokenize(prompt, add_special=True)
+    start, n = time.perf_counter(), 0
+    try:
+        for step in m.steps(ids, max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed):
+            n += 1
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+    except ValueError as e:
+        _fail(str(e))
+    elapsed = time.perf_counter() - start
+    sys.stdout.write("\n")
+    Console(stderr=True).print(f"[dim]{len(ids)} prompt tokens, {n} generated in {elapsed:.2f} s "
+                               f"({n / elapsed:.1f} tokens/s incl. prefill)[/dim]")
+
+
+@app.command()
+def perplexity(
+    file: Annotated[Path, typer.Option("--file", "-f", help="a UTF-8 text file")],
+    model: ModelOpt = None,
+    ctx: Annotated[int, typer.Option("--ctx", help="window length in tokens; the second half is scored")] = 512,
+    max_windows: Annotated[int | None, typer.Option("--max-windows")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Perplexity of a text, with llama-perplexity's windows."""
+    import json
+
+    from worker_orcd.engine.perplexity import perplexity as run_perplexity
+
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        _fail(f"{file}: {e}")
+    m = _load(model, device)
+    ids = m.tokenize(text, add_special=True)
+    bos = m.tokenizer.bos_id if m.tokenizer.add_bos else None
+    err = Console(stderr=True)
+
+    def on_window(k: int, n: int, ppl: float) -> None:
+        if not as_json:
+            err.print(f"[{k}/{n}] ppl so far {ppl:.4f}")
+
+    try:
+        r = run_perplexity(m.logits, ids, ctx=ctx, bos_id=bos, max_windows=max_windows, on_window=on_window)
+    except ValueError as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps({"ppl": r.ppl, "n_scored": r.n_scored, "n_windows": r.n_windows, "ctx": r.ctx,
+                          "n_tokens": len(ids), "window_ppl": r.window_ppl}))
+    else:
+        console.print(f"perplexity {r.ppl:.4f} over {r.n_scored} tokens ({r.n_windows} windows of {ctx})")
+
+
+@app.command()
+def tokenize(
+    text: Annotated[str, typer.Argument(help="text to tokenize")],
+    model: ModelOpt = None,
+    special: Annotated[bool, typer.Option("--special", help="parse special-token text like <|im_start|>")] = False,
+    add_special: Annotated[bool, typer.Option("--add-special", help="add BOS/EOS as the model says")] = False,
+) -> None:
+    """Print the token ids of TEXT as JSON."""
+    import json
+
+    from worker_orcd.gguf import GGUFError
+    from worker_orcd.packaged import ModelNotInstalled
+    from worker_orcd.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(_model_path(model))
+    except (GGUFError, ModelNotInstalled, ValueError) as e:
+        _fail(str(e))
+    print(json.dumps(tok.tokenize(text, add_special=add_special, parse_special=special)))
+
+
 def main() -> None:
     app()
 

@@ -50,8 +50,8 @@ class Sampler:
         if p.temperature == 0.0:
             return int(torch.argmax(logits))
         u = torch.rand((), generator=self.gen).item()  # drawn even if filters leave one token: seeds stay aligned
-        probs = filtered_probs(logits / p.temperature, p.top_k, p.top_p, p.min_p)
-        return sample_from(probs, u)
+        probs, ids = filtered_probs(logits / p.temperature, p.top_k, p.top_p, p.min_p)
+        return sample_from(probs, ids, u)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, recent: list[int], penalty: float) -> torch.Tensor:
@@ -62,7 +62,9 @@ def apply_repetition_penalty(logits: torch.Tensor, recent: list[int], penalty: f
     return logits
 
 
-def filtered_probs(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+def filtered_probs(
+    logits: torch.Tensor, top_k: int, top_p: float, min_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities after the filters, as (sorted descending probs, their token ids)."""
     sorted_logits, ids = torch.sort(logits, descending=True)
     if 0 < top_k < sorted_logits.shape[0]:
@@ -76,10 +78,10 @@ def filtered_probs(logits: torch.Tensor, top_k: int, top_p: float, min_p: float)
     if min_p > 0.0:
         keep = probs >= min_p * probs[0]
         probs, ids = probs[keep], ids[keep]
-    return torch.stack([probs / probs.sum(), ids.to(probs.dtype)])
+    return probs / probs.sum(), ids
 
 
-def sample_from(probs_ids: torch.Tensor, u: float) -> int:
-    probs, ids = probs_ids[0], probs_ids[1]
+def sample_from(probs: torch.Tensor, ids: torch.Tensor, u: float) -> int:
+    """Inverse-CDF draw with a uniform u in [0, 1)."""
     idx = int(torch.searchsorted(probs.cumsum(-1), torch.tensor([u], dtype=probs.dtype, device=probs.device)))
     return int(ids[min(idx, ids.shape[0] - 1)])

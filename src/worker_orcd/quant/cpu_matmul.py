@@ -1,0 +1,120 @@
+"""Weight-only quantized matmul on CPU through torch's packed kernels, weights kept compact.
+
+CPU decode is memory-bound: float32 copies of a 135M model stream ~500 MB per token, the GGUF
+blocks ~90 MB. So blocks are repacked once, at load, into what torch's CPU kernels take:
+- 4-bit formats with a scale and offset per 32 weights (Q4_0, Q4_1, Q4_K) become int4pack:
+  w = (q - 8) * s + z per group, bf16 activations, float32 accumulation.
+- 8-bit and 5-bit symmetric formats (Q8_0, Q5_0) become int8 codes with one scale per 32-weight
+  group: y = sum_g s_g * (codes_g @ x_g), one int8 kernel call per group.
+Scales are rounded to bf16 (the kernels' type); activations enter as bf16.
+Other formats return None and the caller dequantizes per call.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGMLQuantizationType as T
+
+INT4_TYPES = {T.Q4_0, T.Q4_1, T.Q4_K}
+INT8_TYPES = {T.Q8_0, T.Q5_0}
+GROUP = 32
+
+
+def _have_kernels() -> bool:
+    ops = torch.ops.aten
+    return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_weight_int8pack_mm")
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """Little-endian f16 from byte pairs [..., 2] -> float32 [...]."""
+    return b.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[..., 16] bytes -> [..., 32] codes: element j in the low nibble of byte j, j+16 in the high one."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def _legacy4(blocks: torch.Tensor, has_min: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q4_1 blocks [N, nb, 18|20] -> codes [N, K], scale [N, nb], zero [N, nb] (w = (q-8)*s + z)."""
+    N = blocks.shape[0]
+    d = _f16(blocks[..., 0:2])
+    if has_min:
+        m = _f16(blocks[..., 2:4])
+        q = _nibbles(blocks[..., 4:20]).reshape(N, -1)
+        return q, d, m + 8 * d  # w = d*q + m
+    q = _nibbles(blocks[..., 2:18]).reshape(N, -1)
+    return q, d, torch.zeros_like(d)  # w = d*(q-8)
+
+
+def _q4_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K superblocks [N, nb, 144] -> codes [N, K], scale and zero per 32-weight sub-block [N, nb*8]."""
+    d = _f16(blocks[..., 0:2])[..., None]
+    dmin = _f16(blocks[..., 2:4])[..., None]
+    sc12 = blocks[..., 4:16].to(torch.int32)
+    # 6-bit scales and mins of the 8 sub-blocks, packed as in ggml's get_scale_min_k4
+    lo_sc, lo_m = sc12[..., 0:4] & 63, sc12[..., 4:8] & 63
+    hi_sc = (sc12[..., 8:12] & 0x0F) | ((sc12[..., 0:4] >> 6) << 4)
+    hi_m = (sc12[..., 8:12] >> 4) | ((sc12[..., 4:8] >> 6) << 4)
+    sc = torch.cat([lo_sc, hi_sc], -1).float()
+    mn = torch.cat([lo_m, hi_m], -1).float()
+    qs = blocks[..., 16:144].reshape(*blocks.shape[:-1], 4, 32)
+    q = torch.stack([qs & 0x0F, qs >> 4], dim=-2)  # [N, nb, 4 chunks, lo/hi, 32]: sub-block 2j, 2j+1
+    scale = d * sc
+    zero = -dmin * mn + 8 * scale
+    N = blocks.shape[0]
+    return q.reshape(N, -1), scale.reshape(N, -1), zero.reshape(N, -1)
+
+
+class Int4Linear:
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+        self.out_features = codes.shape[0]
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        self.scales_zeros = torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous()  # [K/32, N, 2]
+        self.nbytes = self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scales_zeros)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8GroupLinear:
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor):
+        N, K = codes.shape
+        self.out_features = N
+        self.codes = codes.to(torch.int8).reshape(N, K // GROUP, GROUP).permute(1, 0, 2).contiguous()  # [G, N, 32]
+        self.scales = scale.T.to(torch.bfloat16).contiguous()  # [G, N]
+        self.nbytes = self.codes.numel() + self.scales.numel() * 2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch.zeros(x2.shape[0], self.out_features, dtype=torch.float32)
+        for g in range(self.codes.shape[0]):
+            xg = x2[:, g * GROUP : (g + 1) * GROUP].contiguous()
+            y += torch.ops.aten._weight_int8pack_mm(xg, self.codes[g], self.scales[g]).float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def pack_for_cpu(raw: torch.Tensor, ggml_type: T, shape: tuple[int, ...]) -> Int4Linear | Int8GroupLinear | None:
+    """Repack a 2-D weight's blocks (uint8 [N, row_bytes]) for the CPU kernels; None if not supported."""
+    if len(shape) != 2 or raw.device.type != "cpu" or not _have_kernels():
+        return None
+    N, K = shape
+    blocks = raw.reshape(N, -1)
+    if ggml_type in INT4_TYPES:
+        if ggml_type == T.Q4_K:
+            q, s, z = _q4_k(blocks.reshape(N, K // 256, 144))
+        else:
+            q, s, z = _legacy4(blocks.reshape(N, K // 32, -1), has_min=ggml_type == T.Q4_1)
+        return Int4Linear(q, s, z)
+    if ggml_type == T.Q8_0:
+        b = blocks.reshape(N, K // 32, 34)
+        return Int8GroupLinear(b[..., 2:34].contiguous().view(torch.int8).reshape(N, K), _f16(b[..., 0:2]))
+    if ggml_type == T.Q5_0:
+        b = blocks.reshape(N, K // 32, 22)
+        qh = b[..., 2:6].contiguous().view(torch.int32).to(torch.int64)  # [N, nb, 1] little-endian high bits
+        bits = (qh >> torch.arange(32, dtype=torch.int64)) & 1  # [N, nb, 32]
+        q = _nibbles(b[..., 6:22]).to(torch.int64) | (bits << 4)
+        return Int8GroupLinear((q - 16).reshape(N, K), _f16(b[..., 0:2]))
+    return None

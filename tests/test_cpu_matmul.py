@@ -1,0 +1,41 @@
+"""The CPU weight-only packed matmuls against float64 on the exact dequantized weights."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import quants
+
+from worker_orcd.quant.cpu_matmul import pack_for_cpu
+
+
+def _random_q4_k(rng, n, k):
+    raw = rng.integers(0, 256, (n, k // 256 * 144), dtype=np.uint8)
+    blocks = raw.reshape(n, k // 256, 144)
+    blocks[..., 0:2] = np.frombuffer(np.float16(rng.uniform(0.005, 0.02)).tobytes(), np.uint8)
+    blocks[..., 2:4] = np.frombuffer(np.float16(rng.uniform(0.005, 0.02)).tobytes(), np.uint8)
+    return raw
+
+
+@pytest.mark.parametrize("gtype", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0, T.Q4_K])
+def test_packed_matmul_matches_float64(gtype):
+    rng = np.random.default_rng(int(gtype))
+    n, k = 80, 512
+    if gtype == T.Q4_K:
+        raw = _random_q4_k(rng, n, k)
+    else:
+        raw = quants.quantize(rng.standard_normal((n, k)).astype(np.float32), gtype)
+    w = torch.from_numpy(quants.dequantize(raw, gtype).reshape(n, k)).double()
+    lin = pack_for_cpu(torch.from_numpy(np.ascontiguousarray(raw)).reshape(n, -1), gtype, (n, k))
+    assert lin is not None
+    x = torch.randn(3, k)
+    y = torch.full((3, n), float("nan"))
+    y[:] = lin(x)
+    ref = x.double() @ w.T
+    # bf16 activations, scales and outputs: ~2^-9 relative per element
+    assert float((y.double() - ref).norm() / ref.norm()) < 6e-3
+    assert y.dtype == torch.float32 and y.shape == (3, n)
+
+
+def test_unsupported_types_fall_back():
+    assert pack_for_cpu(torch.zeros(4, 8, dtype=torch.uint8), T.F16, (4, 4)) is None

@@ -1,0 +1,101 @@
+"""Kernel references against float64 math written out independently, on fresh random inputs."""
+
+import math
+
+import pytest
+import torch
+
+from worker_orcd.kernels.activations import clamped_swiglu, geglu, gelu, swiglu
+from worker_orcd.kernels.attention import attention, attention_mask
+from worker_orcd.kernels.norm import layer_norm, rms_norm
+from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (5, 576), (3, 2, 1000)])
+def test_rms_norm(shape):
+    x, w = torch.randn(shape) * 30, torch.randn(shape[-1])
+    xd = x.double()
+    ref = xd / torch.sqrt((xd * xd).mean(-1, keepdim=True) + 1e-6) * w.double()
+    assert rel_err(rms_norm(x, w, 1e-6), ref) < 1e-6
+
+
+def test_layer_norm_including_zero_variance_rows():
+    x, w, b = torch.randn(4, 333) * 100 + 50, torch.randn(333), torch.randn(333)
+    x[1] = 3.0  # zero variance: output is the bias
+    xd = x.double()
+    mu = xd.mean(-1, keepdim=True)
+    ref = (xd - mu) / torch.sqrt(((xd - mu) ** 2).mean(-1, keepdim=True) + 1e-5) * w.double() + b.double()
+    out = layer_norm(x, w, b, 1e-5)
+    assert rel_err(out, ref) < 1e-6
+    assert torch.allclose(out[1], b, atol=1e-5)
+
+
+def test_activations():
+    g, u = torch.randn(1000) * 4, torch.randn(1000) * 4
+    gd, ud = g.double(), u.double()
+    assert rel_err(swiglu(g, u), gd / (1 + torch.exp(-gd)) * ud) < 1e-6
+    exact = 0.5 * gd * (1 + torch.erf(gd / math.sqrt(2)))
+    tanh = 0.5 * gd * (1 + torch.tanh(math.sqrt(2 / math.pi) * (gd + 0.044715 * gd**3)))
+    assert rel_err(gelu(g, approximate=False), exact) < 1e-6
+    assert rel_err(gelu(g, approximate=True), tanh) < 1e-6
+    assert rel_err(geglu(g, u), tanh * ud) < 1e-6
+    gc, uc = gd.clamp(max=7), ud.clamp(-7, 7)
+    assert rel_err(clamped_swiglu(g, u), (uc + 1) * gc / (1 + torch.exp(-1.702 * gc))) < 1e-6
+
+
+def _rope_reference(x: torch.Tensor, pos: torch.Tensor, base: float, n_rot: int, neox: bool) -> torch.Tensor:
+    """Per-element loops over the definition, float64."""
+    out = x.double().clone()
+    T, H, D = x.shape
+    for t in range(T):
+        for i in range(n_rot // 2):
+            theta = float(pos[t]) * base ** (-2 * i / n_rot)
+            c, s = math.cos(theta), math.sin(theta)
+            a, b = (i, i + n_rot // 2) if neox else (2 * i, 2 * i + 1)
+            xa, xb = x[t, :, a].double(), x[t, :, b].double()
+            out[t, :, a], out[t, :, b] = xa * c - xb * s, xa * s + xb * c
+    return out
+
+
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("n_rot", [16, 8])
+def test_rope(neox, n_rot):
+    x, pos = torch.randn(5, 3, 16), torch.tensor([0, 1, 7, 100, 4000])
+    cfg = RopeConfig(n_rot=n_rot, base=10000.0, neox=neox)
+    cos, sin = cos_sin(cfg, pos, inv_freq(cfg))
+    out = apply_rope(x, cos, sin, n_rot, neox)
+    assert rel_err(out, _rope_reference(x, pos, 10000.0, n_rot, neox)) < 1e-5
+    assert torch.equal(out[..., n_rot:], x[..., n_rot:])
+
+
+def _attention_reference(q, k, v, q_pos, window, scale, sinks=None):
+    T, H, _ = q.shape
+    Hkv, L, _ = k.shape
+    out = torch.zeros(T, H, v.shape[-1], dtype=torch.float64)
+    for t in range(T):
+        for h in range(H):
+            kh = h // (H // Hkv)
+            s = [float(q[t, h].double() @ k[kh, j].double()) * scale for j in range(L)]
+            ok = [j <= q_pos[t] and (window is None or q_pos[t] - j < window) for j in range(L)]
+            logits = [s[j] for j in range(L) if ok[j]] + ([float(sinks[h])] if sinks is not None else [])
+            m = max(logits)
+            z = sum(math.exp(a - m) for a in logits)
+            for j in range(L):
+                if ok[j]:
+                    out[t, h] += math.exp(s[j] - m) / z * v[kh, j].double()
+    return out
+
+
+@pytest.mark.parametrize("window,sinks", [(None, False), (3, False), (None, True), (4, True)])
+def test_attention_gqa_against_loops(window, sinks):
+    T, H, Hkv, L, D = 4, 6, 2, 9, 8
+    q, k, v = torch.randn(T, H, D), torch.randn(Hkv, L, D), torch.randn(Hkv, L, D)
+    q_pos = torch.tensor([5, 6, 7, 8])
+    sink = torch.randn(H) if sinks else None
+    mask = attention_mask(q_pos, torch.arange(L), window)
+    out = attention(q, k, v, mask, 0.3, sinks=sink)
+    assert rel_err(out, _attention_reference(q, k, v, q_pos, window, 0.3, sink)) < 1e-5
