@@ -49,3 +49,28 @@ def attention(
             probs = probs[..., :-1]
         out = probs @ v.float()
     return out.reshape(Hkv, G, T, -1).permute(2, 0, 1, 3).reshape(T, H, -1).to(q.dtype)
+
+
+def cached_attention(
+    q: torch.Tensor,  # [T, H, hd] (already rotated)
+    k: torch.Tensor,  # [T, Hkv, hd] (already rotated)
+    v: torch.Tensor,  # [T, Hkv, hdv]
+    positions: torch.Tensor,  # [T]
+    kv,  # engine.kv_cache.KVCache
+    layer: int,
+    seqs,  # list[engine.kv_cache.SeqSpan]
+    scale: float,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Store each sequence's new K/V in its cache slot, then attend over everything it holds: [T, H, hdv]."""
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    for s in seqs:
+        pos = positions[s.start : s.end]
+        kv.write(layer, s.slot, pos, k[s.start : s.end], v[s.start : s.end])
+        length = int(pos.max()) + 1
+        K, V = kv.read(layer, s.slot, length)
+        mask = attention_mask(pos, torch.arange(length, device=q.device), window)
+        out[s.start : s.end] = attention(q[s.start : s.end], K, V, mask, scale, sinks=sinks, softcap=softcap)
+    return out

@@ -14,7 +14,7 @@ import torch
 from worker_orcd.engine.kv_cache import KVCache, SeqSpan, single_sequence
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import swiglu
-from worker_orcd.kernels.attention import attention, attention_mask
+from worker_orcd.kernels.attention import cached_attention
 from worker_orcd.kernels.norm import rms_norm
 from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq
 from worker_orcd.models.hparams import HParams
@@ -179,14 +179,7 @@ class LlamaModel:
             q, k, v = self._qkv(layer, h)
             q = apply_rope(q, cos, sin, c.rope_dims, self.rope.neox)
             k = apply_rope(k, cos, sin, c.rope_dims, self.rope.neox)
-            out = torch.empty_like(q)
-            for s in seqs:
-                pos = positions[s.start : s.end]
-                kv.write(i, s.slot, pos, k[s.start : s.end], v[s.start : s.end])
-                length = int(pos.max()) + 1
-                K, V = kv.read(i, s.slot, length)
-                mask = attention_mask(pos, torch.arange(length, device=self.device), None)
-                out[s.start : s.end] = attention(q[s.start : s.end], K, V, mask, self.scale)
+            out = cached_attention(q, k, v, positions, kv, i, seqs, self.scale)
             x = x + linear(out.reshape(x.shape[0], -1), layer.wo)
             x = x + self._ffn(layer, rms_norm(x, layer.ffn_norm, c.norm_eps))
         if logit_rows is not None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from worker_orcd.gguf import GGUFError, GGUFFile
-from worker_orcd.models import llama
+from worker_orcd.models import gemma3, llama
 from worker_orcd.models.weights import Progress, Weights
 
 FAMILIES = {arch: (llama.LlamaConfig, llama.LlamaModel) for arch in llama.ARCHITECTURES}
+FAMILIES.update({arch: (gemma3.Gemma3Config, gemma3.Gemma3Model) for arch in gemma3.ARCHITECTURES})
 
 
 def supported_architectures() -> list[str]:
