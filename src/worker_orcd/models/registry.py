@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 
 from worker_orcd.gguf import GGUFError, GGUFFile
-from worker_orcd.models import gemma3, llama
+from worker_orcd.models import gemma3, gpt2, gpt_oss, llama
 from worker_orcd.models.weights import Progress, Weights
 
 FAMILIES = {arch: (llama.LlamaConfig, llama.LlamaModel) for arch in llama.ARCHITECTURES}
 FAMILIES.update({arch: (gemma3.Gemma3Config, gemma3.Gemma3Model) for arch in gemma3.ARCHITECTURES})
+FAMILIES.update({arch: (gpt2.GPT2Config, gpt2.GPT2Model) for arch in gpt2.ARCHITECTURES})
+FAMILIES.update({arch: (gpt_oss.GptOssConfig, gpt_oss.GptOssModel) for arch in gpt_oss.ARCHITECTURES})
 
 
 def supported_architectures() -> list[str]:

@@ -1,0 +1,208 @@
+"""GPT-OSS (GGUF architecture `gpt-oss`): attention with sinks, alternating sliding window, YaRN
+RoPE, and a mixture of experts with MXFP4 weights and a clamped SwiGLU.
+
+Per block: x += attn(rmsnorm(x)); x += moe(rmsnorm(x)). Even layers attend within the sliding
+window, odd layers to everything. The router picks the top-k experts per token and softmaxes
+over those k logits only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from worker_orcd.engine.kv_cache import KVCache, SeqSpan, single_sequence
+from worker_orcd.gguf import GGUFFile
+from worker_orcd.kernels.activations import clamped_swiglu
+from worker_orcd.kernels.attention import cached_attention
+from worker_orcd.kernels.norm import rms_norm
+from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq, yarn_attn_factor
+from worker_orcd.models.hparams import HParams
+from worker_orcd.models.weights import Weights, linear
+from worker_orcd.quant import QuantTensor
+
+ARCHITECTURES = ("gpt-oss",)
+SWIGLU_LIMIT = 7.0
+SWIGLU_ALPHA = 1.702
+
+
+@dataclass(frozen=True)
+class GptOssConfig:
+    architecture: str
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_experts: int
+    n_experts_used: int
+    expert_dim: int
+    norm_eps: float
+    context_length: int
+    sliding_window: int
+    rope_base: float
+    rope_scale: float
+    rope_orig_ctx: int
+    yarn_beta_fast: float
+    yarn_beta_slow: float
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> GptOssConfig:
+        hp = HParams(f)
+        n_heads = hp.int("attention.head_count")
+        n_kv = hp.int("attention.head_count_kv", default=n_heads)
+        hp.require(n_heads % n_kv == 0, f"head_count {n_heads} not a multiple of head_count_kv {n_kv}")
+        dim = hp.int("embedding_length")
+        head_dim = hp.int("attention.key_length", default=dim // n_heads)
+        hp.require(hp.int("attention.value_length", default=head_dim) == head_dim, "key_length != value_length")
+        n_exp, n_used = hp.int("expert_count"), hp.int("expert_used_count")
+        hp.require(n_used <= n_exp, f"expert_used_count {n_used} > expert_count {n_exp}")
+        embd = f.tensors.get("token_embd.weight")
+        hp.require(embd is not None, "tensor token_embd.weight is missing")
+        gate = f.tensors.get("blk.0.ffn_gate_exps.weight")
+        hp.require(gate is not None, "tensor blk.0.ffn_gate_exps.weight is missing")
+        ctx = hp.int("context_length")
+        scaling = hp.str("rope.scaling.type", default="none")
+        return cls(
+            architecture=hp.arch,
+            vocab_size=embd.shape[0],
+            dim=dim,
+            n_layers=hp.int("block_count"),
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=head_dim,
+            n_experts=n_exp,
+            n_experts_used=n_used,
+            expert_dim=hp.int("expert_feed_forward_length", default=gate.shape[1]),
+            norm_eps=hp.float("attention.layer_norm_rms_epsilon"),
+            context_length=ctx,
+            sliding_window=hp.int("attention.sliding_window"),
+            rope_base=hp.float("rope.freq_base", default=150000.0),
+            rope_scale=hp.float("rope.scaling.factor", default=1.0) if scaling == "yarn" else 1.0,
+            rope_orig_ctx=hp.int("rope.scaling.original_context_length", default=ctx),
+            yarn_beta_fast=hp.float("rope.scaling.yarn_beta_fast", default=32.0),
+            yarn_beta_slow=hp.float("rope.scaling.yarn_beta_slow", default=1.0),
+        )
+
+    def is_sliding(self, layer: int) -> bool:
+        return layer % 2 == 0
+
+
+@dataclass
+class GptOssLayer:
+    attn_norm: torch.Tensor
+    wq: QuantTensor
+    bq: torch.Tensor
+    wk: QuantTensor
+    bk: torch.Tensor
+    wv: QuantTensor
+    bv: torch.Tensor
+    wo: QuantTensor
+    bo: torch.Tensor
+    sinks: torch.Tensor
+    ffn_norm: torch.Tensor
+    router: QuantTensor
+    router_b: torch.Tensor
+    gate: QuantTensor  # [experts, expert_dim, dim]
+    gate_b: torch.Tensor  # [experts, expert_dim]
+    up: QuantTensor
+    up_b: torch.Tensor
+    down: QuantTensor  # [experts, dim, expert_dim]
+    down_b: torch.Tensor  # [experts, dim]
+
+
+def expert(w: QuantTensor, e: int) -> QuantTensor:
+    """Expert e's matrix out of a stacked [experts, rows, cols] tensor, still in its block format."""
+    n_exp, rows, cols = w.shape
+    raw = w.raw.reshape(n_exp, rows, -1)[e]
+    return QuantTensor.from_bytes(raw, w.ggml_type, (rows, cols), device=raw.device)
+
+
+class GptOssModel:
+    def __init__(self, cfg: GptOssConfig, w: Weights, max_len: int | None = None):
+        self.cfg = cfg
+        self.device = w.device
+        D, H, Hkv, hd = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        E, F = cfg.n_experts, cfg.expert_dim
+        self.tok_embd = w.matrix("token_embd.weight", (cfg.vocab_size, D))
+        self.output_norm = w.vector("output_norm.weight")
+        self.output = w.matrix("output.weight", (cfg.vocab_size, D)) if "output.weight" in w else self.tok_embd
+        self.layers = []
+        for i in range(cfg.n_layers):
+            p = f"blk.{i}."
+            self.layers.append(GptOssLayer(
+                attn_norm=w.vector(p + "attn_norm.weight"),
+                wq=w.matrix(p + "attn_q.weight", (H * hd, D)), bq=w.vector(p + "attn_q.bias"),
+                wk=w.matrix(p + "attn_k.weight", (Hkv * hd, D)), bk=w.vector(p + "attn_k.bias"),
+                wv=w.matrix(p + "attn_v.weight", (Hkv * hd, D)), bv=w.vector(p + "attn_v.bias"),
+                wo=w.matrix(p + "attn_output.weight", (D, H * hd)), bo=w.vector(p + "attn_output.bias"),
+                sinks=w.vector(p + "attn_sinks.weight"),
+                ffn_norm=w.vector(p + "post_attention_norm.weight"),
+                router=w.matrix(p + "ffn_gate_inp.weight", (E, D)), router_b=w.vector(p + "ffn_gate_inp.bias"),
+                gate=w.matrix(p + "ffn_gate_exps.weight", (E, F, D)), gate_b=_dense(w[p + "ffn_gate_exps.bias"]),
+                up=w.matrix(p + "ffn_up_exps.weight", (E, F, D)), up_b=_dense(w[p + "ffn_up_exps.bias"]),
+                down=w.matrix(p + "ffn_down_exps.weight", (E, D, F)), down_b=_dense(w[p + "ffn_down_exps.bias"]),
+            ))
+        self.rope = RopeConfig(
+            n_rot=hd, base=cfg.rope_base, neox=True, yarn_factor=cfg.rope_scale, yarn_orig_ctx=cfg.rope_orig_ctx,
+            yarn_beta_fast=cfg.yarn_beta_fast, yarn_beta_slow=cfg.yarn_beta_slow,
+            attn_factor=yarn_attn_factor(cfg.rope_scale),
+        )
+        self.freq = inv_freq(self.rope, self.device)
+        self.scale = hd**-0.5
+
+    def new_kv_cache(self, max_len: int, n_slots: int = 1, dtype: torch.dtype = torch.float32) -> KVCache:
+        c = self.cfg
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, n_slots, dtype, self.device)
+
+    def moe(self, layer: GptOssLayer, h: torch.Tensor) -> torch.Tensor:
+        """Route each token to its top-k experts; softmax over the k chosen logits; weighted sum. [T, D]"""
+        k = self.cfg.n_experts_used
+        logits = linear(h, layer.router, layer.router_b)  # [T, E]
+        top_logits, top_ids = torch.topk(logits, k, dim=-1)  # [T, k]
+        weights = torch.softmax(top_logits.float(), dim=-1)
+        out = torch.zeros_like(h, dtype=torch.float32)
+        for e in torch.unique(top_ids).tolist():
+            rows, slot = torch.nonzero(top_ids == e, as_tuple=True)
+            x = h[rows]
+            g = linear(x, expert(layer.gate, e), layer.gate_b[e])
+            u = linear(x, expert(layer.up, e), layer.up_b[e])
+            y = linear(clamped_swiglu(g, u, SWIGLU_LIMIT, SWIGLU_ALPHA), expert(layer.down, e), layer.down_b[e])
+            out.index_add_(0, rows, y.float() * weights[rows, slot, None])
+        return out.to(h.dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KVCache,
+        seqs: list[SeqSpan] | None = None,
+        logit_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        c = self.cfg
+        T = tokens.shape[0]
+        tokens, positions = tokens.to(self.device), positions.to(self.device)
+        seqs = seqs or single_sequence(T)
+        cos, sin = cos_sin(self.rope, positions, self.freq)
+        x = self.tok_embd.embedding(tokens)
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.attn_norm, c.norm_eps)
+            q = apply_rope(linear(h, layer.wq, layer.bq).reshape(T, c.n_heads, c.head_dim), cos, sin, c.head_dim, True)
+            k = apply_rope(linear(h, layer.wk, layer.bk).reshape(T, c.n_kv_heads, c.head_dim), cos, sin, c.head_dim,
+                           True)
+            v = linear(h, layer.wv, layer.bv).reshape(T, c.n_kv_heads, c.head_dim)
+            window = c.sliding_window if c.is_sliding(i) else None
+            out = cached_attention(q, k, v, positions, kv, i, seqs, self.scale, window=window, sinks=layer.sinks)
+            x = x + linear(out.reshape(T, -1), layer.wo, layer.bo)
+            x = x + self.moe(layer, rms_norm(x, layer.ffn_norm, c.norm_eps))
+        if logit_rows is not None:
+            x = x[logit_rows]
+        return linear(rms_norm(x, self.output_norm, c.norm_eps), self.output).float()
+
+
+def _dense(t: QuantTensor | torch.Tensor) -> torch.Tensor:
+    """Expert biases are 2-D [experts, n]: used in float32."""
+    return t if isinstance(t, torch.Tensor) else t.dequantize()
