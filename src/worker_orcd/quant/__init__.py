@@ -6,6 +6,7 @@ kquants (Q4_K, Q5_K, Q6_K), mxfp4 (MXFP4). formats maps ggml types to them.
 
 from gguf import GGMLQuantizationType as GGMLType
 
+from worker_orcd.quant import cpu_matmul  # noqa: E402,F401  (registers the CPU packed kernels)
 from worker_orcd.quant.formats import SUPPORTED_TYPES, dequantize
 from worker_orcd.quant.tensor import MATMUL_KERNELS, QuantTensor
 

@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as T
 
+from worker_orcd.quant._bytes import f16, nibbles
+from worker_orcd.quant.tensor import MATMUL_KERNELS, QuantTensor, dequantize_matmul
+
 INT4_TYPES = {T.Q4_0, T.Q4_1, T.Q4_K}
 INT8_TYPES = {T.Q8_0, T.Q5_0}
 GROUP = 32
@@ -26,13 +29,12 @@ def _have_kernels() -> bool:
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
-    """Little-endian f16 from byte pairs [..., 2] -> float32 [...]."""
-    return b.contiguous().view(torch.float16).squeeze(-1).float()
+    return f16(b).squeeze(-1)
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     """[..., 16] bytes -> [..., 32] codes: element j in the low nibble of byte j, j+16 in the high one."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+    return nibbles(qs).flatten(-2)
 
 
 def _legacy4(blocks: torch.Tensor, has_min: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,3 +120,19 @@ def pack_for_cpu(raw: torch.Tensor, ggml_type: T, shape: tuple[int, ...]) -> Int
         q = _nibbles(b[..., 6:22]).to(torch.int64) | (bits << 4)
         return Int8GroupLinear((q - 16).reshape(N, K), _f16(b[..., 0:2]))
     return None
+
+
+_UNPACKED = object()
+
+
+def cpu_matmul(w: QuantTensor, x: torch.Tensor) -> torch.Tensor:
+    """The CPU entry of MATMUL_KERNELS: packed kernels where the format allows, else dequantize per call."""
+    packed = w.__dict__.get("_cpu_packed", _UNPACKED)
+    if packed is _UNPACKED:  # packed once, on first use, and kept beside the raw blocks
+        packed = w._cpu_packed = pack_for_cpu(w.raw, w.ggml_type, w.shape)
+    if packed is None:
+        return dequantize_matmul(w, x)
+    return packed(x)
+
+
+MATMUL_KERNELS["cpu"] = cpu_matmul
