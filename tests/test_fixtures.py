@@ -208,6 +208,7 @@ def test_gpt_oss_mxfp4_experts_only(models, tmp_path):
     got = _read(write_gguf(model, tmp_path / "mxfp4.gguf", "MXFP4"))
     mxfp4 = {n for n, (t, _) in got.items() if t == gguf.GGMLQuantizationType.MXFP4}
     assert mxfp4 == {f"blk.{i}.ffn_{p}_exps.weight" for i in range(2) for p in ("gate", "up", "down")}
+    assert gguf.GGUFReader(tmp_path / "mxfp4.gguf").fields["general.file_type"].contents() == 38
     assert all(t == gguf.GGMLQuantizationType.F32 for n, (t, _) in got.items() if n not in mxfp4)
     rt = roundtrip_quantized(model, "MXFP4")
     for name, ref in expected_tensors("gpt-oss", rt).items():
@@ -230,3 +231,26 @@ def test_other_types_roundtrip(models, ggml_type, tmp_path):
     assert got["blk.0.attn_q.bias"][0] == gguf.GGMLQuantizationType.F32
     for name, ref in expected_tensors("qwen2", roundtrip_quantized(model, ggml_type)).items():
         np.testing.assert_array_equal(got[name][1], ref, err_msg=name)
+
+
+@pytest.mark.parametrize("vocab_size", [320, 512])
+def test_toy_vocab_is_a_consistent_byte_level_bpe(vocab_size):
+    import tokenizers
+
+    from tests.fixtures.toy_vocab import bytes_to_unicode, toy_vocab
+
+    v = toy_vocab(vocab_size)
+    assert v.size == vocab_size and len(set(v.tokens)) == vocab_size
+    assert list(v.tokens[:256]) == [bytes_to_unicode()[b] for b in range(256)]
+    known = set(v.tokens)
+    for merge in v.merges:
+        a, b = merge.split(" ")
+        assert a in known and b in known and a + b in known, merge
+    assert v.tokens[v.eos_id] == "<|endoftext|>" and v.token_types[v.eos_id] == 3
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE({t: i for i, t in enumerate(v.tokens)},
+                                                     [tuple(m.split(" ")) for m in v.merges]))
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    text = "The quick brown fox, 123 times: déjà vu ✓"
+    ids = bpe.encode(text).ids
+    assert len(ids) < len(text.encode()) and bpe.decode(ids) == text
