@@ -104,7 +104,7 @@ def pack_for_cpu(raw: torch.Tensor, ggml_type: T, shape: tuple[int, ...]) -> Int
         return None
     N, K = shape
     blocks = raw.reshape(N, -1)
-    if ggml_type in INT4_TYPES:
+    if ggml_type in INT4_TYPES and N % 16 == 0:  # int4pack takes whole tiles of 16 output rows
         if ggml_type == T.Q4_K:
             q, s, z = _q4_k(blocks.reshape(N, K // 256, 144))
         else:
