@@ -18,7 +18,7 @@ from worker_orcd.kernels.attention import cached_attention
 from worker_orcd.kernels.norm import rms_norm
 from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq
 from worker_orcd.models.hparams import HParams
-from worker_orcd.models.weights import Weights, linear
+from worker_orcd.models.weights import Weights, fuse_bias, fuse_rows, linear
 from worker_orcd.quant import QuantTensor
 
 NEOX_ARCHES = {"qwen2", "phi3"}
@@ -82,15 +82,24 @@ class LlamaLayer:
     wq: QuantTensor | None
     wk: QuantTensor | None
     wv: QuantTensor | None
-    wqkv: QuantTensor | None  # phi3: q|k|v rows in one matrix
+    wqkv: QuantTensor | None  # q|k|v rows in one matrix (phi3's file layout; fused at load for the others)
     bq: torch.Tensor | None
     bk: torch.Tensor | None
     bv: torch.Tensor | None
+    bqkv: torch.Tensor | None
     wo: QuantTensor
     ffn_norm: torch.Tensor
     w_gate: QuantTensor | None
-    w_up: QuantTensor  # phi3: gate|up rows in one matrix
+    w_up: QuantTensor  # gate|up rows in one matrix when w_gate is None (phi3's layout; fused at load otherwise)
     w_down: QuantTensor
+
+    def fuse(self) -> None:
+        """Fewer, larger matmuls: q|k|v and gate|up each become one matrix when their formats match."""
+        if self.wqkv is None and (qkv := fuse_rows(self.wq, self.wk, self.wv)) is not None:
+            self.wqkv, self.bqkv = qkv, fuse_bias(self.bq, self.bk, self.bv)
+            self.wq = self.wk = self.wv = self.bq = self.bk = self.bv = None
+        if self.w_gate is not None and (gate_up := fuse_rows(self.w_gate, self.w_up)) is not None:
+            self.w_gate, self.w_up = None, gate_up
 
 
 class LlamaModel:
@@ -114,12 +123,14 @@ class LlamaModel:
                 bq=w.get(p + "attn_q.bias"),
                 bk=w.get(p + "attn_k.bias"),
                 bv=w.get(p + "attn_v.bias"),
+                bqkv=None,
                 wo=w.matrix(p + "attn_output.weight", (D, H * hd)),
                 ffn_norm=w.vector(p + "ffn_norm.weight"),
                 w_gate=None if fused else w.matrix(p + "ffn_gate.weight", (F, D)),
                 w_up=w.matrix(p + "ffn_up.weight", (2 * F if fused else F, D)),
                 w_down=w.matrix(p + "ffn_down.weight", (D, F)),
             ))
+            self.layers[-1].fuse()
         self.rope = self._rope(cfg, w, max_len or cfg.context_length)
         self.freq = inv_freq(self.rope, self.device)
         self.scale = hd**-0.5
@@ -146,7 +157,7 @@ class LlamaModel:
         c = self.cfg
         T = h.shape[0]
         if layer.wqkv is not None:
-            qkv = linear(h, layer.wqkv)
+            qkv = linear(h, layer.wqkv, layer.bqkv)
             q, k, v = qkv.split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
         else:
             q, k, v = linear(h, layer.wq, layer.bq), linear(h, layer.wk, layer.bk), linear(h, layer.wv, layer.bv)

@@ -61,6 +61,22 @@ class Weights:
         return sum(t.nbytes if isinstance(t, QuantTensor) else t.numel() * t.element_size() for t in self._t.values())
 
 
+def fuse_rows(*ws: QuantTensor) -> QuantTensor | None:
+    """One matrix holding the rows of several (same format, same width), so one matmul serves them all."""
+    if len({w.ggml_type for w in ws}) != 1 or len({w.shape[1] for w in ws}) != 1 or any(len(w.shape) != 2 for w in ws):
+        return None
+    raw = torch.cat([w.raw for w in ws])
+    return QuantTensor(raw, ws[0].ggml_type, (sum(w.shape[0] for w in ws), ws[0].shape[1]))
+
+
+def fuse_bias(*bs: torch.Tensor | None) -> torch.Tensor | None:
+    if all(b is None for b in bs):
+        return None
+    if any(b is None for b in bs):
+        raise ValueError("cannot fuse a mix of present and absent biases")
+    return torch.cat(bs)
+
+
 def linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ bias), with w in its block format."""
     y = w.matmul(x)
