@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from worker_orcd.gguf import GGUFError, GGUFFile
 from worker_orcd.quant import QuantTensor
+from worker_orcd.quant.formats import row_bytes
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -26,6 +30,8 @@ class Weights:
             if len(ref.shape) == 1:  # norms, biases, rope factors: small, used in float32
                 q = QuantTensor.from_bytes(raw, ref.ggml_type, ref.shape, device="cpu")
                 self._t[name] = q.dequantize().to(device)
+            elif device.type == "cpu":
+                self._t[name] = _mapped(raw, ref.ggml_type, ref.shape)
             else:
                 self._t[name] = QuantTensor.from_bytes(raw, ref.ggml_type, ref.shape, device=device)
             done += ref.nbytes
@@ -59,6 +65,18 @@ class Weights:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes if isinstance(t, QuantTensor) else t.numel() * t.element_size() for t in self._t.values())
+
+
+def _mapped(raw: np.ndarray, ggml_type, shape: tuple[int, ...]) -> QuantTensor:
+    """A CPU QuantTensor over the memory-mapped file itself: no copy, pages shared with the page cache.
+
+    The blocks are only ever read, so aliasing the read-only map is safe; a 12 GB model then costs
+    no more resident memory than the pages a forward pass touches.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns that the buffer is read-only
+        t = torch.from_numpy(raw)
+    return QuantTensor(t.reshape(math.prod(shape[:-1]), row_bytes(ggml_type, shape)), ggml_type, shape)
 
 
 def fuse_rows(*ws: QuantTensor) -> QuantTensor | None:
