@@ -1,0 +1,380 @@
+"""Continuous batching: one thread owns the model and a KV cache of `max_batch` slots.
+
+Each loop iteration: admit waiting requests into free slots, drop cancelled and timed-out ones,
+run ONE decode forward over every decoding sequence (one row each, so each weight is read once per
+step), then prefill one chunk of one waiting prompt. Requests join and leave between steps.
+Prefill chunks run in their own forward: a sequence's prefill is then the same computation whether
+it is alone or not, and the decode forward only depends on each row's own inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from worker_orcd.engine.kv_cache import KVCache, SeqSpan
+from worker_orcd.engine.sampler import Sampler, SamplingParams
+from worker_orcd.engine.stop import StopMatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenEvent:
+    token: int
+    text: str  # UTF-8-complete text released by this token (may be empty)
+    index: int  # 0-based index of the generated token
+
+
+@dataclass
+class EndEvent:
+    finish_reason: str  # "eos" | "stop_sequence" | "max_tokens"
+    stats: RequestStats
+
+
+@dataclass
+class ErrorEvent:
+    code: str  # "CANCELLED" | "INFERENCE_TIMEOUT" | "INTERNAL"
+    message: str
+    stats: RequestStats
+
+
+Event = TokenEvent | EndEvent | ErrorEvent
+
+
+@dataclass
+class RequestStats:
+    prompt_tokens: int
+    completion_tokens: int = 0
+    queued_at: float = 0.0  # time.monotonic() of submit
+    started_at: float | None = None  # first prefill chunk
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return None if self.first_token_at is None else (self.first_token_at - self.queued_at) * 1000
+
+    @property
+    def decode_ms(self) -> float:
+        if self.first_token_at is None or self.finished_at is None:
+            return 0.0
+        return (self.finished_at - self.first_token_at) * 1000
+
+    @property
+    def total_ms(self) -> float:
+        return ((self.finished_at or time.monotonic()) - self.queued_at) * 1000
+
+
+@dataclass
+class Request:
+    id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] | None = None
+    timeout_s: float = 300.0
+
+
+class QueueFull(Exception):
+    """Every slot is busy and the wait queue is full: try again later (HTTP 429)."""
+
+
+class Draining(Exception):
+    """The scheduler is shutting down and admits nothing new (HTTP 503)."""
+
+
+class Handle:
+    """The consumer's side of a request: events arrive through `on_event`, or by iterating."""
+
+    def __init__(self, request: Request, on_event: Callable[[Event], None] | None = None):
+        self.request = request
+        self.stats = RequestStats(prompt_tokens=len(request.prompt_ids), queued_at=time.monotonic())
+        self._queue: queue.SimpleQueue[Event] | None = None
+        if on_event is None:
+            self._queue = queue.SimpleQueue()
+            on_event = self._queue.put
+        self._emit = on_event
+        self.done = False
+
+    def emit(self, event: Event) -> None:
+        if isinstance(event, EndEvent | ErrorEvent):
+            self.done = True
+        self._emit(event)
+
+    def __iter__(self) -> Iterator[Event]:
+        if self._queue is None:
+            raise TypeError("this handle delivers events through its on_event callback")
+        while True:
+            event = self._queue.get()
+            yield event
+            if isinstance(event, EndEvent | ErrorEvent):
+                return
+
+
+class _Seq:
+    """A request holding a KV slot: its prompt progress, sampler, decoder and stop matcher."""
+
+    def __init__(self, handle: Handle, slot: int, tokenizer):
+        req = handle.request
+        self.handle = handle
+        self.slot = slot
+        self.prefilled = 0  # prompt tokens already in the KV cache
+        self.history = list(req.prompt_ids)
+        self.sampler = Sampler(req.params)
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = StopMatcher(req.stop)
+        self.deadline = handle.stats.queued_at + req.timeout_s
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.handle.request.prompt_ids)
+
+    @property
+    def kv_len(self) -> int:
+        """Tokens in the KV cache: while decoding, all but the last sampled token."""
+        return len(self.history) - 1 if self.decoding else self.prefilled
+
+
+class Scheduler:
+    def __init__(self, net, tokenizer, max_batch: int = 8, ctx: int = 2048, prefill_chunk: int = 256,
+                 max_waiting: int | None = None, kv_dtype: torch.dtype = torch.float32):
+        if max_batch < 1 or ctx < 2 or prefill_chunk < 1:
+            raise ValueError(f"need max_batch >= 1, ctx >= 2, prefill_chunk >= 1; got {max_batch}, {ctx}, "
+                             f"{prefill_chunk}")
+        self.net = net
+        self.tokenizer = tokenizer
+        self.eog = set(tokenizer.eog_ids)
+        self.max_batch = max_batch
+        self.ctx = ctx
+        self.prefill_chunk = prefill_chunk
+        self.max_waiting = max_batch if max_waiting is None else max_waiting
+        self.kv: KVCache = net.new_kv_cache(ctx, max_batch, dtype=kv_dtype)
+        self._free = list(range(max_batch - 1, -1, -1))  # pop() hands out slot 0 first
+        self._running: list[_Seq] = []
+        self._waiting: deque[Handle] = deque()
+        self._cancelled: set[str] = set()
+        self._ids: set[str] = set()  # ids waiting or running
+        self._cv = threading.Condition()
+        self._draining = False
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self.steps = 0
+
+    # -- the consumer's API (any thread) --------------------------------------------------------
+
+    def start(self) -> Scheduler:
+        self._thread.start()
+        return self
+
+    def submit(self, request: Request, on_event: Callable[[Event], None] | None = None) -> Handle:
+        """Queue a request; raises QueueFull, Draining, or ValueError for a request that cannot fit."""
+        self._check(request)
+        handle = Handle(request, on_event)
+        with self._cv:
+            if self._draining or self._stopped:
+                raise Draining("the worker is draining and admits no new requests")
+            if request.id in self._ids:
+                raise ValueError(f"job_id {request.id!r} is already running")
+            busy = len(self._running) + len(self._waiting)
+            if busy >= self.max_batch + self.max_waiting:
+                raise QueueFull(f"all {self.max_batch} sequences are busy and {len(self._waiting)} requests wait")
+            self._ids.add(request.id)
+            self._waiting.append(handle)
+            self._cv.notify()
+        return handle
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request within one step and free its slot; True if it was waiting or running."""
+        with self._cv:
+            if request_id not in self._ids:
+                return False
+            self._cancelled.add(request_id)
+            self._cv.notify()
+            return True
+
+    def drain(self) -> None:
+        """Admit nothing new; what runs or waits finishes."""
+        with self._cv:
+            self._draining = True
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Cancel everything and end the thread."""
+        with self._cv:
+            self._draining = self._stopped = True
+            self._cancelled.update(self._ids)
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def n_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def idle(self) -> bool:
+        with self._cv:
+            return not self._running and not self._waiting
+
+    @property
+    def kv_tokens_used(self) -> int:
+        return sum(s.kv_len for s in list(self._running))
+
+    @property
+    def kv_tokens_total(self) -> int:
+        return self.ctx * self.max_batch
+
+    def _check(self, request: Request) -> None:
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty after tokenization")
+        if n >= self.ctx:
+            raise ValueError(f"prompt of {n} tokens does not fit the context of {self.ctx}")
+        if request.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be > 0, got {request.max_tokens}")
+        request.params.validate()
+
+    # -- the scheduler thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._running or self._waiting or self._stopped):
+                    self._cv.wait()
+                if self._stopped and not self._running and not self._waiting:
+                    return
+                self._admit()
+                self._reap()
+            try:
+                self._step()
+            except Exception as e:  # a bug or an out-of-memory: fail the batch, keep serving
+                log.exception("scheduler step failed")
+                with self._cv:
+                    for seq in list(self._running):
+                        self._finish(seq, ErrorEvent("INTERNAL", f"{type(e).__name__}: {e}", seq.handle.stats))
+
+    def _admit(self) -> None:
+        while self._waiting and self._free:
+            handle = self._waiting.popleft()
+            try:
+                self._running.append(_Seq(handle, self._free.pop(), self.tokenizer))
+            except Exception as e:  # a sampler or decoder that cannot be built fails this request only
+                self._ids.discard(handle.request.id)
+                handle.emit(ErrorEvent("INTERNAL", f"{type(e).__name__}: {e}", handle.stats))
+
+    def _reap(self) -> None:
+        """Cancelled and timed-out requests leave now, waiting or running."""
+        now = time.monotonic()
+        for handle in list(self._waiting):
+            code = self._abort_code(handle.request.id, handle.stats.queued_at + handle.request.timeout_s, now)
+            if code:
+                self._waiting.remove(handle)
+                self._ids.discard(handle.request.id)
+                self._cancelled.discard(handle.request.id)
+                handle.stats.finished_at = now
+                handle.emit(ErrorEvent(code, _ABORT_MESSAGES[code], handle.stats))
+        for seq in list(self._running):
+            code = self._abort_code(seq.handle.request.id, seq.deadline, now)
+            if code:
+                self._finish(seq, ErrorEvent(code, _ABORT_MESSAGES[code], seq.handle.stats))
+        self._cancelled &= self._ids
+
+    def _abort_code(self, request_id: str, deadline: float, now: float) -> str | None:
+        if request_id in self._cancelled:
+            return "CANCELLED"
+        if now > deadline:
+            return "INFERENCE_TIMEOUT"
+        return None
+
+    def _finish(self, seq: _Seq, event: EndEvent | ErrorEvent) -> None:
+        """Free the slot and send the last event (called with the lock held)."""
+        if seq in self._running:
+            self._running.remove(seq)
+            self._free.append(seq.slot)
+        self._ids.discard(seq.handle.request.id)
+        self._cancelled.discard(seq.handle.request.id)
+        seq.handle.stats.finished_at = time.monotonic()
+        seq.handle.emit(event)
+
+    def _step(self) -> None:
+        decoding = [s for s in self._running if s.decoding]
+        if decoding:
+            self._decode(decoding)
+        prefilling = next((s for s in self._running if not s.decoding), None)
+        if prefilling is not None:
+            self._prefill(prefilling)
+        self.steps += 1
+
+    def _decode(self, seqs: list[_Seq]) -> None:
+        # one row per sequence: its last sampled token at the next position
+        tokens = torch.tensor([s.history[-1] for s in seqs], dtype=torch.long)
+        positions = torch.tensor([s.kv_len for s in seqs], dtype=torch.long)
+        spans = [SeqSpan(s.slot, i, i + 1) for i, s in enumerate(seqs)]
+        logits = self.net.forward(tokens, positions, self.kv, spans, None)
+        for i, seq in enumerate(seqs):
+            self._advance(seq, logits[i])
+
+    def _prefill(self, seq: _Seq) -> None:
+        prompt = seq.handle.request.prompt_ids
+        start = seq.prefilled
+        end = min(start + self.prefill_chunk, len(prompt))
+        if start == 0:
+            seq.handle.stats.started_at = time.monotonic()
+        tokens = torch.tensor(prompt[start:end], dtype=torch.long)
+        last = torch.tensor([end - start - 1])
+        logits = self.net.forward(tokens, torch.arange(start, end), self.kv, [SeqSpan(seq.slot, 0, end - start)], last)
+        seq.prefilled = end
+        if seq.decoding:
+            self._advance(seq, logits[-1])
+
+    def _advance(self, seq: _Seq, logits: torch.Tensor) -> None:
+        """Sample one token and emit it; finish on EOG, a stop string, max_tokens or a full context."""
+        req, stats = seq.handle.request, seq.handle.stats
+        token = seq.sampler(logits, seq.history)
+        seq.history.append(token)
+        index = stats.completion_tokens
+        stats.completion_tokens += 1
+        if stats.first_token_at is None:
+            stats.first_token_at = time.monotonic()
+        if token in self.eog:
+            text, reason = _release(seq, "", "eos")
+            self._end(seq, token, index, text, reason)
+            return
+        text = seq.stops.push(seq.decoder.push(token))
+        if seq.stops.stopped:
+            self._end(seq, token, index, text, "stop_sequence")
+        elif stats.completion_tokens >= req.max_tokens or len(seq.history) >= self.ctx:
+            text, reason = _release(seq, text, "max_tokens")
+            self._end(seq, token, index, text, reason)
+        else:
+            seq.handle.emit(TokenEvent(token, text, index))
+
+    def _end(self, seq: _Seq, token: int, index: int, text: str, reason: str) -> None:
+        seq.handle.emit(TokenEvent(token, text, index))
+        with self._cv:
+            self._finish(seq, EndEvent(reason, seq.handle.stats))
+
+
+def _release(seq: _Seq, text: str, reason: str) -> tuple[str, str]:
+    """Flush what the decoder and the stop matcher still hold; a stop string found there wins."""
+    text += seq.stops.push(seq.decoder.flush())
+    if seq.stops.stopped:
+        return text, "stop_sequence"
+    return text + seq.stops.flush(), reason
+
+
+_ABORT_MESSAGES = {
+    "CANCELLED": "the request was cancelled",
+    "INFERENCE_TIMEOUT": "the request ran past its inference timeout",
+}
