@@ -274,6 +274,13 @@ def test_embedding_errors():
         w.embedding(torch.tensor([0.0]))
 
 
+def test_from_bytes_copies_read_only_files(recwarn):
+    raw = np.zeros(2 * 34, np.uint8)
+    raw.flags.writeable = False  # like a file's mmap
+    t = QuantTensor.from_bytes(raw, T.Q8_0, (2, 32))
+    assert not np.shares_memory(t.raw.numpy(), raw) and not recwarn.list
+
+
 def test_from_bytes_shapes_and_errors():
     raw = np.zeros(2 * 3 * 34, np.uint8)
     t = QuantTensor.from_bytes(raw, T.Q8_0, (2, 3, 32))  # stacked experts: rows are the leading dims
@@ -302,6 +309,11 @@ def test_cuda_matches_cpu(gtype):
     assert_bits_equal(cuda.dequantize().cpu(), cpu.dequantize())
     ids = torch.tensor([3, 15, 0], device="cuda")
     assert_bits_equal(cuda.embedding(ids).cpu(), cpu.embedding(ids.cpu()))
+    assert cuda.embedding(ids.cpu()).is_cuda  # CPU ids are range-checked, then moved
+    mapped = raw.copy()
+    mapped.flags.writeable = False  # like a file's mmap
+    direct = QuantTensor.from_bytes(mapped, gtype, shape, device="cuda")
+    assert_bits_equal(direct.dequantize().cpu(), cpu.dequantize())
     w, ref = quant_weight(gtype, 64, cols_for(gtype))
     x = torch.randn(5, cols_for(gtype), dtype=torch.float64)
     y = w.to("cuda").matmul(x.cuda()).cpu()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -46,8 +47,7 @@ class QuantTensor:
         if isinstance(data, np.ndarray):
             if data.dtype != np.uint8:
                 raise ValueError(f"raw bytes must be uint8, got numpy {data.dtype}")
-            # copy: file data is often a read-only mmap, which torch must not alias
-            data = torch.from_numpy(np.array(data, copy=True))
+            data = _from_numpy(data, torch.device(device))
         expected = tensor_bytes(ggml_type, shape)
         if data.dtype != torch.uint8:
             raise ValueError(f"raw bytes must be uint8, got {data.dtype}")
@@ -83,13 +83,15 @@ class QuantTensor:
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (any shape) of a 2-D tensor -> float32 [*ids.shape, cols]; only those rows expand."""
         self._need_2d("embedding")
-        ids = torch.as_tensor(ids, device=self.raw.device)
+        ids = torch.as_tensor(ids)
         if ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise ValueError(f"embedding ids must be integers, got {ids.dtype}")
-        if ids.device.type == "cpu" and ids.numel() and (ids.min() < 0 or ids.max() >= self.shape[0]):
-            # CPU only: checking GPU ids would sync every step (torch's index check still asserts there)
-            raise ValueError(f"embedding ids must be in [0, {self.shape[0]}), got {ids.min()}..{ids.max()}")
-        rows = self.raw[ids.reshape(-1).long()]
+        if ids.device.type == "cpu" and ids.numel():
+            # CPU ids only: checking GPU ids would sync every step (torch's index check still asserts there)
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.shape[0]:
+                raise ValueError(f"embedding ids must be in [0, {self.shape[0]}), got {lo}..{hi}")
+        rows = self.raw[ids.reshape(-1).to(self.raw.device, torch.int64)]
         out = dequantize(rows, self.ggml_type, (rows.shape[0], self.shape[1]))
         return out.reshape(*ids.shape, self.shape[1])
 
@@ -99,6 +101,15 @@ class QuantTensor:
 
     def __repr__(self) -> str:
         return f"QuantTensor({self.ggml_type.name}, shape={self.shape}, device={self.raw.device})"
+
+
+def _from_numpy(data: np.ndarray, device: torch.device) -> torch.Tensor:
+    """numpy bytes -> torch bytes that `device` can take without aliasing the file."""
+    if device.type == "cpu":  # own copy: a file's mmap may be closed while the tensor lives
+        return torch.from_numpy(np.array(data, copy=True))
+    with warnings.catch_warnings():  # aliased only until the copy to `device`, never written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(data))
 
 
 def dequantize_matmul(w: QuantTensor, x: torch.Tensor) -> torch.Tensor:
