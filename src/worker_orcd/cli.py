@@ -197,6 +197,68 @@ def tokenize(
     print(json.dumps(tok.tokenize(text, add_special=add_special, parse_special=special)))
 
 
+def _parse_size(text: str) -> int:
+    """'8GiB', '8G', '512MB', '1073741824' -> bytes (K/M/G/T are powers of 1024)."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise typer.BadParameter(f"not a size: {text!r} (try 8GiB or 512M)") from None
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="0: any free port")] = 8080,
+    device: DeviceOpt = "auto",
+    gpu_device: Annotated[int | None, typer.Option("--gpu-device", help="CUDA device index")] = None,
+    worker_id: Annotated[str, typer.Option("--worker-id")] = "worker-0",
+    callback_url: Annotated[str | None, typer.Option("--callback-url", help="orchestrator base URL")] = None,
+    ctx: Annotated[int | None, typer.Option("--ctx", help="context per sequence (default: min(model, 4096))")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="sequences decoded together")] = 8,
+    max_tokens_in: Annotated[int | None, typer.Option("--max-tokens-in")] = None,
+    max_tokens_out: Annotated[int, typer.Option("--max-tokens-out")] = 2048,
+    inference_timeout_sec: Annotated[float, typer.Option("--inference-timeout-sec")] = 300.0,
+    kv_cache_size_mb: Annotated[int | None, typer.Option("--kv-cache-size-mb")] = None,
+    vram_limit: Annotated[str | None, typer.Option("--vram-limit", help="e.g. 8GiB")] = None,
+) -> None:
+    """Serve the model over HTTP: the worker API and an OpenAI-compatible API."""
+    import asyncio
+    import logging
+
+    from worker_orcd.server import ServeConfig, Worker
+    from worker_orcd.server import serve as run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if gpu_device is not None and device in ("auto", "cuda"):
+        device = f"cuda:{gpu_device}"
+    cfg = ServeConfig(host=host, port=port, worker_id=worker_id, callback_url=callback_url, ctx=ctx,
+                      max_batch=max_batch, max_tokens_in=max_tokens_in, max_tokens_out=max_tokens_out,
+                      inference_timeout_sec=inference_timeout_sec, kv_cache_size_mb=kv_cache_size_mb)
+    m = _load(model, device)
+    try:
+        worker = Worker(m, cfg)
+    except ValueError as e:
+        _fail(str(e))
+    if vram_limit is not None and worker.vram_bytes > _parse_size(vram_limit):
+        _fail(f"not enough VRAM on {m.device}: {worker.vram_bytes} bytes required, {_parse_size(vram_limit)} "
+              f"available (--vram-limit)")
+
+    def on_ready(uri: str) -> None:
+        console.print(f"[green]ready[/green] {worker.model_id} on {m.device} at [b]{uri}[/b]")
+        print(f"curl -N {uri}/v1/chat/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{worker.model_id}\", \"messages\": [{{\"role\": \"user\", "
+              f"\"content\": \"Hello!\"}}], \"stream\": true}}'", flush=True)
+
+    try:
+        asyncio.run(run_server(worker, on_ready))
+    except RuntimeError as e:
+        _fail(str(e))
+
+
 def main() -> None:
     app()
 

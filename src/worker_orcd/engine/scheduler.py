@@ -214,6 +214,11 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def active(self, request_id: str) -> bool:
+        """True while the request waits or runs."""
+        with self._cv:
+            return request_id in self._ids
+
     @property
     def n_running(self) -> int:
         return len(self._running)

@@ -1,0 +1,51 @@
+"""The FastAPI app: worker API, OpenAI API and /metrics over one Worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from worker_orcd import __version__
+from worker_orcd.server import errors, openai_api, worker_api
+from worker_orcd.server.worker import Worker, drain
+
+
+def create_app(worker: Worker, exit_server: Callable[[], None] | None = None) -> FastAPI:
+    """`exit_server` is called once a drain (POST /shutdown or SIGTERM) has finished."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(worker.scheduler.stop)
+
+    app = FastAPI(title="worker-orcd", version=__version__, lifespan=lifespan,
+                  description="One GGUF model: the worker API (SSE) and an OpenAI-compatible API.")
+    app.state.worker = worker
+    tasks: set[asyncio.Task] = set()
+
+    def begin_shutdown() -> None:
+        if worker.draining:
+            return
+        task = asyncio.get_running_loop().create_task(
+            drain(worker, exit_server or (lambda: None), worker.cfg.drain_timeout_sec))
+        tasks.add(task)  # keep a reference so the task is not collected mid-drain
+        worker.draining = True
+
+    app.state.begin_shutdown = begin_shutdown
+    errors.install(app)
+    app.include_router(worker_api.router)
+    app.include_router(openai_api.router)
+
+    @app.get("/metrics", tags=["worker"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    async def metrics(request: Request) -> Response:
+        return Response(worker.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

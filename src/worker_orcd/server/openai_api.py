@@ -1,0 +1,208 @@
+"""The OpenAI-compatible API: models, completions, chat completions (JSON or SSE), tokenize, detokenize."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from worker_orcd.engine.sampler import SamplingParams
+from worker_orcd.engine.scheduler import EndEvent, ErrorEvent, TokenEvent
+from worker_orcd.server import sse
+from worker_orcd.server.chat import ChatOutput, render_chat
+from worker_orcd.server.errors import ERROR_RESPONSES, APIError
+from worker_orcd.server.schemas import (
+    ChatRequest,
+    ChatResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from worker_orcd.server.worker import Stream, Worker
+
+router = APIRouter(tags=["openai"])
+
+FINISH = {"eos": "stop", "stop_sequence": "stop", "max_tokens": "length"}
+HTTP_STATUS = {"CANCELLED": 499, "INFERENCE_TIMEOUT": 504}
+
+
+def _worker(request: Request) -> Worker:
+    return request.app.state.worker
+
+
+def _json_or_sse(model: type) -> dict:
+    return {200: {"model": model, "content": {"text/event-stream": {}}}, **ERROR_RESPONSES}
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def models(request: Request) -> ModelList:
+    w = _worker(request)
+    return ModelList(object="list", data=[ModelCard(id=w.model_id, object="model", created=w.created,
+                                                    owned_by="worker-orcd", max_model_len=w.ctx)])
+
+
+def _params(body: SamplingFields) -> SamplingParams:
+    seed = body.seed if body.seed is not None else secrets.randbits(63)
+    return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=seed)
+
+
+def _stops(stop: str | list[str] | None) -> list[str] | None:
+    return [stop] if isinstance(stop, str) else stop
+
+
+def _usage(stream: Stream) -> dict:
+    st = stream.stats
+    return {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.completion_tokens,
+            "total_tokens": st.prompt_tokens + st.completion_tokens}
+
+
+def _error_chunk(ev: ErrorEvent) -> dict:
+    return {"error": {"code": ev.code, "message": ev.message}}
+
+
+def _raise_for(ev: ErrorEvent) -> None:
+    raise APIError(HTTP_STATUS.get(ev.code, 500), ev.code, ev.message)
+
+
+# -- completions -----------------------------------------------------------------------------------
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=_json_or_sse(CompletionResponse))
+async def completions(body: CompletionRequest, request: Request):
+    w = _worker(request)
+    w.check_model(body.model)
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        vocab = w.model.config.vocab_size
+        if any(t >= vocab for t in prompt):
+            raise APIError(400, "INVALID_REQUEST", f"prompt holds token ids outside the vocabulary of {vocab}",
+                           "prompt")
+        ids = list(prompt)
+    else:
+        ids = await asyncio.to_thread(w.tokenizer.tokenize, prompt, add_special=True)
+    max_tokens = w.check_lengths(len(ids), body.max_tokens or 16, "prompt")
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    stream = w.submit(rid, ids, max_tokens, _params(body), _stops(body.stop), "completion")
+    head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": w.model_id}
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(_completion_chunks(stream, head, usage), media_type="text/event-stream")
+    text, reason = [], None
+    async for ev in stream.events():
+        if isinstance(ev, TokenEvent):
+            text.append(ev.text)
+        elif isinstance(ev, EndEvent):
+            reason = FINISH[ev.finish_reason]
+        else:
+            _raise_for(ev)
+    choice = {"index": 0, "text": "".join(text), "finish_reason": reason, "logprobs": None}
+    return JSONResponse({**head, "choices": [choice], "usage": _usage(stream)})
+
+
+async def _completion_chunks(stream: Stream, head: dict, include_usage: bool) -> AsyncIterator[str]:
+    async for ev in stream.events():
+        if isinstance(ev, TokenEvent):
+            if ev.text:
+                yield sse.data({**head, "choices": [{"index": 0, "text": ev.text, "finish_reason": None,
+                                                     "logprobs": None}]})
+        elif isinstance(ev, EndEvent):
+            yield sse.data({**head, "choices": [{"index": 0, "text": "", "finish_reason": FINISH[ev.finish_reason],
+                                                 "logprobs": None}]})
+        else:
+            yield sse.data(_error_chunk(ev))
+    if include_usage:
+        yield sse.data({**head, "choices": [], "usage": _usage(stream)})
+    yield sse.data("[DONE]")
+
+
+# -- chat completions ------------------------------------------------------------------------------
+
+@router.post("/v1/chat/completions", response_model=ChatResponse, responses=_json_or_sse(ChatResponse))
+async def chat_completions(body: ChatRequest, request: Request):
+    w = _worker(request)
+    w.check_model(body.model)
+    ids = await asyncio.to_thread(render_chat, w, body.messages, body.reasoning_effort)
+    asked = body.max_completion_tokens or body.max_tokens
+    field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    max_tokens = w.check_lengths(len(ids), asked or min(w.cfg.max_tokens_out, w.ctx), "messages", field)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    stream = w.submit(rid, ids, max_tokens, _params(body), _stops(body.stop), "chat")
+    head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": w.model_id}
+    out = ChatOutput(w)
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        head["object"] = "chat.completion.chunk"
+        return StreamingResponse(_chat_chunks(stream, out, head, usage), media_type="text/event-stream")
+    reason = None
+    async for ev in stream.events():
+        if isinstance(ev, TokenEvent):
+            out.push(ev.token, ev.text)
+        elif isinstance(ev, EndEvent):
+            reason = FINISH[ev.finish_reason]
+        else:
+            _raise_for(ev)
+    reasoning, content = out.result()
+    message = {"role": "assistant", "content": content}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+    return JSONResponse({**head, "choices": [{"index": 0, "message": message, "finish_reason": reason}],
+                         "usage": _usage(stream)})
+
+
+async def _chat_chunks(stream: Stream, out: ChatOutput, head: dict, include_usage: bool) -> AsyncIterator[str]:
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        return sse.data({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for ev in stream.events():
+        if isinstance(ev, TokenEvent):
+            reasoning, content = out.push(ev.token, ev.text)
+            if reasoning:
+                yield chunk({"reasoning_content": reasoning})
+            if content:
+                yield chunk({"content": content})
+        elif isinstance(ev, EndEvent):
+            yield chunk({}, FINISH[ev.finish_reason])
+        else:
+            yield sse.data(_error_chunk(ev))
+    if include_usage:
+        yield sse.data({**head, "choices": [], "usage": _usage(stream)})
+    yield sse.data("[DONE]")
+
+
+# -- tokenize / detokenize -------------------------------------------------------------------------
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    w = _worker(request)
+    w.check_model(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "INVALID_REQUEST", "give exactly one of prompt or messages", "prompt")
+    if body.messages is not None:
+        ids = await asyncio.to_thread(render_chat, w, body.messages, None)
+    else:
+        ids = await asyncio.to_thread(w.tokenizer.tokenize, body.prompt, add_special=body.add_special_tokens)
+    return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=w.ctx)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    w = _worker(request)
+    w.check_model(body.model)
+    vocab = w.model.config.vocab_size
+    bad = next((t for t in body.tokens if t >= vocab), None)
+    if bad is not None:
+        raise APIError(400, "INVALID_REQUEST", f"token id {bad} is outside the vocabulary of {vocab}", "tokens")
+    return DetokenizeResponse(prompt=w.tokenizer.detokenize(body.tokens))

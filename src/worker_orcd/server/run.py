@@ -1,0 +1,89 @@
+"""Serving a loaded model: uvicorn, the orchestrator's ready callback, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import urllib.request
+from collections.abc import Callable
+
+import uvicorn
+
+from worker_orcd.server.app import create_app
+from worker_orcd.server.worker import Worker
+
+log = logging.getLogger("worker_orcd.server")
+
+CALLBACK_PATH = "/v2/internal/workers/ready"
+
+
+class _Server(uvicorn.Server):
+    """SIGTERM/SIGINT drain first (running streams finish), then uvicorn exits."""
+
+    def __init__(self, config: uvicorn.Config, worker: Worker):
+        super().__init__(config)
+        self.worker = worker
+        self.begin_shutdown: Callable[[], None] | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.begin_shutdown is None or self.worker.draining:
+            super().handle_exit(sig, frame)  # a second signal: exit now
+            return
+        self.begin_shutdown()
+
+
+def post_ready(callback_url: str, body: dict, attempts: int = 5) -> None:
+    """POST {callback}/v2/internal/workers/ready; retried with backoff, raises on the last failure."""
+    url = callback_url.rstrip("/") + CALLBACK_PATH
+    data = json.dumps(body).encode()
+    for attempt in range(attempts):
+        try:
+            req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                resp.read()
+            return
+        except OSError as e:
+            if attempt == attempts - 1:
+                raise RuntimeError(f"ready callback to {url} failed: {e}") from e
+            log.warning("ready callback to %s failed (%s); retrying", url, e)
+            time.sleep(0.5 * 2**attempt)
+
+
+async def serve(worker: Worker, on_ready: Callable[[str], None] | None = None) -> None:
+    """Listen, then report ready (callback first, when configured); returns after a drain."""
+    cfg = worker.cfg
+    server: _Server | None = None
+
+    def exit_server() -> None:
+        server.should_exit = True
+
+    app = create_app(worker, exit_server)
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=int(cfg.drain_timeout_sec))
+    server = _Server(config, worker)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            return await task  # failed to bind: uvicorn logged why
+        await asyncio.sleep(0.02)
+    server.begin_shutdown = app.state.begin_shutdown
+    port = server.servers[0].sockets[0].getsockname()[1] if server.servers else cfg.port
+    uri = f"http://{cfg.host}:{port}"
+    if cfg.callback_url:
+        body = {"worker_id": cfg.worker_id, "model_ref": worker.model_id, "vram_bytes": worker.vram_bytes, "uri": uri}
+        try:
+            await asyncio.to_thread(post_ready, cfg.callback_url, body)
+        except RuntimeError as e:
+            log.error("%s", e)
+            worker.failed = True
+            server.should_exit = True
+            await task
+            raise
+    worker.ready = True
+    log.info("ready worker_id=%s model=%s uri=%s vram_bytes=%d", cfg.worker_id, worker.model_id, uri,
+             worker.vram_bytes)
+    if on_ready is not None:
+        on_ready(uri)
+    await task

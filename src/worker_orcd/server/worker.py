@@ -1,0 +1,226 @@
+"""The serving state: one model, its scheduler, metrics, status, and the bridge from the scheduler
+thread's events to asyncio streams."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from worker_orcd.engine.sampler import SamplingParams
+from worker_orcd.engine.scheduler import (
+    Draining,
+    EndEvent,
+    ErrorEvent,
+    Event,
+    QueueFull,
+    Request,
+    Scheduler,
+    TokenEvent,
+)
+from worker_orcd.server.errors import APIError
+from worker_orcd.server.metrics import Metrics
+
+log = logging.getLogger("worker_orcd.server")
+
+KV_DTYPE = torch.float32
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    worker_id: str = "worker-0"
+    callback_url: str | None = None
+    ctx: int | None = None  # None: min(model context, 4096)
+    max_batch: int = 8
+    max_tokens_in: int | None = None  # None: the context
+    max_tokens_out: int = 2048
+    inference_timeout_sec: float = 300.0
+    kv_cache_size_mb: int | None = None
+    prefill_chunk: int = 256
+    max_waiting: int | None = None  # None: max_batch
+    drain_timeout_sec: float = 30.0
+
+
+def kv_bytes_per_token(net) -> int:
+    kv = net.new_kv_cache(1, 1, dtype=KV_DTYPE)
+    return kv.nbytes
+
+
+def plan_kv(net, model_ctx: int, cfg: ServeConfig) -> tuple[int, int]:
+    """(ctx, slots): the context per sequence and how many sequences fit the KV budget."""
+    ctx = min(cfg.ctx or min(model_ctx, 4096), model_ctx)
+    slots = cfg.max_batch
+    if cfg.kv_cache_size_mb is not None:
+        fit = cfg.kv_cache_size_mb * 2**20 // (kv_bytes_per_token(net) * ctx)
+        if fit < 1:
+            raise ValueError(f"--kv-cache-size-mb {cfg.kv_cache_size_mb} holds less than one sequence of {ctx} "
+                             f"tokens ({kv_bytes_per_token(net) * ctx / 2**20:.1f} MiB)")
+        slots = min(slots, fit)
+    return ctx, slots
+
+
+def weight_facts(path) -> tuple[int, str]:
+    """(bytes of all tensors, the ggml type holding most matrix bytes) from the GGUF file."""
+    from worker_orcd.gguf import open_gguf
+
+    by_type: Counter[str] = Counter()
+    total = 0
+    with open_gguf(path) as f:
+        for ref in f.tensors.values():
+            total += ref.nbytes
+            if len(ref.shape) >= 2:
+                by_type[getattr(ref.ggml_type, "name", str(ref.ggml_type))] += ref.nbytes
+    return total, (by_type.most_common(1)[0][0] if by_type else "unknown")
+
+
+class Worker:
+    def __init__(self, model, cfg: ServeConfig):
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.cfg = cfg
+        self.model_id = model.path.name.removesuffix(".gguf")
+        self.architecture = str(getattr(model.config, "architecture", "unknown"))
+        ctx, slots = plan_kv(model.net, model.config.context_length, cfg)
+        self.scheduler = Scheduler(model.net, model.tokenizer, slots, ctx, cfg.prefill_chunk, cfg.max_waiting,
+                                   KV_DTYPE)
+        self.ctx = ctx
+        self.max_tokens_in = min(cfg.max_tokens_in or ctx - 1, ctx - 1)
+        weights, self.quant = weight_facts(model.path)
+        self.vram_bytes = weights + self.scheduler.kv.nbytes
+        if model.device.type == "cuda":
+            self.vram_bytes = torch.cuda.memory_allocated(model.device)
+        self.started = time.monotonic()
+        self.created = int(time.time())
+        self.ready = False
+        self.failed = False
+        self.draining = False
+        s = self.scheduler
+        self.metrics = Metrics(self.vram_bytes, lambda: s.n_running, lambda: s.n_waiting,
+                               lambda: s.kv_tokens_used, s.kv_tokens_total)
+
+    @property
+    def status(self) -> str:
+        if self.failed:
+            return "failed"
+        if self.draining:
+            return "draining"
+        if not self.ready:
+            return "starting"
+        return "ready" if self.scheduler.idle else "busy"
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in (self.model_id, self.model.path.name):
+            raise APIError(404, "MODEL_NOT_FOUND", f"model {name!r} is not served here; this worker serves "
+                                                   f"{self.model_id!r}", "model")
+
+    def check_lengths(self, n_prompt: int, max_tokens: int, prompt_field: str, max_field: str = "max_tokens") -> int:
+        """Validate sizes against the context; returns max_tokens clamped to what the context leaves."""
+        if n_prompt == 0:
+            raise APIError(400, "INVALID_REQUEST", f"{prompt_field} is empty after tokenization", prompt_field)
+        if n_prompt > self.max_tokens_in:
+            raise APIError(413, "PROMPT_TOO_LONG", f"{prompt_field} has {n_prompt} tokens; this worker takes at "
+                                                   f"most {self.max_tokens_in} (context {self.ctx})", prompt_field)
+        limit = min(self.cfg.max_tokens_out, self.ctx)
+        if max_tokens > limit:
+            raise APIError(400, "INVALID_REQUEST", f"{max_field} {max_tokens} is beyond the limit of {limit} "
+                                                   f"(context {self.ctx}, --max-tokens-out "
+                                                   f"{self.cfg.max_tokens_out})", max_field)
+        return min(max_tokens, self.ctx - n_prompt)
+
+    def submit(self, request_id: str, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
+               stop: list[str] | None, kind: str) -> Stream:
+        if not self.ready or self.draining:
+            msg = "the worker is draining" if self.draining else "the worker is not ready yet"
+            raise APIError(503, "UNAVAILABLE", msg, retry_after=5)
+        req = Request(request_id, prompt_ids, max_tokens, params, stop, self.cfg.inference_timeout_sec)
+        return Stream(self, req, kind)
+
+    def finished(self, stream: Stream, outcome: str) -> None:
+        """Metrics and the one log line of a finished request (never its prompt)."""
+        st = stream.stats
+        m = self.metrics
+        m.requests.labels(outcome=outcome).inc()
+        m.tokens_in.inc(st.prompt_tokens)
+        m.tokens_out.inc(st.completion_tokens)
+        m.duration.observe(st.total_ms)
+        if st.ttft_ms is not None:
+            m.ttft.observe(st.ttft_ms)
+        tps = st.completion_tokens / (st.decode_ms / 1000) if st.decode_ms > 0 else 0.0
+        ttft = f"{st.ttft_ms:.1f}" if st.ttft_ms is not None else "-"
+        log.info("request id=%s kind=%s outcome=%s prompt_tokens=%d completion_tokens=%d ttft_ms=%s "
+                 "decode_ms=%.1f total_ms=%.1f decode_tok_s=%.1f", stream.request.id, stream.kind, outcome,
+                 st.prompt_tokens, st.completion_tokens, ttft, st.decode_ms, st.total_ms, tps)
+
+
+class Stream:
+    """Events of one request as an async iterator; leaving it early cancels the request."""
+
+    def __init__(self, worker: Worker, request: Request, kind: str):
+        self.worker = worker
+        self.request = request
+        self.kind = kind
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        try:
+            self.handle = worker.scheduler.submit(request, self._put)
+        except QueueFull as e:
+            raise APIError(429, "BUSY", str(e), retry_after=1) from None
+        except Draining as e:
+            raise APIError(503, "UNAVAILABLE", str(e), retry_after=5) from None
+        except ValueError as e:
+            raise APIError(400, "INVALID_REQUEST", str(e)) from None
+        self.stats = self.handle.stats
+
+    def _put(self, event: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            pass
+
+    async def events(self) -> AsyncIterator[Event]:
+        outcome = "cancelled"
+        last = None
+        try:
+            while True:
+                event = await self.queue.get()
+                if isinstance(event, TokenEvent):
+                    now = time.monotonic()
+                    if last is not None:
+                        self.worker.metrics.token_latency.observe((now - last) * 1000)
+                    last = now
+                elif isinstance(event, EndEvent):
+                    outcome = "success"
+                elif isinstance(event, ErrorEvent):
+                    outcome = {"CANCELLED": "cancelled", "INFERENCE_TIMEOUT": "timeout"}.get(event.code, "error")
+                yield event
+                if isinstance(event, EndEvent | ErrorEvent):
+                    return
+        finally:
+            if not self.handle.done:  # the client went away: free the slot within one step
+                self.worker.scheduler.cancel(self.request.id)
+            self.worker.finished(self, outcome)
+
+
+async def drain(worker: Worker, exit_server, timeout_s: float) -> None:
+    """Stop admitting, let running streams finish (up to timeout_s), cancel the rest, then exit."""
+    worker.draining = True
+    worker.scheduler.drain()
+    deadline = time.monotonic() + timeout_s
+    while not worker.scheduler.idle and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if not worker.scheduler.idle:
+        log.warning("drain timeout after %.0f s: cancelling %d running sequences", timeout_s,
+                    worker.scheduler.n_running + worker.scheduler.n_waiting)
+        await asyncio.to_thread(worker.scheduler.stop)
+        await asyncio.sleep(0.1)  # let the streams send their CANCELLED events
+    exit_server()
