@@ -1,0 +1,192 @@
+"""Continuous batching on the real default model: batch invariance, cancel, admission, timeouts, chunked prefill.
+
+The scheduler only needs `eog_ids` and `stream_decoder()` from a tokenizer; a tiny one that spells ids
+keeps these tests about scheduling, independent of text.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from worker_orcd.engine.sampler import SamplingParams
+from worker_orcd.engine.scheduler import EndEvent, ErrorEvent, QueueFull, Request, Scheduler, TokenEvent
+
+EOS = 2
+
+
+class IdDecoder:
+    def push(self, token: int) -> str:
+        return f"<{token}>"
+
+    def flush(self) -> str:
+        return ""
+
+
+class IdTokenizer:
+    eog_ids = [EOS]
+
+    def stream_decoder(self) -> IdDecoder:
+        return IdDecoder()
+
+
+@pytest.fixture(scope="module")
+def net(smollm2_path):
+    from worker_orcd.gguf import open_gguf
+    from worker_orcd.models.registry import build_model
+
+    with open_gguf(smollm2_path) as f:
+        return build_model(f, torch.device("cpu"))
+
+
+@pytest.fixture
+def sched(net):
+    s = Scheduler(net, IdTokenizer(), max_batch=8, ctx=512, prefill_chunk=64, max_waiting=2).start()
+    yield s
+    s.stop()
+
+
+def prompt(i: int, n: int = 12) -> list[int]:
+    return [1] + [(1000 + 37 * i + 11 * k) % 40000 + 100 for k in range(n)]
+
+
+def tokens_of(handle) -> tuple[list[int], EndEvent | ErrorEvent]:
+    out, last = [], None
+    for ev in handle:
+        if isinstance(ev, TokenEvent):
+            out.append(ev.token)
+        else:
+            last = ev
+    return out, last
+
+
+def test_greedy_batch_of_8_equals_alone(sched):
+    reqs = [Request(f"r{i}", prompt(i, 8 + 3 * i), 20) for i in range(8)]
+    alone = [tokens_of(sched.submit(r))[0] for r in reqs]
+    together = [sched.submit(Request(r.id + "b", r.prompt_ids, r.max_tokens)) for r in reqs]
+    assert [tokens_of(h)[0] for h in together] == alone
+
+
+def test_sampled_request_is_seeded(sched):
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=42)
+    a = tokens_of(sched.submit(Request("s1", prompt(1), 16, params)))[0]
+    others = [sched.submit(Request(f"o{i}", prompt(i), 16, SamplingParams(temperature=1.0, seed=i))) for i in range(3)]
+    b = tokens_of(sched.submit(Request("s2", prompt(1), 16, params)))[0]
+    for h in others:
+        tokens_of(h)
+    assert a == b
+
+
+def test_decode_logits_do_not_depend_on_batch_size(net):
+    """The property batch invariance rests on: a row's logits are bitwise the same in any batch."""
+    from worker_orcd.engine.kv_cache import SeqSpan
+
+    kv = net.new_kv_cache(64, 8)
+    prompts = [prompt(i, 10) for i in range(8)]
+    for s, p in enumerate(prompts):
+        net.forward(torch.tensor(p), torch.arange(len(p)), kv, [SeqSpan(s, 0, len(p))], torch.tensor([len(p) - 1]))
+    rows = torch.tensor([p[-1] for p in prompts])
+    positions = torch.tensor([len(p) for p in prompts])
+    batch = net.forward(rows, positions, kv, [SeqSpan(s, s, s + 1) for s in range(8)])
+    for s in range(8):
+        alone = net.forward(rows[s : s + 1], positions[s : s + 1], kv, [SeqSpan(s, 0, 1)])
+        assert torch.equal(alone[0], batch[s]), f"row {s} differs alone vs in a batch of 8"
+
+
+def test_max_tokens_and_eos_finish(sched):
+    toks, end = tokens_of(sched.submit(Request("m", prompt(3), 5)))
+    assert isinstance(end, EndEvent) and end.finish_reason == "max_tokens" and len(toks) == 5
+    assert end.stats.completion_tokens == 5 and end.stats.prompt_tokens == len(prompt(3))
+
+
+def test_stop_string(sched):
+    toks, _ = tokens_of(sched.submit(Request("a", prompt(4), 6)))
+    stop = f"<{toks[2]}>"
+    texts, end = [], None
+    for ev in sched.submit(Request("b", prompt(4), 6, stop=[stop])):
+        if isinstance(ev, TokenEvent):
+            texts.append(ev.text)
+        else:
+            end = ev
+    assert end.finish_reason == "stop_sequence"
+    assert "".join(texts) == "".join(f"<{t}>" for t in toks[: toks.index(toks[2])])
+
+
+def test_cancel_frees_slot_within_one_step(sched):
+    handle = sched.submit(Request("long", prompt(5), 400))
+    seen = 0
+    for ev in handle:
+        if isinstance(ev, TokenEvent):
+            seen += 1
+            if seen == 3:
+                steps = sched.steps
+                assert sched.cancel("long")
+        else:
+            assert isinstance(ev, ErrorEvent) and ev.code == "CANCELLED"
+    assert sched.steps - steps <= 2 and seen <= 5
+    deadline = time.monotonic() + 2
+    while sched.n_running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sched.n_running == 0 and len(sched._free) == 8
+    assert not sched.cancel("long")  # already gone
+
+
+def test_full_worker_refuses_instead_of_queuing(net):
+    s = Scheduler(net, IdTokenizer(), max_batch=2, ctx=128, max_waiting=1).start()
+    try:
+        handles = [s.submit(Request(f"f{i}", prompt(i), 50)) for i in range(3)]
+        with pytest.raises(QueueFull):
+            s.submit(Request("f3", prompt(3), 5))
+        for h in handles:
+            s.cancel(h.request.id)
+        for h in handles:
+            assert isinstance(tokens_of(h)[1], ErrorEvent)
+    finally:
+        s.stop()
+
+
+def test_timeout(net):
+    s = Scheduler(net, IdTokenizer(), max_batch=1, ctx=256).start()
+    try:
+        toks, end = tokens_of(s.submit(Request("t", prompt(6), 200, timeout_s=0.3)))
+        assert isinstance(end, ErrorEvent) and end.code == "INFERENCE_TIMEOUT"
+    finally:
+        s.stop()
+
+
+def test_prompt_validation(sched):
+    with pytest.raises(ValueError, match="does not fit"):
+        sched.submit(Request("big", [1] * 600, 5))
+    with pytest.raises(ValueError, match="max_tokens"):
+        sched.submit(Request("zero", prompt(1), 0))
+    with pytest.raises(ValueError, match="temperature"):
+        sched.submit(Request("nan", prompt(1), 5, SamplingParams(temperature=float("nan"))))
+
+
+def test_long_prefill_does_not_stall_running_stream(sched):
+    """A 400-token prompt prefills in 64-token chunks between the running stream's decode steps."""
+    running = sched.submit(Request("run", prompt(7), 60))
+    times: list[float] = []
+    first = next(iter(running))
+    assert isinstance(first, TokenEvent)
+    done = threading.Event()
+
+    def consume():
+        for _ in running:
+            times.append(time.monotonic())
+        done.set()
+
+    threading.Thread(target=consume, daemon=True).start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    long = sched.submit(Request("long", prompt(8, 400), 2))
+    toks, end = tokens_of(long)
+    t1 = time.monotonic()
+    assert isinstance(end, EndEvent)
+    during = [t for t in times if t0 <= t <= t1]
+    assert len(during) >= 4, f"only {len(during)} tokens of the running stream while the long prompt prefilled"
+    sched.cancel("run")
+    done.wait(5)
