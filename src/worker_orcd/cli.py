@@ -248,7 +248,7 @@ def serve(
               f"available (--vram-limit)")
 
     def on_ready(uri: str) -> None:
-        console.print(f"[green]ready[/green] {worker.model_id} on {m.device} at [b]{uri}[/b]")
+        print(f"ready: {worker.model_id} on {m.device} at {uri}", flush=True)
         print(f"curl -N {uri}/v1/chat/completions -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{worker.model_id}\", \"messages\": [{{\"role\": \"user\", "
               f"\"content\": \"Hello!\"}}], \"stream\": true}}'", flush=True)

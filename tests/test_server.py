@@ -1,0 +1,406 @@
+"""The HTTP server end to end: a real uvicorn on a loopback port serving the default model on CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from worker_orcd.server import ServeConfig, Worker, serve
+
+PROMPTS = [
+    "The history of the printing press",
+    "Photosynthesis is the process by which",
+    "My favourite recipe for bread is",
+    "The tallest mountains in the world",
+    "In computer science, a hash table",
+    "The rules of chess say that",
+    "A short poem about autumn:",
+    "The French Revolution began when",
+]
+
+
+class LiveServer:
+    """`serve()` in a thread with its own event loop; `uri` once the worker reports ready."""
+
+    def __init__(self, model, cfg: ServeConfig):
+        self.worker = Worker(model, cfg)
+        self.uri: str | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(serve(self.worker, self._on_ready)), daemon=True)
+
+    def _on_ready(self, uri: str) -> None:
+        self.uri = uri
+        self._ready.set()
+
+    def __enter__(self) -> LiveServer:
+        self._thread.start()
+        assert self._ready.wait(60), "the server did not become ready"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        httpx.post(self.uri + "/shutdown", timeout=10)
+        self._thread.join(40)
+        assert not self._thread.is_alive(), "the server did not exit after /shutdown"
+
+
+@pytest.fixture(scope="module")
+def model():
+    import worker_orcd
+
+    return worker_orcd.load(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    cfg = ServeConfig(host="127.0.0.1", port=0, ctx=1024, max_batch=8, max_tokens_out=256)
+    with LiveServer(model, cfg) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.uri, timeout=120) as c:
+        yield c
+
+
+def sse_events(resp: httpx.Response):
+    """(event name, data) per SSE event; each event's bytes must decode as UTF-8 on their own."""
+    buf = b""
+    for chunk in resp.iter_bytes():
+        buf += chunk
+        while b"\n\n" in buf:
+            raw, buf = buf.split(b"\n\n", 1)
+            text = raw.decode("utf-8")  # strict: a split multi-byte character fails here
+            name = next((ln[7:] for ln in text.split("\n") if ln.startswith("event: ")), None)
+            data = next(ln[6:] for ln in text.split("\n") if ln.startswith("data: "))
+            yield name, data if data == "[DONE]" else json.loads(data)
+
+
+def execute(http: httpx.Client, job_id: str, prompt: str, max_tokens: int, **kw) -> list[tuple[str, dict]]:
+    body = {"job_id": job_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, **kw}
+    with http.stream("POST", "/execute", json=body) as resp:
+        assert resp.status_code == 200, resp.read()
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        return list(sse_events(resp))
+
+
+# -- OpenAI API ------------------------------------------------------------------------------------
+
+def test_openai_chat_stream_equals_nonstream(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.uri + "/v1", api_key="unused")
+    model_id = client.models.list().data[0].id
+    kw = dict(model=model_id, messages=[{"role": "user", "content": "Write one sentence about the sea."}],
+              max_tokens=24, temperature=0.8, top_p=0.95, seed=7)
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert full.usage.prompt_tokens > 0
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    assert full.choices[0].finish_reason in ("stop", "length")
+
+
+def test_openai_completion_stream_equals_nonstream(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.uri + "/v1", api_key="unused")
+    model_id = client.models.list().data[0].id
+    kw = dict(model=model_id, prompt="Once upon a time", max_tokens=20, temperature=0.7, seed=11)
+    full = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True, **kw))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text and text == full.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+
+
+def test_openai_stop_and_greedy_determinism(http, server):
+    model_id = server.worker.model_id
+    body = {"model": model_id, "prompt": "1, 2, 3, 4,", "max_tokens": 12, "temperature": 0}
+    a = http.post("/v1/completions", json=body).json()
+    b = http.post("/v1/completions", json=body).json()
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+    text = a["choices"][0]["text"]
+    stop = text.strip()[:2] if len(text.strip()) >= 2 else None
+    if stop:
+        c = http.post("/v1/completions", json={**body, "stop": [stop]}).json()
+        assert stop not in c["choices"][0]["text"] and c["choices"][0]["finish_reason"] == "stop"
+
+
+def test_tokenize_detokenize(http, server):
+    r = http.post("/tokenize", json={"prompt": "Hello world"}).json()
+    assert r["count"] == len(r["tokens"]) > 0 and r["max_model_len"] == server.worker.ctx
+    assert http.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"].endswith("Hello world")
+    chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > 2
+
+
+# -- worker API ------------------------------------------------------------------------------------
+
+def test_execute_streams_started_tokens_end(http):
+    events = execute(http, "job-utf8", "Translate to French, German and Japanese: good morning, café!", 40)
+    names = [n for n, _ in events]
+    assert names[0] == "started" and names[-1] == "end"
+    assert set(names[1:-1]) <= {"token", "metrics"} and "token" in names
+    assert events[0][1]["job_id"] == "job-utf8"
+    tokens = [d for n, d in events if n == "token"]
+    assert all(isinstance(d["t"], str) and d["t"] and "\ufffd" not in d["t"] for d in tokens)
+    assert [d["i"] for d in tokens] == sorted(d["i"] for d in tokens)
+    end = events[-1][1]
+    assert end["stop_reason"] in ("max_tokens", "eos", "stop_sequence") and end["tokens_out"] >= len(tokens)
+    assert end["decode_time_ms"] >= 0
+
+
+def test_cancel_mid_stream(http, server):
+    body = {"job_id": "job-cancel", "prompt": "Tell me a very long story.", "max_tokens": 250, "temperature": 0.0}
+    after_cancel = 0
+    with http.stream("POST", "/execute", json=body) as resp:
+        events = sse_events(resp)
+        seen, last = 0, None
+        for last in events:
+            if last[0] == "token":
+                seen += 1
+                if seen == 3:
+                    steps = server.worker.scheduler.steps
+                    r = httpx.post(server.uri + "/cancel", json={"job_id": "job-cancel"})
+                    assert r.status_code == 202
+                elif seen > 3:
+                    after_cancel += 1
+    name, data = last
+    assert name == "error" and data["code"] == "CANCELLED" and data["retriable"] is False
+    assert server.worker.scheduler.steps - steps <= 2 and after_cancel <= 2
+    assert httpx.post(server.uri + "/cancel", json={"job_id": "job-cancel"}).status_code == 202
+    assert httpx.post(server.uri + "/cancel", json={"job_id": "never-seen"}).status_code == 202
+
+
+def test_client_disconnect_frees_the_slot(http, server):
+    body = {"job_id": "job-gone", "prompt": "Count to one thousand:", "max_tokens": 250}
+    with http.stream("POST", "/execute", json=body) as resp:
+        for name, _ in sse_events(resp):
+            if name == "token":
+                break
+    deadline = time.monotonic() + 5
+    while server.worker.scheduler.active("job-gone") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not server.worker.scheduler.active("job-gone")
+
+
+def test_health_ready_metrics(http, server):
+    h = http.get("/health").json()
+    assert h["status"] in ("ready", "busy") and h["model"] == server.worker.model_id
+    assert h["vram_bytes"] == server.worker.vram_bytes > 0 and h["architecture"] == "llama"
+    assert h["quant"] == "Q4_1" and h["device"] == "cpu" and h["vram_resident"] is True
+    assert http.get("/ready").status_code == 200
+    text = http.get("/metrics").text
+    for name in ["worker_vram_bytes", "worker_requests_total", "worker_tokens_in_total",
+                 "worker_tokens_generated_total", "worker_inference_duration_ms_bucket", "worker_uptime_seconds",
+                 "worker_time_to_first_token_ms_bucket", "worker_inter_token_latency_ms_bucket",
+                 "worker_running_sequences", "worker_waiting_sequences", "worker_kv_cache_usage_ratio"]:
+        assert re.search(rf"^{name}[ {{]", text, re.M), f"{name} missing from /metrics"
+
+
+def test_eight_concurrent_greedy_streams_equal_alone(http):
+    n_tokens = 32
+
+    def run(i: int, tag: str) -> tuple[str, int, float]:
+        t0 = time.perf_counter()
+        events = execute(http, f"g{tag}{i}", PROMPTS[i], n_tokens)
+        text = "".join(d["t"] for n, d in events if n == "token")
+        assert events[-1][0] == "end", events[-1]
+        return text, events[-1][1]["tokens_out"], time.perf_counter() - t0
+
+    alone = [run(i, "a") for i in range(8)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda i: run(i, "b"), range(8)))
+    wall8 = time.perf_counter() - t0
+    assert [t for t, _, _ in together] == [t for t, _, _ in alone]
+    rate1 = sum(n for _, n, _ in alone) / sum(dt for _, _, dt in alone)
+    rate8 = sum(n for _, n, _ in together) / wall8
+    print(f"\naggregate tokens/s: 1 stream {rate1:.1f}, 8 streams {rate8:.1f} ({rate8 / rate1:.2f}x)")
+    assert rate8 > 1.5 * rate1
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+M = "SmolLM2-135M-Instruct.Q4_1"
+LONG = "word " * 1100
+CASES = [
+    ("/v1/completions", {"model": "no-such-model", "prompt": "hi"}, 404, "model"),
+    ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ("/v1/completions", '{"model": "' + M + '", "prompt": ', 400, "body"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "max_tokens": "five"}, 422, "max_tokens"),
+    ("/v1/completions", {"model": M, "prompt": 12}, 422, "prompt"),
+    ("/v1/chat/completions", {"model": M, "messages": "hi"}, 422, "messages"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "max_tokens": 0}, 422, "max_tokens"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "max_tokens": -3}, 422, "max_tokens"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
+    ("/v1/completions", '{"model": "' + M + '", "prompt": "hi", "temperature": NaN}', 422, "temperature"),
+    ("/v1/completions", '{"model": "' + M + '", "prompt": "hi", "temperature": Infinity}', 422, "temperature"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "temperature": -0.5}, 422, "temperature"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "top_p": 0}, 422, "top_p"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "top_p": 1.5}, 422, "top_p"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "n": 2}, 422, "n"),
+    ("/v1/completions", {"model": M, "prompt": LONG}, 413, "prompt"),
+    ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": LONG}]}, 413, "messages"),
+    ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 422,
+     "max_tokens"),
+    ("/execute", {"prompt": "hi", "max_tokens": 4}, 422, "job_id"),
+    ("/execute", {"job_id": "v1", "prompt": "hi", "max_tokens": 4, "temperature": 2.5}, 422, "temperature"),
+    ("/execute", {"job_id": "v2", "prompt": LONG, "max_tokens": 4}, 413, "prompt"),
+    ("/execute", {"job_id": "v3", "prompt": "hi", "max_tokens": 5000}, 400, "max_tokens"),
+    ("/cancel", {}, 422, "job_id"),
+    ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,field", CASES, ids=[f"{c[0]}:{c[3]}:{c[2]}" for c in CASES])
+def test_validation_errors_name_the_field(http, path, body, status, field):
+    if isinstance(body, str):
+        r = http.post(path, content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = http.post(path, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["field"] == field and field in err["message"] or field == "body"
+    assert err["code"] and "Traceback" not in r.text
+
+
+def test_unknown_route_is_json_404(http):
+    r = http.get("/no/such/path")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND"
+
+
+# -- schemathesis against the app's own OpenAPI schema ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def fuzz_server(model):
+    """A second worker on the same weights with tiny limits, so generated requests stay cheap."""
+    cfg = ServeConfig(host="127.0.0.1", port=0, ctx=128, max_batch=2, max_tokens_out=4, max_waiting=16)
+    with LiveServer(model, cfg) as s:
+        yield s
+
+
+def test_schemathesis_no_server_errors(fuzz_server):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import (
+        content_type_conformance,
+        negative_data_rejection,
+        not_a_server_error,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    schema = schemathesis.openapi.from_url(fuzz_server.uri + "/openapi.json").exclude(path="/shutdown")
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+              negative_data_rejection]
+    failures = []
+    for result in schema.get_all_operations():
+        op = result.ok()
+
+        @given(case=op.as_strategy())
+        @settings(max_examples=int(os.environ.get("SCHEMATHESIS_EXAMPLES", "25")), deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def check(case):
+            case.call_and_validate(base_url=fuzz_server.uri, checks=checks, timeout=60)
+
+        try:
+            check()
+        except Exception as e:  # collect every operation's failure, then report them together
+            failures.append(f"{op.method.upper()} {op.path}: {e}")
+    assert not failures, "\n\n".join(failures)
+
+
+# -- the CLI: ready callback, /ready before it, SIGTERM drain --------------------------------------
+
+class FakeOrchestrator(ThreadingHTTPServer):
+    """Records the ready callback and, before answering it, what the worker's /ready says."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self.ready_during_callback: int | None = None
+        self.got = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.calls.append({"path": self.path, **body})
+                outer.ready_during_callback = httpx.get(body["uri"] + "/ready").status_code
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+                outer.got.set()
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def test_cli_serve_callback_and_sigterm_drain(smollm2_path, tmp_path):
+    orch = FakeOrchestrator()
+    threading.Thread(target=orch.serve_forever, daemon=True).start()
+    cmd = [sys.executable, "-m", "worker_orcd.cli", "serve", "--port", "0", "--device", "cpu", "--ctx", "256",
+           "--max-batch", "2", "--worker-id", "w-test", "--callback-url", f"http://127.0.0.1:{orch.server_port}"]
+    stderr = open(tmp_path / "stderr.log", "w")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        assert orch.got.wait(120), "no ready callback"
+        call = orch.calls[0]
+        assert call["path"] == "/v2/internal/workers/ready"
+        assert call["worker_id"] == "w-test" and call["model_ref"] == "SmolLM2-135M-Instruct.Q4_1"
+        assert orch.ready_during_callback == 503, "/ready answered 200 before the callback completed"
+        uri = call["uri"]
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", uri)
+        deadline = time.monotonic() + 10
+        while httpx.get(uri + "/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = httpx.get(uri + "/health").json()
+        assert call["vram_bytes"] == health["vram_bytes"] == expected_cpu_bytes(smollm2_path, ctx=256, slots=2)
+        out_line = proc.stdout.readline() + proc.stdout.readline()
+        assert uri in out_line and "curl" in out_line
+
+        # SIGTERM while a stream runs: it finishes, new work is refused, the process exits 0
+        body = {"job_id": "drain", "prompt": "Once upon a time", "max_tokens": 30, "temperature": 0.0}
+        with httpx.stream("POST", uri + "/execute", json=body, timeout=60) as resp:
+            events = sse_events(resp)
+            assert next(events)[0] == "started"
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            refused = httpx.post(uri + "/execute", json={**body, "job_id": "late"})
+            assert refused.status_code == 503 and "Retry-After" in refused.headers
+            assert [n for n, _ in events][-1] == "end"
+        assert proc.wait(40) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        orch.shutdown()
+        stderr.close()
+
+
+def expected_cpu_bytes(path, ctx: int, slots: int) -> int:
+    """Weights as stored in the GGUF plus a float32 KV cache of slots x ctx positions."""
+    from worker_orcd.gguf import open_gguf
+    from worker_orcd.models.registry import config_for
+
+    with open_gguf(path) as f:
+        weights = sum(t.nbytes for t in f.tensors.values())
+        c = config_for(f)
+    return weights + c.n_layers * 2 * slots * c.n_kv_heads * ctx * c.head_dim * 4
