@@ -36,3 +36,23 @@ def dequantize_mxfp4(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
     codes = nibbles(blocks[:, 1:17]).reshape(n, 32)
     return e8m0_to_fp32_half(blocks[:, 0:1]) * _table(blocks.device)[codes.to(torch.int64)]
+
+
+def quantize_mxfp4(x: torch.Tensor) -> torch.Tensor:
+    """float [..., K] (K a multiple of 32) -> MXFP4 blocks uint8 [..., K/32 * 17].
+
+    OCP MX: the shared exponent is floor(log2(amax)) - 2 (E2M1's largest exponent), each element the
+    nearest E2M1 value (ties to the lower code index, values past 6 saturate), as gguf-py does.
+    """
+    if x.shape[-1] % 32:
+        raise ValueError(f"MXFP4 needs rows that are a multiple of 32, got {x.shape[-1]}")
+    lead = x.shape[:-1]
+    blocks = x.float().reshape(-1, 32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    e = torch.where(amax > 0, torch.floor(torch.log2(amax)) - 2 + 127, torch.zeros_like(amax))
+    e = (e.to(torch.int32) & 0xFF).to(torch.uint8)  # wraps like numpy's astype(uint8)
+    d = e8m0_to_fp32_half(e)  # [n, 1]
+    candidates = d[:, :, None] * _table(blocks.device)[None, None, :]  # [n, 1, 16]
+    codes = torch.argmin((candidates - blocks[:, :, None]).abs(), dim=-1).to(torch.uint8)  # [n, 32]
+    qs = codes[:, :16] | (codes[:, 16:] << 4)
+    return torch.cat([e, qs], dim=-1).reshape(*lead, -1)
