@@ -29,9 +29,9 @@ def test_round_trip_error_is_bounded_by_the_block_scale():
     amax = x.reshape(-1, 32).abs().amax(-1, keepdim=True)
     s = 2.0 ** (torch.floor(torch.log2(amax)) - 2)  # one E2M1 unit at the block's scale; values are k*s, k <= 6
     err = (back - x).reshape(-1, 32).abs()
-    # interior: half the widest gap (4 -> 6) is s; amax in [6s, 8s) saturates to 6s: at most 2s
-    assert (err <= 2 * s).all()
-    assert (err[x.reshape(-1, 32).abs() <= 6 * s] <= s).all()
+    # inside the range: half the widest gap (4 -> 6) is s; values in (6s, 8s) saturate to 6s: under 2s
+    bound = torch.where(x.reshape(-1, 32).abs() <= 6 * s, s, 2 * s)
+    assert (err <= bound).all()
 
 
 def test_rows_must_be_whole_blocks():
