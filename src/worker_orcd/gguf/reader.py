@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ MAX_DIMS = 4
 MAX_TENSOR_NAME = 64  # llama.cpp's GGML_MAX_NAME, terminator included
 MAX_KEY_LEN = 65535
 INT64_MAX = 2**63 - 1
+_U64 = struct.Struct("<Q")
 
 _SCALAR = {  # value type -> (struct format, numpy dtype)
     GGUFValueType.UINT8: ("<B", np.uint8),
@@ -51,6 +53,9 @@ class GGUFError(ValueError):
         self.where = where
         msg = f"{self.path}: {what}" + (f" (at {where})" if where else "")
         super().__init__(msg)
+
+    def __reduce__(self):  # the default pickles args=(msg,), which does not fit __init__
+        return type(self), (self.path, self.what, self.where)
 
 
 @dataclass(frozen=True)
@@ -118,10 +123,29 @@ class _Cursor:
         if max_len is not None and n > max_len:
             raise GGUFError(self.path, f"{what}: length {n} exceeds the limit of {max_len}", f"offset {start}")
         self.need(n, f"{what} ({n} bytes)")
-        raw = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
+        return self._decode(self.pos - n, n, what, start)
+
+    def strings(self, count: int, what: str) -> list[str]:
+        """`count` length-prefixed strings; messages are only formatted on failure (vocabularies are long)."""
+        out = []
+        buf, end, pos = self.buf, self.end, self.pos
+        for i in range(count):
+            if end - pos < 8:
+                self.pos = pos
+                self.need(8, f"{what}[{i}] length")
+            (n,) = _U64.unpack_from(buf, pos)
+            if n > end - pos - 8:
+                self.pos = pos + 8
+                self.need(n, f"{what}[{i}] ({n} bytes)")
+            out.append(self._decode(pos + 8, n, f"{what}[{i}]", pos))
+            pos += 8 + n
+        self.pos = pos
+        return out
+
+    def _decode(self, pos: int, n: int, what: str, start: int) -> str:
         try:
-            return raw.decode("utf-8")
+            return str(self.buf[pos : pos + n], "utf-8")
         except UnicodeDecodeError as e:
             raise GGUFError(self.path, f"{what}: not valid UTF-8 ({e.reason})", f"offset {start}") from None
 
@@ -134,15 +158,23 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
+        self._mm: mmap.mmap | None = None
         try:
-            self._fh = open(path, "rb")
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below as not a regular file.
+            self._fh = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
         except OSError as e:
             raise GGUFError(path, f"cannot open: {e.strerror}") from None
         try:
-            self.file_size = os.fstat(self._fh.fileno()).st_size
+            st = os.fstat(self._fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise GGUFError(path, "not a regular file")
+            self.file_size = st.st_size
             if self.file_size == 0:
                 raise GGUFError(path, "file is empty")
-            self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+            try:
+                self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:
+                raise GGUFError(path, f"cannot map: {e}") from None
             self._parse()
         except BaseException:
             self.close()
@@ -151,7 +183,15 @@ class GGUFFile:
     # -- parsing -----------------------------------------------------------------------------
 
     def _parse(self) -> None:
-        cur = _Cursor(memoryview(self._mm), self.path)
+        # Released on the way out, even when a GGUFError is kept (its traceback holds the cursor): a live view
+        # would pin the mapping and its file descriptor. Nothing parsed may alias the view (arrays are copied).
+        view = memoryview(self._mm)
+        try:
+            self._parse_view(_Cursor(view, self.path))
+        finally:
+            view.release()
+
+    def _parse_view(self, cur: _Cursor) -> None:
         cur.need(4, "magic")
         magic = bytes(cur.buf[0:4])
         if magic != GGUF_MAGIC:
@@ -167,9 +207,11 @@ class GGUFFile:
         # Each KV takes at least 13 bytes (8 key length + 1 key byte... + 4 type), each tensor info
         # at least 29 (8 name length + 1 + 4 n_dims + 8 dim + 4 type + 8 offset): refuse lies early.
         if n_kv * 13 > cur.remaining():
-            raise GGUFError(self.path, f"metadata count {n_kv} cannot fit in a {self.file_size}-byte file", "offset 16")
+            raise GGUFError(self.path, f"metadata count {n_kv} cannot fit in a {self.file_size}-byte file",
+                            "offset 16")
         if n_tensors * 29 > cur.remaining():
-            raise GGUFError(self.path, f"tensor count {n_tensors} cannot fit in a {self.file_size}-byte file", "offset 8")
+            raise GGUFError(self.path, f"tensor count {n_tensors} cannot fit in a {self.file_size}-byte file",
+                            "offset 8")
 
         self.metadata: dict[str, Any] = {}
         self.metadata_types: dict[str, GGUFValueType] = {}
@@ -244,11 +286,12 @@ class GGUFFile:
                     self.path, f"metadata {key!r}: {count} strings cannot fit in the {cur.remaining()} bytes left",
                     f"offset {at}",
                 )
-            return [cur.string(f"metadata {key!r}[{i}]") for i in range(count)]
+            return cur.strings(count, f"metadata {key!r}")
         fmt, dtype = _SCALAR[etype]
         nbytes = count * struct.calcsize(fmt)
         cur.need(nbytes, f"metadata {key!r}: array of {count} {etype.name}")
-        arr = np.frombuffer(cur.buf, dtype=np.dtype(dtype).newbyteorder("<"), count=count, offset=cur.pos)
+        # A copy: metadata outlives close() and must not keep the file mapped.
+        arr = np.frombuffer(cur.buf, dtype=np.dtype(dtype).newbyteorder("<"), count=count, offset=cur.pos).copy()
         cur.pos += nbytes
         return arr
 
@@ -257,7 +300,8 @@ class GGUFFile:
             return DEFAULT_ALIGNMENT
         a = self.metadata["general.alignment"]
         if self.metadata_types["general.alignment"] != GGUFValueType.UINT32 or a <= 0 or a & (a - 1):
-            raise GGUFError(self.path, f"general.alignment must be a power-of-two uint32, got {a!r}", "general.alignment")
+            raise GGUFError(self.path, f"general.alignment must be a power-of-two uint32, got {a!r}",
+                            "general.alignment")
         return a
 
     def _tensor_info(self, cur: _Cursor, i: int) -> tuple:
@@ -323,6 +367,8 @@ class GGUFFile:
             t = self.tensors[name]
         except KeyError:
             raise GGUFError(self.path, f"tensor {name} not found") from None
+        if self._mm is None:
+            raise GGUFError(self.path, f"tensor {name}: file is closed")
         return np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
 
     def close(self) -> None:
