@@ -202,6 +202,29 @@ def test_random_damage_opens_or_raises_gguf_error(fuzz_path, flips, cut):
     assert elapsed < TIME_BUDGET_S and peak < MEMORY_BUDGET
 
 
+_LAYOUT = layout(valid_bytes())
+_NUMERIC_FIELDS = sorted(  # every number in the header: counts, lengths, types, dims, offsets, values
+    name for name, (_, size) in _LAYOUT.fields.items()
+    if size in (1, 2, 4, 8) and not name.endswith((".key", ".name", ".str")) and not name.startswith("kv:test.arr_str[")
+    or name.startswith("kv:test.arr_str[") and name.endswith(".len")
+)
+_INTERESTING = [0, 1, 2, 3, 4, 5, 8, 9, 12, 13, 31, 32, 33, 63, 64, 2**31, 2**32 - 1, 2**32, 2**63 - 1, 2**63,
+                2**64 - 32, 2**64 - 1]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(field=st.sampled_from(_NUMERIC_FIELDS),
+       value=st.one_of(st.sampled_from(_INTERESTING), st.integers(0, 2**64 - 1)))
+def test_any_header_field_set_to_any_value_opens_or_raises_gguf_error(fuzz_path, field, value):
+    offset, size = _LAYOUT.fields[field]
+    data = bytearray(valid_bytes())
+    data[offset : offset + size] = (value % 2 ** (8 * size)).to_bytes(size, "little")
+    err, elapsed, peak = _open_measured(_write(fuzz_path, bytes(data)))
+    assert err is None or type(err) is GGUFError, f"{field}={value}: {type(err).__name__}: {err}"
+    assert elapsed < TIME_BUDGET_S and peak < MEMORY_BUDGET
+
+
 # -- resources and the API's edges -----------------------------------------------------------------------------
 
 
@@ -266,6 +289,17 @@ def test_smollm2_opens_and_matches_gguf_reader(smollm2_path):
         _check_real(f, "llama", 272)
         assert len(f.get("tokenizer.ggml.tokens")) == 49152
     _assert_parity(smollm2_path)
+
+
+VOCAB_FILES = sorted((Path(__file__).parents[2] / "shared" / "vocab").glob("*.gguf"))
+
+
+@pytest.mark.skipif(not VOCAB_FILES, reason="no vocab-only GGUF files in ../shared/vocab")
+def test_vocab_only_files_open():
+    for path in VOCAB_FILES:
+        with open_gguf(path) as f:
+            assert not f.tensors and f.get("tokenizer.ggml.model") in ("gpt2", "llama"), path
+            assert len(f.get("tokenizer.ggml.tokens")) > 1000 and f.architecture in ("gpt2", "llama", "phi3", "qwen2")
 
 
 def test_gemma3_opens_with_small_memory_for_its_vocab(gemma3_path, record_property):
