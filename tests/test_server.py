@@ -167,22 +167,19 @@ def test_execute_streams_started_tokens_end(http):
 
 def test_cancel_mid_stream(http, server):
     body = {"job_id": "job-cancel", "prompt": "Tell me a very long story.", "max_tokens": 250, "temperature": 0.0}
-    after_cancel = 0
+    sched = server.worker.scheduler
     with http.stream("POST", "/execute", json=body) as resp:
-        events = sse_events(resp)
         seen, last = 0, None
-        for last in events:
+        for last in sse_events(resp):
             if last[0] == "token":
                 seen += 1
                 if seen == 3:
-                    steps = server.worker.scheduler.steps
                     r = httpx.post(server.uri + "/cancel", json={"job_id": "job-cancel"})
                     assert r.status_code == 202
-                elif seen > 3:
-                    after_cancel += 1
+                    steps = sched.steps  # the cancel is registered; at most the step in flight still runs
     name, data = last
     assert name == "error" and data["code"] == "CANCELLED" and data["retriable"] is False
-    assert server.worker.scheduler.steps - steps <= 2 and after_cancel <= 2
+    assert sched.steps - steps <= 1 and not sched.active("job-cancel")
     assert httpx.post(server.uri + "/cancel", json={"job_id": "job-cancel"}).status_code == 202
     assert httpx.post(server.uri + "/cancel", json={"job_id": "never-seen"}).status_code == 202
 

@@ -319,7 +319,8 @@ class Scheduler:
         prefilling = next((s for s in self._running if not s.decoding), None)
         if prefilling is not None:
             self._prefill(prefilling)
-        self.steps += 1
+        if decoding or prefilling:
+            self.steps += 1
 
     def _decode(self, seqs: list[_Seq]) -> None:
         # one row per sequence: its last sampled token at the next position

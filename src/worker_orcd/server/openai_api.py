@@ -87,7 +87,7 @@ async def completions(body: CompletionRequest, request: Request):
     if isinstance(prompt, list):
         vocab = w.model.config.vocab_size
         if any(t >= vocab for t in prompt):
-            raise APIError(400, "INVALID_REQUEST", f"prompt holds token ids outside the vocabulary of {vocab}",
+            raise APIError(400, "INVALID_REQUEST", f"prompt: token ids must be below the vocabulary size {vocab}",
                            "prompt")
         ids = list(prompt)
     else:
@@ -204,5 +204,5 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     vocab = w.model.config.vocab_size
     bad = next((t for t in body.tokens if t >= vocab), None)
     if bad is not None:
-        raise APIError(400, "INVALID_REQUEST", f"token id {bad} is outside the vocabulary of {vocab}", "tokens")
+        raise APIError(400, "INVALID_REQUEST", f"tokens: id {bad} is outside the vocabulary of {vocab}", "tokens")
     return DetokenizeResponse(prompt=w.tokenizer.detokenize(body.tokens))
