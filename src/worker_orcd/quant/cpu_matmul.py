@@ -123,10 +123,16 @@ def pack_for_cpu(raw: torch.Tensor, ggml_type: T, shape: tuple[int, ...]) -> Int
 
 
 _UNPACKED = object()
+# torch's packed CPU kernels are built for decode (a few rows); a long prefill amortizes one float32
+# expansion over many rows and gets the exact float32 result as a bonus.
+PACKED_MAX_ROWS = 16
 
 
 def cpu_matmul(w: QuantTensor, x: torch.Tensor) -> torch.Tensor:
-    """The CPU entry of MATMUL_KERNELS: packed kernels where the format allows, else dequantize per call."""
+    """The CPU entry of MATMUL_KERNELS: packed kernels for decode-sized inputs where the format allows them,
+    otherwise dequantize then matmul."""
+    if x.numel() // x.shape[-1] > PACKED_MAX_ROWS:
+        return dequantize_matmul(w, x)
     packed = w.__dict__.get("_cpu_packed", _UNPACKED)
     if packed is _UNPACKED:  # packed once, on first use, and kept beside the raw blocks
         packed = w._cpu_packed = pack_for_cpu(w.raw, w.ggml_type, w.shape)
