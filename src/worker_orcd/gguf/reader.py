@@ -153,7 +153,8 @@ class _Cursor:
 class GGUFFile:
     """A validated, memory-mapped GGUF file: typed metadata and `TensorRef`s.
 
-    Use as a context manager or call `close()`; tensor views from `tensor_bytes` are valid until then.
+    Use as a context manager or call `close()`. Metadata is copied out of the file and outlives `close()`;
+    views from `tensor_bytes` keep the mapping alive for as long as they are referenced.
     """
 
     def __init__(self, path: str | os.PathLike):
