@@ -1,0 +1,83 @@
+"""A `tokenizers.Tokenizer` from a GGUF Vocab: byte-level BPE for 'gpt2', score-ordered BPE for 'llama'."""
+
+from __future__ import annotations
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from worker_orcd.tokenizer.errors import TokenizerError
+from worker_orcd.tokenizer.pretokenize import pre_type
+from worker_orcd.tokenizer.vocab import CONTROL, UNKNOWN, USER_DEFINED, Vocab
+
+SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def build_hf_tokenizer(vocab: Vocab) -> HFTokenizer:
+    """The `tokenizers` pipeline that reproduces llama.cpp's tokenizer for this vocabulary."""
+    token_to_id = _token_to_id(vocab.tokens)
+    if vocab.model == "gpt2":
+        hf = _byte_level_bpe(vocab, token_to_id)
+    else:
+        hf = _sentencepiece_bpe(vocab, token_to_id)
+    _add_special_tokens(hf, vocab)
+    return hf
+
+
+def _token_to_id(tokens: list[str]) -> dict[str, int]:
+    token_to_id: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        if t in token_to_id:
+            raise TokenizerError(f"duplicate token in vocabulary: {t!r} has ids {token_to_id[t]} and {i}")
+        token_to_id[t] = i
+    return token_to_id
+
+
+def _byte_level_bpe(vocab: Vocab, token_to_id: dict[str, int]) -> HFTokenizer:
+    regexes, ignore_merges, _ = pre_type(vocab.pre)
+    hf = HFTokenizer(models.BPE(token_to_id, vocab.merges, ignore_merges=ignore_merges))
+    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+def spm_merges(tokens: list[str], scores: list[float], token_to_id: dict[str, int]) -> list[tuple[str, str]]:
+    """Merges equivalent to llama.cpp's SPM bigram loop: every split of a token into two tokens,
+    ranked by the joined token's score (highest first), so BPE merges what llama.cpp merges."""
+    found = []
+    for i, t in enumerate(tokens):
+        for k in range(1, len(t)):
+            left, right = t[:k], t[k:]
+            if left in token_to_id and right in token_to_id:
+                found.append((-scores[i], i, k))
+    found.sort()
+    return [(tokens[i][:k], tokens[i][k:]) for _, i, k in found]
+
+
+def _sentencepiece_bpe(vocab: Vocab, token_to_id: dict[str, int]) -> HFTokenizer:
+    merges = spm_merges(vocab.tokens, vocab.scores, token_to_id)
+    unk = vocab.tokens[vocab.unk_id] if vocab.unk_id is not None else None
+    hf = HFTokenizer(models.BPE(token_to_id, merges, unk_token=unk, byte_fallback=True))
+    # llama.cpp prepends a space to every text fragment (each one starts the text or follows a
+    # special token), then escapes spaces; a normalizer runs per fragment the same way.
+    steps = [normalizers.Prepend(SPACE)] if vocab.add_space_prefix else []
+    hf.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPACE)])
+    dec = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if vocab.add_space_prefix:
+        dec.append(decoders.Strip(" ", 1, 0))
+    hf.decoder = decoders.Sequence(dec)
+    return hf
+
+
+def _add_special_tokens(hf: HFTokenizer, vocab: Vocab) -> None:
+    # Control/unknown tokens are `special` (parsed only when asked); user-defined ones are plain
+    # added tokens, which `tokenizers` (like llama.cpp) always splits out of the text.
+    special, user = [], []
+    for i, (t, kind) in enumerate(zip(vocab.tokens, vocab.types)):
+        if kind in (CONTROL, UNKNOWN, USER_DEFINED):
+            rstrip = i in vocab.rstrip_ids
+            added = AddedToken(t, special=kind != USER_DEFINED, normalized=False, rstrip=rstrip)
+            (user if kind == USER_DEFINED else special).append(added)
+    hf.add_special_tokens(special)
+    hf.add_tokens(user)

@@ -1,0 +1,2 @@
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be built or used: the message names the key, value or file at fault."""
