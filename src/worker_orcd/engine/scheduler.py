@@ -329,7 +329,7 @@ class Scheduler:
         spans = [SeqSpan(s.slot, i, i + 1) for i, s in enumerate(seqs)]
         logits = self.net.forward(tokens, positions, self.kv, spans, None)
         for i, seq in enumerate(seqs):
-            self._advance(seq, logits[i])
+            self._advance_or_fail(seq, logits[i])
 
     def _prefill(self, seq: _Seq) -> None:
         prompt = seq.handle.request.prompt_ids
@@ -342,7 +342,16 @@ class Scheduler:
         logits = self.net.forward(tokens, torch.arange(start, end), self.kv, [SeqSpan(seq.slot, 0, end - start)], last)
         seq.prefilled = end
         if seq.decoding:
-            self._advance(seq, logits[-1])
+            self._advance_or_fail(seq, logits[-1])
+
+    def _advance_or_fail(self, seq: _Seq, logits: torch.Tensor) -> None:
+        """A failure while sampling or decoding one sequence ends that sequence only."""
+        try:
+            self._advance(seq, logits)
+        except Exception as e:
+            log.exception("request %s failed while sampling", seq.handle.request.id)
+            with self._cv:
+                self._finish(seq, ErrorEvent("INTERNAL", f"{type(e).__name__}: {e}", seq.handle.stats))
 
     def _advance(self, seq: _Seq, logits: torch.Tensor) -> None:
         """Sample one token and emit it; finish on EOG, a stop string, max_tokens or a full context."""

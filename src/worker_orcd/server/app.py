@@ -48,4 +48,25 @@ def create_app(worker: Worker, exit_server: Callable[[], None] | None = None) ->
     async def metrics(request: Request) -> Response:
         return Response(worker.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    _pin_model_names(app, worker.model_id)
     return app
+
+
+def _pin_model_names(app: FastAPI, model_id: str) -> None:
+    """The schema names the one model served here, so clients and fuzzers see which `model` is valid."""
+    base = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = base()
+            for name, body in schema.get("components", {}).get("schemas", {}).items():
+                prop = body.get("properties", {}).get("model")
+                if prop is None or name not in ("CompletionRequest", "ChatRequest", "TokenizeRequest",
+                                                "DetokenizeRequest"):
+                    continue
+                pinned = {"type": "string", "enum": [model_id]}
+                body["properties"]["model"] = ({"anyOf": [pinned, {"type": "null"}]} if "anyOf" in prop else pinned)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

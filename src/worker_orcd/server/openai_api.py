@@ -29,7 +29,7 @@ from worker_orcd.server.schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from worker_orcd.server.worker import Stream, Worker
+from worker_orcd.server.worker import Stream, Worker, sampling_params
 
 router = APIRouter(tags=["openai"])
 
@@ -54,7 +54,7 @@ async def models(request: Request) -> ModelList:
 
 def _params(body: SamplingFields) -> SamplingParams:
     seed = body.seed if body.seed is not None else secrets.randbits(63)
-    return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=seed)
+    return sampling_params(body.temperature, body.top_p, body.top_k, seed)
 
 
 def _stops(stop: str | list[str] | None) -> list[str] | None:

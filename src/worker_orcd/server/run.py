@@ -61,7 +61,7 @@ async def serve(worker: Worker, on_ready: Callable[[str], None] | None = None) -
 
     app = create_app(worker, exit_server)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=int(cfg.drain_timeout_sec))
+                            timeout_graceful_shutdown=5)
     server = _Server(config, worker)
     task = asyncio.create_task(server.serve())
     while not server.started:

@@ -29,6 +29,15 @@ from worker_orcd.server.metrics import Metrics
 log = logging.getLogger("worker_orcd.server")
 
 KV_DTYPE = torch.float32
+GREEDY_BELOW = 1e-5  # as vLLM: a smaller temperature is greedy (dividing by it overflows the logits)
+
+
+MIN_TOP_P = 1e-6  # below float32's range top_p rounds to 0 and filters out every token; this keeps only the top one
+
+
+def sampling_params(temperature: float, top_p: float, top_k: int, seed: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+                          top_p=max(top_p, MIN_TOP_P), top_k=top_k, seed=seed)
 
 
 @dataclass
@@ -45,7 +54,7 @@ class ServeConfig:
     kv_cache_size_mb: int | None = None
     prefill_chunk: int = 256
     max_waiting: int | None = None  # None: max_batch
-    drain_timeout_sec: float = 30.0
+    drain_timeout_sec: float = 25.0  # then running streams are cancelled: the process exits within 30 s
 
 
 def kv_bytes_per_token(net) -> int:

@@ -10,12 +10,11 @@ from datetime import datetime, timezone
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from worker_orcd.engine.sampler import SamplingParams
 from worker_orcd.engine.scheduler import EndEvent, ErrorEvent, TokenEvent
 from worker_orcd.server import sse
 from worker_orcd.server.errors import ERROR_RESPONSES, APIError, error_response
 from worker_orcd.server.schemas import Accepted, CancelRequest, ExecuteRequest, Health
-from worker_orcd.server.worker import Stream, Worker
+from worker_orcd.server.worker import Stream, Worker, sampling_params
 
 router = APIRouter(tags=["worker"])
 
@@ -34,7 +33,7 @@ async def execute(body: ExecuteRequest, request: Request) -> StreamingResponse:
         raise APIError(400, "INVALID_REQUEST", f"job_id {body.job_id!r} is already running", "job_id")
     ids = await asyncio.to_thread(w.tokenizer.tokenize, body.prompt, add_special=True)
     max_tokens = w.check_lengths(len(ids), body.max_tokens, "prompt")
-    params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed)
+    params = sampling_params(body.temperature, body.top_p, body.top_k, body.seed)
     stream = w.submit(body.job_id, ids, max_tokens, params, body.stop, "execute")
     return StreamingResponse(_execute_events(stream, w.model_id), media_type="text/event-stream")
 
