@@ -32,64 +32,37 @@ def render_chat(worker, messages: list[Message], reasoning_effort: str | None) -
 
 
 HARMONY_ARCHES = {"gpt-oss"}
-HARMONY_SPECIALS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>", "<|constrain|>")
 
 
 class ChatOutput:
     """The assistant's reply as (reasoning, content). A plain model's text is all content; GPT-OSS
-    (harmony) writes `<|channel|>analysis<|message|>...<|end|><|start|>assistant<|channel|>final<|message|>...`,
-    where the analysis channel is reasoning and the others are content."""
+    writes harmony messages, where the analysis channel is reasoning and the final channel content."""
 
     def __init__(self, worker):
-        self.harmony = worker.architecture in HARMONY_ARCHES
-        self.specials = _special_ids(worker.tokenizer) if self.harmony else {}
-        self.reasoning: list[str] | None = [] if self.harmony else None
-        self.content: list[str] = []
-        self.state = "header" if self.harmony else "body"  # header: reading a channel name; body: a message
-        self.header = ""
-        self.channel = "final"
+        from worker_orcd.tokenizer.harmony import HarmonyParser
 
-    def push(self, token: int, text: str) -> tuple[str, str]:
-        """(reasoning delta, content delta) for one generated token."""
-        if not self.harmony:
+        self.parser = HarmonyParser() if worker.architecture in HARMONY_ARCHES else None
+        self.reasoning: list[str] | None = None if self.parser is None else []
+        self.content: list[str] = []
+
+    def push(self, text: str) -> tuple[str, str]:
+        """(reasoning delta, content delta) for the text one generated token released."""
+        if self.parser is None:
             self.content.append(text)
             return "", text
-        special = self.specials.get(token)
-        if special is not None:
-            self._special(special)
-            return "", ""
-        if self.state == "header":
-            self.header += text
-            return "", ""
-        if self.state != "body":
-            return "", ""
-        if self.channel == "analysis":
-            self.reasoning.append(text)
-            return text, ""
-        self.content.append(text)
-        return "", text
+        return self._route(self.parser.feed(text))
 
-    def _special(self, special: str) -> None:
-        if special in ("<|start|>", "<|channel|>"):
-            self.state, self.header = "header", ""
-        elif special == "<|message|>":
-            # the header reads e.g. "analysis" or "final" or "commentary to=functions.x"
-            words = self.header.replace("<|channel|>", " ").split()
-            self.channel = next((w for w in words if w in ("analysis", "final", "commentary")), "final")
-            self.state = "body"
-        else:  # <|end|>, <|return|>, <|call|>, <|constrain|>: the message is over
-            self.state = "between"
+    def finish(self) -> tuple[str, str]:
+        """What the harmony parser held back, once generation has ended."""
+        return ("", "") if self.parser is None else self._route(self.parser.finish())
+
+    def _route(self, deltas) -> tuple[str, str]:
+        reasoning = "".join(d.text for d in deltas if d.channel == "analysis")
+        content = "".join(d.text for d in deltas if d.channel != "analysis" and d.recipient is None)
+        self.reasoning.append(reasoning)
+        self.content.append(content)
+        return reasoning, content
 
     def result(self) -> tuple[str | None, str]:
         reasoning = None if self.reasoning is None else "".join(self.reasoning)
         return reasoning, "".join(self.content)
-
-
-def _special_ids(tok) -> dict[int, str]:
-    """Token id -> harmony special token, for those the vocabulary has as one token."""
-    out = {}
-    for name in HARMONY_SPECIALS:
-        ids = tok.tokenize(name, add_special=False, parse_special=True)
-        if len(ids) == 1:
-            out[ids[0]] = name
-    return out

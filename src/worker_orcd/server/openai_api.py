@@ -148,8 +148,9 @@ async def chat_completions(body: ChatRequest, request: Request):
     reason = None
     async for ev in stream.events():
         if isinstance(ev, TokenEvent):
-            out.push(ev.token, ev.text)
+            out.push(ev.text)
         elif isinstance(ev, EndEvent):
+            out.finish()
             reason = FINISH[ev.finish_reason]
         else:
             _raise_for(ev)
@@ -167,15 +168,15 @@ async def _chat_chunks(stream: Stream, out: ChatOutput, head: dict, include_usag
 
     yield chunk({"role": "assistant", "content": ""})
     async for ev in stream.events():
-        if isinstance(ev, TokenEvent):
-            reasoning, content = out.push(ev.token, ev.text)
+        if isinstance(ev, TokenEvent | EndEvent):
+            reasoning, content = out.push(ev.text) if isinstance(ev, TokenEvent) else out.finish()
             if reasoning:
                 yield chunk({"reasoning_content": reasoning})
             if content:
                 yield chunk({"content": content})
-        elif isinstance(ev, EndEvent):
+        if isinstance(ev, EndEvent):
             yield chunk({}, FINISH[ev.finish_reason])
-        else:
+        elif isinstance(ev, ErrorEvent):
             yield sse.data(_error_chunk(ev))
     if include_usage:
         yield sse.data({**head, "choices": [], "usage": _usage(stream)})
