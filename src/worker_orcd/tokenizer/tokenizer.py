@@ -104,7 +104,7 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         """The token's string as the vocabulary stores it (e.g. 'Ġthe', '▁the', '<|im_end|>')."""
-        text = self._hf.id_to_token(int(token_id))
+        text = self._hf.id_to_token(int(token_id)) if 0 <= token_id < self.vocab_size else None
         if text is None:
             raise TokenizerError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
         return text
