@@ -1,0 +1,195 @@
+"""GPT-OSS MoE decode with MXFP4 experts (Triton), beside its torch reference.
+
+For each token t and each of its k chosen experts e (weight w_te):
+    h = clamped_swiglu(gate_e . x_t + bg_e, up_e . x_t + bu_e)            [F]
+    y_t = sum_e w_te * (down_e . h + bd_e)                                 [D]
+Two launches: gate/up (fused dequantize + GEMV for both matrices, + bias, + clamped SwiGLU) and down
+(fused dequantize + GEMV, + bias, times the routing weight); the k partial rows of each token are then
+added in a fixed order, so results do not depend on scheduling. Only the chosen experts' rows are read.
+A program serves one (token, expert) pair: for one token, each needed weight byte is read once; tokens
+sharing an expert read its rows again (mostly from L2).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from worker_orcd.kernels.activations import clamped_swiglu
+from worker_orcd.kernels.triton_quant import INTERPRET, PackedWeight, _mxfp4_gemv_tile
+from worker_orcd.quant.tensor import QuantTensor
+
+SWIGLU_LIMIT = 7.0
+SWIGLU_ALPHA = 1.702
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr,
+    ids_ptr,
+    gw_ptr,
+    ge_ptr,
+    gb_ptr,
+    uw_ptr,
+    ue_ptr,
+    ub_ptr,
+    h_ptr,
+    F,
+    D,
+    K_SLOTS,
+    limit,
+    alpha,
+    BN: tl.constexpr,
+    NB: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    """h[p, f] for pair p = t * k + slot, rows f of expert ids[p]."""
+    p = tl.program_id(1)
+    e = tl.load(ids_ptr + p).to(tl.int32)
+    f = tl.program_id(0) * BN + tl.arange(0, BN)
+    f_in = tl.minimum(f, F - 1)
+    rows = e * F + f_in
+    x = x_ptr + (p // K_SLOTS) * D
+    g = _mxfp4_gemv_tile(x, gw_ptr, ge_ptr, rows, D, BN, NB, EVEN) + tl.load(gb_ptr + rows)
+    u = _mxfp4_gemv_tile(x, uw_ptr, ue_ptr, rows, D, BN, NB, EVEN) + tl.load(ub_ptr + rows)
+    g = tl.minimum(g, limit)
+    u = tl.minimum(tl.maximum(u, -limit), limit)
+    h = (u + 1.0) * g / (1.0 + tl.exp(-alpha * g))
+    tl.store(h_ptr + p * F + f, h, mask=f < F)
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr, ids_ptr, w_ptr, dw_ptr, de_ptr, db_ptr, out_ptr, F, D, BN: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr
+):
+    """out[p, d] = w[p] * (down_e[d] . h[p] + bd_e[d])."""
+    p = tl.program_id(1)
+    e = tl.load(ids_ptr + p).to(tl.int32)
+    d = tl.program_id(0) * BN + tl.arange(0, BN)
+    rows = e * D + tl.minimum(d, D - 1)
+    y = _mxfp4_gemv_tile(h_ptr + p * F, dw_ptr, de_ptr, rows, F, BN, NB, EVEN) + tl.load(db_ptr + rows)
+    tl.store(out_ptr + p * D + d, y * tl.load(w_ptr + p).to(tl.float32), mask=d < D)
+
+
+def moe_config() -> dict:
+    if INTERPRET:
+        return {"BN": 32, "NB": 2, "num_warps": 1}
+    return {"BN": 64, "NB": 8, "num_warps": 4}
+
+
+def _packed(w: QuantTensor, name: str) -> PackedWeight:
+    from worker_orcd.quant.gpu_matmul import packed  # the one cache of repacked weights
+
+    p = packed(w)
+    if p is None or p.kind != "mxfp4" or len(w.shape) != 3:
+        raise ValueError(f"moe_mxfp4: {name} must be a stacked MXFP4 [experts, rows, cols] tensor, got {w!r}")
+    return p
+
+
+def moe_mxfp4(
+    x: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_w: torch.Tensor,
+    gate: QuantTensor,
+    gate_b: torch.Tensor,
+    up: QuantTensor,
+    up_b: torch.Tensor,
+    down: QuantTensor,
+    down_b: torch.Tensor,
+    cfg: dict | None = None,
+    limit: float = SWIGLU_LIMIT,
+    alpha: float = SWIGLU_ALPHA,
+) -> torch.Tensor:
+    """x [T, D], top_ids [T, k] (int), top_w [T, k]; gate/up [E, F, D], down [E, D, F] MXFP4, biases f32 [E, *].
+
+    Returns y [T, D] in x.dtype.
+    """
+    T, D = x.shape
+    k = top_ids.shape[1]
+    E, F, _ = gate.shape
+    if gate.shape != (E, F, D) or up.shape != (E, F, D) or down.shape != (E, D, F):
+        raise ValueError(
+            f"moe_mxfp4: x [{T}, {D}] needs gate/up [E, F, {D}] and down [E, {D}, F], "
+            f"got {gate.shape}, {up.shape}, {down.shape}"
+        )
+    gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
+    c = dict(cfg or moe_config())
+    BN, NB = c.pop("BN"), c.pop("NB")
+    x = x.contiguous()
+    ids = top_ids.reshape(-1).contiguous()
+    w = top_w.reshape(-1).contiguous()
+    P = T * k
+    h = torch.empty(P, F, dtype=torch.float32, device=x.device)
+    _gate_up_kernel[(triton.cdiv(F, BN), P)](
+        x,
+        ids,
+        gp.codes,
+        gp.scales,
+        gate_b.float().contiguous(),
+        upk.codes,
+        upk.scales,
+        up_b.float().contiguous(),
+        h,
+        F,
+        D,
+        k,
+        limit,
+        alpha,
+        BN=BN,
+        NB=NB,
+        EVEN=(D // 32) % NB == 0,
+        **c,
+    )
+    out = torch.empty(P, D, dtype=torch.float32, device=x.device)
+    _down_kernel[(triton.cdiv(D, BN), P)](
+        h,
+        ids,
+        w,
+        dp.codes,
+        dp.scales,
+        down_b.float().contiguous(),
+        out,
+        F,
+        D,
+        BN=BN,
+        NB=NB,
+        EVEN=(F // 32) % NB == 0,
+        **c,
+    )
+    return out.view(T, k, D).sum(1).to(x.dtype)
+
+
+def expert_rows(w: QuantTensor, e: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Expert e of a stacked [E, rows, cols] tensor, dequantized: [rows, cols]."""
+    from worker_orcd.quant import dequantize
+
+    n_exp, rows, cols = w.shape
+    return dequantize(w.raw.reshape(n_exp, rows, -1)[e], w.ggml_type, (rows, cols)).to(dtype)
+
+
+def moe_reference(
+    x: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_w: torch.Tensor,
+    gate: QuantTensor,
+    gate_b: torch.Tensor,
+    up: QuantTensor,
+    up_b: torch.Tensor,
+    down: QuantTensor,
+    down_b: torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+    limit: float = SWIGLU_LIMIT,
+    alpha: float = SWIGLU_ALPHA,
+) -> torch.Tensor:
+    """The same function in torch, in `dtype`, one (token, expert) pair at a time."""
+    y = torch.zeros(x.shape, dtype=dtype, device=x.device)
+    for t in range(x.shape[0]):
+        xt = x[t].to(dtype)
+        for j in range(top_ids.shape[1]):
+            e = int(top_ids[t, j])
+            g = expert_rows(gate, e, dtype) @ xt + gate_b[e].to(dtype)
+            u = expert_rows(up, e, dtype) @ xt + up_b[e].to(dtype)
+            h = clamped_swiglu(g, u, limit, alpha)
+            y[t] += top_w[t, j].to(dtype) * (expert_rows(down, e, dtype) @ h + down_b[e].to(dtype))
+    return y

@@ -1,0 +1,313 @@
+"""Fused dequantize + GEMV/GEMM for Q8_0 and MXFP4 weights (Triton), with the repacked layouts they read.
+
+Weights are repacked once from ggml blocks into 32-bit words plus a separate scale per 32-weight block,
+never expanded. Within a block the codes are permuted so that each way the kernel pulls values out of
+a word lines up with a contiguous run of x (one vector load per run, reused over the rows of a tile):
+
+Q8_0: codes uint32 [N, K/4], scales f16 [N, K/32]. Word i (0..7) of a block holds elements i, 8+i, 16+i,
+      24+i in bytes 0..3. Byte -> float by bit-building: float(0x4B000000 | (b ^ 0x80)) - (2^23 + 128).
+MXFP4: codes uint32 [N, K/8], exponents uint8 [N, K/32]. Word i (0..3) of a block holds, in nibbles
+      0..7 (lowest first), elements i, 8+i, 16+i, 24+i, 4+i, 12+i, 20+i, 28+i; so one shift and mask per
+      nibble pair (0,4), (1,5), (2,6), (3,7) places two E2M1 codes into the sign, exponent and top mantissa
+      bits of an f16 pair: f16 value = E2M1 value * 2^-14 (subnormals give 0 and 0.5 exactly), and
+      w = f16 * 2^14 * 2^(e-127), the same as ggml's doubled table times 2^(e-128).
+      Exponent bytes 0 and 255 (scales below 2^-126 and NaN in OCP MX) read as 0 and 2^127.
+
+The torch reference is `quant.dequantize` followed by a matmul (`tensor.dequantize_matmul`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from worker_orcd.quant._bytes import f16
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Q8_0: byte t of word i is element 8t + i; MXFP4: nibble s of word i is element NIBBLE_ELEM[s] + i
+Q8_WORD_ELEM = (0, 8, 16, 24)
+MXFP4_NIBBLE_ELEM = (0, 8, 16, 24, 4, 12, 20, 28)
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A repacked 2-D (or stacked [E, N, K]) weight: codes uint32 [rows, words], scales [rows, K/32]."""
+
+    kind: str  # "q8_0" | "mxfp4"
+    codes: torch.Tensor
+    scales: torch.Tensor
+    n: int  # output features per matrix
+    k: int  # input features
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() * 4 + self.scales.numel() * self.scales.element_size()
+
+
+def _words(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [rows, K] byte codes (already permuted) -> int32 [rows, K/4] little-endian words."""
+    return codes.contiguous().view(torch.int32)
+
+
+def pack_q8_0(raw: torch.Tensor, n: int, k: int) -> PackedWeight:
+    """Q8_0 blocks uint8 [rows, K/32*34] (rows = any multiple of n) -> PackedWeight on raw's device."""
+    rows = raw.shape[0]
+    b = raw.reshape(rows, k // 32, 34)
+    d = f16(b[..., 0:2]).squeeze(-1).to(torch.float16)  # [rows, K/32]
+    q = b[..., 2:34].reshape(rows, k // 32, 4, 8)  # element 8t + i at [t, i]
+    q = q.transpose(-1, -2).reshape(rows, k)  # byte 4i + t = element 8t + i
+    return PackedWeight("q8_0", _words(q), d.contiguous(), n, k)
+
+
+def pack_mxfp4(raw: torch.Tensor, n: int, k: int) -> PackedWeight:
+    """MXFP4 blocks uint8 [rows, K/32*17] -> PackedWeight (codes permuted as the module doc says)."""
+    rows = raw.shape[0]
+    b = raw.reshape(rows, k // 32, 17)
+    e = b[..., 0].contiguous()
+    qs = b[..., 1:17]
+    codes = torch.stack([qs & 0x0F, qs >> 4], dim=-2).reshape(rows, k // 32, 32)  # element order
+    elem = torch.tensor(MXFP4_NIBBLE_ELEM, device=raw.device)[None, :] + torch.arange(4, device=raw.device)[:, None]
+    c = codes[..., elem]  # [rows, nb, word i, nibble s]
+    c = c.reshape(rows, k // 32, 4, 4, 2)  # nibble s = 2 * byte + (high?)
+    packed = (c[..., 0] | (c[..., 1] << 4)).reshape(rows, k // 2)
+    return PackedWeight("mxfp4", _words(packed), e, n, k)
+
+
+# ---------------------------------------------------------------- word decoders (shared by every kernel)
+
+
+@triton.jit
+def _q8_byte(w, t: tl.constexpr):
+    """Byte t of uint32 words as the float of its int8 value."""
+    b = ((w >> (8 * t)) & 0xFF) ^ 0x4B000080
+    return b.to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _mx_pair(w, s: tl.constexpr):
+    """Nibbles s and s+4 of uint32 words -> two float32 E2M1 values * 2^-14 (low, high)."""
+    if s == 0:
+        h = ((w << 9) & 0x0E000E00) | ((w << 12) & 0x80008000)
+    elif s == 1:
+        h = ((w << 5) & 0x0E000E00) | ((w << 8) & 0x80008000)
+    elif s == 2:
+        h = ((w << 1) & 0x0E000E00) | ((w << 4) & 0x80008000)
+    else:
+        h = ((w >> 3) & 0x0E000E00) | (w & 0x80008000)
+    lo = (h & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (h >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _e8m0(e):
+    """Exponent bytes -> float32 2^(e-127) built from bits (0 for e = 0)."""
+    return (tl.minimum(e.to(tl.int32), 254) << 23).to(tl.float32, bitcast=True)
+
+
+# ---------------------------------------------------------------- GEMV tiles: acc[n] = x . W[n], one row of x
+
+
+@triton.jit
+def _mxfp4_gemv_tile(x_ptr, w_ptr, e_ptr, n, K, BN: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr):
+    """x [K] (any float type), W rows n [BN] (in bounds) -> float32 [BN]."""
+    nblk = K // 32
+    b = tl.arange(0, NB)
+    i = tl.arange(0, 4)
+    # (row block index) * 4 words: the compiler sees 16-byte alignment and issues one vector load per block
+    w_blk = w_ptr + (n[:, None] * nblk + b[None, :]) * 4  # [BN, NB]
+    e_blk = e_ptr + n[:, None] * nblk + b[None, :]  # [BN, NB]
+    x_blk = x_ptr + b[:, None] * 32 + i[None, :]  # [NB, 4]
+    acc = tl.zeros([BN, NB, 4], dtype=tl.float32)  # reduced once, after the loop
+    for kb in range(0, nblk, NB):
+        if EVEN:
+            w = tl.load(w_blk[:, :, None] + kb * 4 + i[None, None, :])  # [BN, NB, 4]
+            e = tl.load(e_blk + kb)
+            ok = b < NB
+        else:
+            ok = kb + b < nblk
+            w = tl.load(w_blk[:, :, None] + kb * 4 + i[None, None, :], mask=ok[None, :, None], other=0)
+            e = tl.load(e_blk + kb, mask=ok[None, :], other=0)
+        w = w.to(tl.uint32, bitcast=True)
+        xb = x_blk + kb * 32
+        part = tl.zeros([BN, NB, 4], dtype=tl.float32)
+        for s in tl.static_range(4):
+            lo, hi = _mx_pair(w, s)
+            x_lo = tl.load(xb + 8 * s, mask=ok[:, None], other=0.0).to(tl.float32)
+            x_hi = tl.load(xb + 8 * s + 4, mask=ok[:, None], other=0.0).to(tl.float32)
+            part = tl.fma(lo, x_lo[None, :, :], part)
+            part = tl.fma(hi, x_hi[None, :, :], part)
+        acc = tl.fma(part, _e8m0(e)[:, :, None], acc)
+    return tl.sum(tl.sum(acc, axis=2), axis=1) * 16384.0
+
+
+@triton.jit
+def _q8_0_gemv_tile(x_ptr, w_ptr, d_ptr, n, K, BN: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr):
+    nblk = K // 32
+    b = tl.arange(0, NB)
+    i = tl.arange(0, 8)
+    w_blk = w_ptr + (n[:, None] * nblk + b[None, :]) * 8  # [BN, NB]
+    d_blk = d_ptr + n[:, None] * nblk + b[None, :]
+    x_blk = x_ptr + b[:, None] * 32 + i[None, :]  # [NB, 8]
+    acc = tl.zeros([BN, NB, 8], dtype=tl.float32)
+    for kb in range(0, nblk, NB):
+        if EVEN:
+            w = tl.load(w_blk[:, :, None] + kb * 8 + i[None, None, :])  # [BN, NB, 8]
+            d = tl.load(d_blk + kb).to(tl.float32)
+            ok = b < NB
+        else:
+            ok = kb + b < nblk
+            w = tl.load(w_blk[:, :, None] + kb * 8 + i[None, None, :], mask=ok[None, :, None], other=0)
+            d = tl.load(d_blk + kb, mask=ok[None, :], other=0.0).to(tl.float32)
+        w = w.to(tl.uint32, bitcast=True)
+        xb = x_blk + kb * 32
+        part = tl.zeros([BN, NB, 8], dtype=tl.float32)
+        for t in tl.static_range(4):
+            part = tl.fma(
+                _q8_byte(w, t), tl.load(xb + 8 * t, mask=ok[:, None], other=0.0).to(tl.float32)[None, :, :], part
+            )
+        acc = tl.fma(part, d[:, :, None], acc)
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, s_ptr, y_ptr, N, K, IS_MXFP4: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr
+):
+    """y[n] = x . W[n] for one row x."""
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    n_in = tl.minimum(n, N - 1)  # clamped: loads need no mask, the store is masked
+    if IS_MXFP4:
+        acc = _mxfp4_gemv_tile(x_ptr, w_ptr, s_ptr, n_in, K, BN, NB, EVEN)
+    else:
+        acc = _q8_0_gemv_tile(x_ptr, w_ptr, s_ptr, n_in, K, BN, NB, EVEN)
+    tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
+
+
+# ---------------------------------------------------------------- GEMM tiles (prefill): dequantized tiles -> tl.dot
+
+
+@triton.jit
+def _gemm_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_ym,
+    IS_MXFP4: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    NB: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """y = x W^T; per step, one [BM, NB*words] x [NB*words, BN] dot for each value position in a word."""
+    m = tl.program_id(1) * BM + tl.arange(0, BM)
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    n_in = tl.minimum(n, N - 1)
+    m_in = tl.minimum(m, M - 1)
+    nblk = K // 32
+    dot_t = tl.float32 if DOT_F32 else tl.bfloat16
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
+    kk = tl.arange(0, NB * WPB)  # within a step: block kk // WPB, word kk % WPB
+    blk_of = kk // WPB
+    word_of = kk % WPB
+    for kb in range(0, nblk, NB):
+        blk = kb + blk_of  # [NB*WPB]
+        ok = (blk < nblk)[None, :]
+        w = tl.load(w_ptr + n_in[:, None] * (nblk * WPB) + (blk * WPB + word_of)[None, :], mask=ok, other=0)
+        w = w.to(tl.uint32, bitcast=True)
+        s = tl.load(s_ptr + n_in[:, None] * nblk + blk[None, :], mask=ok, other=0)  # [BN, NB*WPB], repeated
+        x_base = x_ptr + m_in[:, None] * stride_xm + (blk * 32 + word_of)[None, :]  # [BM, NB*WPB]
+        if IS_MXFP4:
+            s = _e8m0(s) * 16384.0
+            for p in tl.static_range(4):
+                lo, hi = _mx_pair(w, p)
+                xa = tl.load(x_base + 8 * p, mask=ok, other=0.0).to(dot_t)
+                xb = tl.load(x_base + 8 * p + 4, mask=ok, other=0.0).to(dot_t)
+                acc = tl.dot(xa, tl.trans((lo * s).to(dot_t)), acc)
+                acc = tl.dot(xb, tl.trans((hi * s).to(dot_t)), acc)
+        else:
+            s = s.to(tl.float32)
+            for t in tl.static_range(4):
+                xa = tl.load(x_base + 8 * t, mask=ok, other=0.0).to(dot_t)
+                acc = tl.dot(xa, tl.trans((_q8_byte(w, t) * s).to(dot_t)), acc)
+    y = y_ptr + m[:, None] * stride_ym + n[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(m < M)[:, None] & (n < N)[None, :])
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def _is_mxfp4(w: PackedWeight) -> bool:
+    if w.kind not in ("q8_0", "mxfp4"):
+        raise ValueError(f"no Triton kernel for packed kind {w.kind}")
+    return w.kind == "mxfp4"
+
+
+def gemv_config(w: PackedWeight) -> dict:
+    """Block sizes for the GEMV: small row tiles so even 2880-row matrices fill 132 SMs."""
+    if INTERPRET:
+        return {"BN": 16, "NB": 2, "num_warps": 1}
+    return {"BN": 16 if w.n <= 8192 else 32, "NB": 8 if w.kind == "mxfp4" else 4, "num_warps": 4}
+
+
+def gemm_config(w: PackedWeight, m: int) -> dict:
+    """Tiles for tl.dot: 16 rows of x for small batches (one weight read serves them all), 64 for prefill."""
+    if INTERPRET:
+        return {"BM": 16, "BN": 16, "NB": 4, "num_warps": 1, "num_stages": 1}
+    if m <= 16:
+        return {"BM": 16, "BN": 64, "NB": 4, "num_warps": 4, "num_stages": 3}
+    return {"BM": 64, "BN": 128, "NB": 4, "num_warps": 8, "num_stages": 3}
+
+
+def quant_matmul(w: PackedWeight, x: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N] in x.dtype, W one packed 2-D weight."""
+    if x.shape[-1] != w.k:
+        raise ValueError(f"quant_matmul: x has {x.shape[-1]} features, weight has {w.k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty(M, w.n, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y.reshape(*lead, w.n)
+    mx = _is_mxfp4(w)
+    if M == 1:
+        c = dict(cfg or gemv_config(w))
+        BN, NB = c.pop("BN"), c.pop("NB")
+        _gemv_kernel[(triton.cdiv(w.n, BN),)](
+            x2, w.codes, w.scales, y, w.n, w.k, IS_MXFP4=mx, BN=BN, NB=NB, EVEN=(w.k // 32) % NB == 0, **c
+        )
+    else:
+        c = dict(cfg or gemm_config(w, M))
+        BM, BN, NB = c.pop("BM"), c.pop("BN"), c.pop("NB")
+        grid = (triton.cdiv(w.n, BN), triton.cdiv(M, BM))
+        _gemm_kernel[grid](
+            x2,
+            w.codes,
+            w.scales,
+            y,
+            M,
+            w.n,
+            w.k,
+            x2.stride(0),
+            y.stride(0),
+            IS_MXFP4=mx,
+            BM=BM,
+            BN=BN,
+            NB=NB,
+            DOT_F32=INTERPRET,
+            **c,
+        )
+    return y.reshape(*lead, w.n)
