@@ -30,6 +30,7 @@ PROMPTS = [
     "A short poem about autumn:",
     "The French Revolution began when",
 ]
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # greedy decoding keeps counting: a stream that does not end early
 
 
 class LiveServer:
@@ -167,7 +168,7 @@ def test_execute_streams_started_tokens_end(http):
 
 
 def test_cancel_mid_stream(http, server):
-    body = {"job_id": "job-cancel", "prompt": "Tell me a very long story.", "max_tokens": 250, "temperature": 0.0}
+    body = {"job_id": "job-cancel", "prompt": COUNTING, "max_tokens": 250, "temperature": 0.0}
     sched = server.worker.scheduler
     with http.stream("POST", "/execute", json=body) as resp:
         seen, last = 0, None
@@ -186,7 +187,7 @@ def test_cancel_mid_stream(http, server):
 
 
 def test_client_disconnect_frees_the_slot(http, server):
-    body = {"job_id": "job-gone", "prompt": "Count to one thousand:", "max_tokens": 250}
+    body = {"job_id": "job-gone", "prompt": COUNTING, "max_tokens": 250}
     with http.stream("POST", "/execute", json=body) as resp:
         for name, _ in sse_events(resp):
             if name == "token":
