@@ -1,0 +1,203 @@
+"""Quantized GEMV/GEMM and MXFP4 MoE kernels on the GPU: correctness against torch, GB/s against copy bandwidth.
+
+GPT-OSS-20B shapes: attention q 4096x2880 and LM head 201088x2880 in Q8_0, 32 experts of 2880x2880 MXFP4
+(top-4). Each timing is a CUDA graph of launches over several copies of the weights (more bytes than L2
+holds, as successive layers are), divided by the launches; medians of triton.testing.do_bench_cudagraph.
+
+    PYTHONPATH=src python bench/gpu_kernels.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+import triton
+from gguf import GGMLQuantizationType as T
+
+from worker_orcd.kernels import triton_moe, triton_quant
+from worker_orcd.quant import QuantTensor, dequantize
+from worker_orcd.quant.gpu_matmul import packed
+
+D, F, E, TOP_K = 2880, 2880, 32, 4
+ROWS: list[str] = []
+
+
+def report(name: str, nbytes: float, ms: float, copy_gbs: float, err: float | None, extra: str = "") -> None:
+    gbs = nbytes / ms / 1e6
+    e = "-" if err is None else f"{err:.1e}"
+    row = f"{name:44s} {nbytes / 1e6:9.1f} {ms * 1e3:9.1f} {gbs:8.0f} {100 * gbs / copy_gbs:6.1f}% {e:>8s} {extra}"
+    ROWS.append(row)
+    print(row, flush=True)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm()) if torch.isfinite(a).all() else math.inf
+
+
+def graph_ms(fns, reps: int = 50) -> float:
+    """Median ms of one call, from a CUDA graph that runs every fn once (each over its own weights)."""
+
+    def run():
+        for f in fns:
+            f()
+
+    return triton.testing.do_bench_cudagraph(run, rep=reps, return_mode="median") / len(fns)
+
+
+def copy_bandwidth() -> float:
+    n = 1 << 30  # 1 GiB each way
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), rep=200, return_mode="median")
+    return 2 * n / ms / 1e6
+
+
+def random_blocks(kind: T, rows: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    nb = k // 32
+    if kind == T.Q8_0:
+        d = (torch.rand(rows, nb, 1, device="cuda", generator=gen) * 0.01 + 0.001).half()
+        q = torch.randint(0, 256, (rows, nb, 32), dtype=torch.uint8, device="cuda", generator=gen)
+        return torch.cat([d.view(torch.uint8).reshape(rows, nb, 2), q], -1).reshape(rows, -1)
+    e = torch.randint(118, 127, (rows, nb, 1), dtype=torch.uint8, device="cuda", generator=gen)
+    q = torch.randint(0, 256, (rows, nb, 16), dtype=torch.uint8, device="cuda", generator=gen)
+    return torch.cat([e, q], -1).reshape(rows, -1)
+
+
+def quant(kind: T, shape: tuple[int, ...], gen: torch.Generator) -> QuantTensor:
+    rows = math.prod(shape[:-1])
+    return QuantTensor(random_blocks(kind, rows, shape[-1], gen), kind, shape)
+
+
+def bench_matmul(
+    name: str,
+    kind: T,
+    n: int,
+    k: int,
+    m: int,
+    copies: int,
+    cfgs: list[dict | None],
+    copy_gbs: float,
+    gen: torch.Generator,
+) -> None:
+    ws = [quant(kind, (n, k), gen) for _ in range(copies)]
+    x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+    ref = x.double() @ dequantize(ws[0].raw, kind, (n, k)).double().T
+    pw = [packed(w) for w in ws]
+    nbytes = pw[0].nbytes
+    for cfg in cfgs:
+        label = f"{name} M={m} " + (",".join(f"{a}={b}" for a, b in cfg.items()) if cfg else "default")
+        try:
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+            y.copy_(triton_quant.quant_matmul(pw[0], x, cfg))
+            err = rel_err(y, ref)
+            ms = graph_ms([lambda p=p, c=cfg: triton_quant.quant_matmul(p, x, c) for p in pw])
+            tf = 2 * m * n * k / ms / 1e9
+            report(label, nbytes, ms, copy_gbs, err, f"{tf:.1f} TFLOP/s" if m > 1 else "")
+        except Exception as exc:  # one failing variant must not hide the others
+            print(f"{label}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+    if m == 1 and kind == T.Q8_0:  # cuBLAS on bf16 weights, for scale (twice the bytes)
+        wb = [dequantize(w.raw, kind, (n, k)).bfloat16() for w in ws[: max(1, copies // 2)]]
+        ms = graph_ms([lambda w=w: x @ w.T for w in wb])
+        report(f"{name} M={m} torch bf16 (cuBLAS)", n * k * 2, ms, copy_gbs, rel_err(x @ wb[0].T, ref))
+        del wb
+    del ws, pw
+
+
+def bench_moe(t: int, layers: int, cfgs: list[dict | None], copy_gbs: float, gen: torch.Generator) -> None:
+    def layer():
+        return (
+            quant(T.MXFP4, (E, F, D), gen),
+            torch.randn(E, F, device="cuda", generator=gen),
+            quant(T.MXFP4, (E, F, D), gen),
+            torch.randn(E, F, device="cuda", generator=gen),
+            quant(T.MXFP4, (E, D, F), gen),
+            torch.randn(E, D, device="cuda", generator=gen),
+        )
+
+    ls = [layer() for _ in range(layers)]
+    x = torch.randn(t, D, device="cuda", generator=gen).bfloat16()
+    ids = [torch.stack([torch.randperm(E, device="cuda", generator=gen)[:TOP_K] for _ in range(t)]) for _ in ls]
+    wts = [torch.softmax(torch.randn(t, TOP_K, device="cuda", generator=gen), -1) for _ in ls]
+    g, gb, u, ub, d, db = ls[0]
+    ref = triton_moe.moe_reference(x, ids[0], wts[0], g, gb, u, ub, d, db, dtype=torch.float64)
+    used = len(torch.unique(ids[0]))
+    nbytes = used * 3 * F * D // 32 * 17
+    for cfg in cfgs:
+        label = f"MoE MXFP4 T={t} ({used} experts) " + (
+            ",".join(f"{a}={b}" for a, b in cfg.items()) if cfg else "default"
+        )
+        try:
+            y = triton_moe.moe_mxfp4(x, ids[0], wts[0], g, gb, u, ub, d, db, cfg=cfg)
+            err = rel_err(y, ref)
+            fns = [lambda i=i, L=L, c=cfg: triton_moe.moe_mxfp4(x, ids[i], wts[i], *L, cfg=c) for i, L in enumerate(ls)]
+            ms = graph_ms(fns)
+            report(label, nbytes, ms, copy_gbs, err)
+        except Exception as exc:
+            print(f"{label}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+    del ls
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="default configs only")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(int(time.time()))  # fresh inputs every run
+    props = torch.cuda.get_device_properties(0)
+    print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
+    copy_gbs = copy_bandwidth()
+    print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)\n")
+    head = f"{'kernel':44s} {'MB':>9s} {'us':>9s} {'GB/s':>8s} {'copy%':>7s} {'rel err':>8s}"
+    print(head)
+    q = args.quick
+    mx_cfgs = (
+        [None]
+        if q
+        else [
+            None,
+            {"BN": 32, "NB": 8, "num_warps": 4},
+            {"BN": 64, "NB": 8, "num_warps": 4},
+            {"BN": 64, "NB": 4, "num_warps": 4},
+            {"BN": 128, "NB": 8, "num_warps": 8},
+        ]
+    )
+    q8_cfgs = (
+        [None]
+        if q
+        else [
+            None,
+            {"BN": 32, "NB": 4, "num_warps": 4},
+            {"BN": 64, "NB": 4, "num_warps": 4},
+            {"BN": 64, "NB": 2, "num_warps": 4},
+            {"BN": 128, "NB": 4, "num_warps": 8},
+        ]
+    )
+    moe_cfgs = (
+        [None]
+        if q
+        else [
+            None,
+            {"BN": 16, "NB": 8, "num_warps": 4},
+            {"BN": 32, "NB": 8, "num_warps": 4},
+            {"BN": 32, "NB": 4, "num_warps": 2},
+            {"BN": 128, "NB": 8, "num_warps": 8},
+        ]
+    )
+    bench_moe(1, 4, moe_cfgs, copy_gbs, gen)
+    bench_moe(4, 4, [None], copy_gbs, gen)
+    bench_matmul("Q8_0 attn q 4096x2880", T.Q8_0, 4096, D, 1, 24, q8_cfgs, copy_gbs, gen)
+    bench_matmul("Q8_0 head 201088x2880", T.Q8_0, 201088, D, 1, 1, q8_cfgs, copy_gbs, gen)
+    bench_matmul("MXFP4 dense 23040x2880", T.MXFP4, 8 * F, D, 1, 8, mx_cfgs, copy_gbs, gen)
+    bench_matmul("Q8_0 attn q 4096x2880", T.Q8_0, 4096, D, 4, 24, [None], copy_gbs, gen)
+    bench_matmul("Q8_0 attn q 4096x2880", T.Q8_0, 4096, D, 512, 4, [None], copy_gbs, gen)
+    bench_matmul("MXFP4 23040x2880", T.MXFP4, 8 * F, D, 512, 2, [None], copy_gbs, gen)
+    print(f"\ncopy {copy_gbs:.0f} GB/s\n{head}\n" + "\n".join(ROWS))
+
+
+if __name__ == "__main__":
+    main()
