@@ -252,3 +252,12 @@ def test_stream_decode_of_arbitrary_ids_matches_detokenize(ids):
     # Random byte-level ids make invalid UTF-8; the stream must replace it exactly as detokenize does.
     tok = vocab_tokenizer("gpt-2")
     assert "".join(stream(tok, ids)) == tok.detokenize(ids)
+
+
+def test_stream_continuation_keeps_the_first_space():
+    # SentencePiece with add_space_prefix: a text's first space was added, a continuation's was generated.
+    spm = vocab_tokenizer("llama-spm")
+    ids = spm.tokenize("Paris is")
+    assert "".join(stream(spm, ids)) == "Paris is"
+    dec = spm.stream_decoder(continuation=True)
+    assert "".join(dec.push(i) for i in ids) + dec.flush() == " Paris is"

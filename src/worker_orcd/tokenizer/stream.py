@@ -13,11 +13,11 @@ class StreamDecoder:
     """Fed ids one at a time; `push` returns only whole characters, so the pieces joined equal
     `detokenize(all ids)` (a byte-level or `<0xNN>` token may carry part of a character)."""
 
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False, continuation: bool = False) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._first = True
+        self._first = not continuation  # only the start of a text had a space prefix added
 
     def push(self, token_id: int) -> str:
         """Text completed by this id ('' while a character is still partial)."""

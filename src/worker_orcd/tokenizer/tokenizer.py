@@ -113,9 +113,11 @@ class Tokenizer:
         """The id of a token given its vocabulary string, or None."""
         return self._hf.token_to_id(text)
 
-    def stream_decoder(self, skip_special: bool = False) -> StreamDecoder:
-        """A decoder fed one id at a time that yields only complete UTF-8 text."""
-        return StreamDecoder(self, skip_special)
+    def stream_decoder(self, skip_special: bool = False, continuation: bool = False) -> StreamDecoder:
+        """A decoder fed one id at a time that yields only complete UTF-8 text, joining to
+        `detokenize(ids)`. continuation=True: the ids follow a prompt (generated text), so the first
+        piece keeps its leading space, as llama.cpp's server renders each generated piece."""
+        return StreamDecoder(self, skip_special, continuation)
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:
