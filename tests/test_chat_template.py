@@ -13,7 +13,7 @@ from tokenizers import models
 
 from worker_orcd.tokenizer import TokenizerError, load_tokenizer
 from worker_orcd.tokenizer.chat import render_chat_template
-from worker_orcd.tokenizer.harmony import HarmonyParser, ToolCall, parse_header, render_harmony
+from worker_orcd.tokenizer.harmony import HarmonyParser, ToolCall, parse_header
 
 TEMPLATES = Path("/work/shared/templates")
 VOCAB_DIR = Path("/work/shared/vocab")
@@ -113,7 +113,7 @@ HARMONY_CONVERSATION = [
 
 def test_harmony_render():
     template = (TEMPLATES / "openai-gpt-oss-120b.jinja").read_text(encoding="utf-8")
-    text = render_harmony(template, HARMONY_CONVERSATION, tools=TOOLS, reasoning_effort="low")
+    text = render_chat_template(template, HARMONY_CONVERSATION, tools=TOOLS, reasoning_effort="low")
     assert text.startswith("<|start|>system<|message|>")
     assert "Reasoning: low" in text
     assert "<|start|>assistant to=functions.get_weather<|channel|>commentary" in text

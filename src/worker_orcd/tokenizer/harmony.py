@@ -6,16 +6,13 @@ A generated turn is a run of messages, each a header then a body:
 `<|start|>assistant to=functions.NAME<|channel|>commentary <|constrain|>json<|message|>{...}<|call|>`.
 The prompt usually ends in `<|start|>assistant`, so the first header has no `<|start|>` or role.
 `HarmonyParser.feed` takes text as it streams (special tokens rendered, as `detokenize` does) and
-returns body text as soon as it cannot be the start of a marker.
+returns body text as soon as it cannot be the start of a marker. Rendering a conversation is the
+model's chat template (`Tokenizer.apply_chat_template`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
-
-from worker_orcd.tokenizer.chat import render_chat_template
+from dataclasses import dataclass
 
 START, CHANNEL, MESSAGE, CONSTRAIN = "<|start|>", "<|channel|>", "<|message|>", "<|constrain|>"
 END, RETURN, CALL = "<|end|>", "<|return|>", "<|call|>"
@@ -46,12 +43,13 @@ class ToolCall:
     arguments: str     # as generated (JSON text when content_type is "json")
 
 
-@dataclass
 class HarmonyParser:
     """Incremental parser of generated harmony text into messages by channel."""
-    messages: list[HarmonyMessage] = field(default_factory=list)
-    _buffer: str = ""
-    _in_body: bool = False
+
+    def __init__(self) -> None:
+        self.messages: list[HarmonyMessage] = []
+        self._buffer = ""  # text not yet placed: a header in progress, or a possible marker start
+        self._in_body = False
 
     def feed(self, text: str) -> list[HarmonyDelta]:
         """Consume generated text; return the body text now known to be content."""
@@ -143,8 +141,3 @@ def parse_header(header: str) -> HarmonyMessage:
             message.content_type = word  # "<|channel|>commentary json": a bare content type
     return message
 
-
-def render_harmony(template: str, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                   **kwargs: Any) -> str:
-    """A conversation in harmony format through the model's (GPT-OSS) chat template."""
-    return render_chat_template(template, messages, add_generation_prompt=add_generation_prompt, **kwargs)
