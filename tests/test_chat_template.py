@@ -150,6 +150,15 @@ def test_harmony_parser_channels_and_tool_calls():
            ("commentary", "functions.get_weather", "json", "<|call|>")
 
 
+def test_harmony_parser_closed_by_end_of_generation_token():
+    # <|call|> and <|return|> end generation, so the engine passes them to finish() instead of feed()
+    p = HarmonyParser()
+    p.feed(GENERATED.removesuffix("<|call|>"))
+    assert p.tool_calls == []  # not closed yet: the arguments may be incomplete
+    p.finish("<|call|>")
+    assert p.tool_calls == [ToolCall("get_weather", "{\"city\": \"Paris\"}")]
+
+
 def test_harmony_header_forms():
     m = parse_header("<|start|>assistant<|channel|>commentary to=functions.lookup <|constrain|>json")
     assert (m.role, m.channel, m.recipient, m.content_type) == \

@@ -59,11 +59,15 @@ class HarmonyParser:
             pass
         return deltas
 
-    def finish(self) -> list[HarmonyDelta]:
-        """End of generation: whatever was held back is body text of the open message."""
+    def finish(self, stop: str | None = None) -> list[HarmonyDelta]:
+        """End of generation: whatever was held back is body text of the open message. `stop` is the
+        end-of-generation token that ended it (`<|return|>`, `<|call|>`), which the engine stops on
+        rather than feeding as text; it closes the open message."""
         deltas: list[HarmonyDelta] = []
-        if self._in_body and self._buffer:
+        if self._in_body:
             self._emit(self._buffer, deltas)
+            self.messages[-1].stop = stop
+            self._in_body = False
         self._buffer = ""
         return deltas
 
