@@ -202,6 +202,17 @@ def test_tokenizer_json_round_trip(tmp_path):
                 assert loaded.detokenize(ids) == tok.detokenize(ids)
 
 
+def test_saved_tokenizer_json_reads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok = model_tokenizer("smollm2")
+    tok.save(tmp_path / "tokenizer.json")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    corpus = json.loads((DATA / "tokenizer_corpus.json").read_text(encoding="utf-8"))
+    for text in corpus:  # transformers always reads special tokens in text
+        assert hf.encode(text, add_special_tokens=False) == tok.tokenize(text, parse_special=True), text
+    assert hf.eos_token == "<|im_end|>" and hf.chat_template == tok.chat_template
+
+
 def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(TokenizerError, match="no such file"):
         load_tokenizer(tmp_path / "missing.gguf")

@@ -139,6 +139,7 @@ class Tokenizer:
         path = Path(path)
         self._hf.save(str(path))
         config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",  # so transformers' AutoTokenizer reads it too
             "bos_token": None if self.bos_id is None else self.token_text(self.bos_id),
             "eos_token": None if self.eos_id is None else self.token_text(self.eos_id),
             "add_bos_token": self.add_bos,
@@ -163,6 +164,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if magic == b"GGUF":
         from worker_orcd.gguf import open_gguf
 
-        return Tokenizer.from_gguf(open_gguf(path))
+        with open_gguf(path) as f:
+            return Tokenizer.from_gguf(f)
     return Tokenizer.from_json(path)
 
