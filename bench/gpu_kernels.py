@@ -28,9 +28,14 @@ ROWS: list[str] = []
 def report(name: str, nbytes: float, ms: float, copy_gbs: float, err: float | None, extra: str = "") -> None:
     gbs = nbytes / ms / 1e6
     e = "-" if err is None else f"{err:.1e}"
-    row = f"{name:44s} {nbytes / 1e6:9.1f} {ms * 1e3:9.1f} {gbs:8.0f} {100 * gbs / copy_gbs:6.1f}% {e:>8s} {extra}"
+    row = f"{name:52s} {nbytes / 1e6:9.1f} {ms * 1e3:9.1f} {gbs:8.0f} {100 * gbs / copy_gbs:6.1f}% {e:>8s} {extra}"
     ROWS.append(row)
     print(row, flush=True)
+
+
+def _short(cfg: dict | None) -> str:
+    names = {"num_warps": "w", "STAGES": "S", "TARGET": "T"}
+    return ",".join(f"{names.get(a, a)}{b}" for a, b in cfg.items()) if cfg else "default"
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,7 +94,7 @@ def bench_matmul(
     pw = [packed(w) for w in ws]
     nbytes = pw[0].nbytes
     for cfg in cfgs:
-        label = f"{name} M={m} " + (",".join(f"{a}={b}" for a, b in cfg.items()) if cfg else "default")
+        label = f"{name} M={m} " + _short(cfg)
         try:
             y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
             y.copy_(triton_quant.quant_matmul(pw[0], x, cfg))
@@ -127,9 +132,7 @@ def bench_moe(t: int, layers: int, cfgs: list[dict | None], copy_gbs: float, gen
     used = len(torch.unique(ids[0]))
     nbytes = used * 3 * F * D // 32 * 17
     for cfg in cfgs:
-        label = f"MoE MXFP4 T={t} ({used} experts) " + (
-            ",".join(f"{a}={b}" for a, b in cfg.items()) if cfg else "default"
-        )
+        label = f"MoE MXFP4 T={t} ({used} experts) " + _short(cfg)
         try:
             y = triton_moe.moe_mxfp4(x, ids[0], wts[0], g, gb, u, ub, d, db, cfg=cfg)
             err = rel_err(y, ref)
@@ -152,50 +155,57 @@ def main() -> None:
     print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
     copy_gbs = copy_bandwidth()
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)\n")
-    head = f"{'kernel':44s} {'MB':>9s} {'us':>9s} {'GB/s':>8s} {'copy%':>7s} {'rel err':>8s}"
+    head = f"{'kernel':52s} {'MB':>9s} {'us':>9s} {'GB/s':>8s} {'copy%':>7s} {'rel err':>8s}"
     print(head)
-    q = args.quick
-    mx_cfgs = (
-        [None]
-        if q
-        else [
-            None,
-            {"BN": 32, "NB": 8, "num_warps": 4},
-            {"BN": 64, "NB": 8, "num_warps": 4},
-            {"BN": 64, "NB": 4, "num_warps": 4},
-            {"BN": 128, "NB": 8, "num_warps": 8},
-        ]
+
+    def cfgs(base: dict, *changes: dict) -> list[dict | None]:
+        return [None] if args.quick else [None] + [{**base, **c} for c in changes]
+
+    g = {"BN": 16, "NB": 8, "STAGES": 3, "TARGET": 1024, "num_warps": 4}
+    moe_cfgs = cfgs(
+        g,
+        {"STAGES": 2},
+        {"STAGES": 4},
+        {"BN": 32},
+        {"NB": 4, "STAGES": 4},
+        {"TARGET": 512},
+        {"BN": 32, "num_warps": 8},
+        {"BN": 8, "num_warps": 2},
     )
-    q8_cfgs = (
-        [None]
-        if q
-        else [
-            None,
-            {"BN": 32, "NB": 4, "num_warps": 4},
-            {"BN": 64, "NB": 4, "num_warps": 4},
-            {"BN": 64, "NB": 2, "num_warps": 4},
-            {"BN": 128, "NB": 4, "num_warps": 8},
-        ]
+    mx_cfgs = cfgs(
+        {**g, "BN": 32}, {"STAGES": 2}, {"STAGES": 4}, {"BN": 16}, {"BN": 64, "num_warps": 8}, {"NB": 4, "STAGES": 4}
     )
-    moe_cfgs = (
-        [None]
-        if q
-        else [
-            None,
-            {"BN": 16, "NB": 8, "num_warps": 4},
-            {"BN": 32, "NB": 8, "num_warps": 4},
-            {"BN": 32, "NB": 4, "num_warps": 2},
-            {"BN": 128, "NB": 8, "num_warps": 8},
-        ]
+    q8 = {"BN": 16, "NB": 4, "STAGES": 3, "TARGET": 1024, "num_warps": 4}
+    q8_cfgs = cfgs(
+        q8,
+        {"STAGES": 2},
+        {"STAGES": 4},
+        {"TARGET": 2048},
+        {"TARGET": 512},
+        {"BN": 32},
+        {"NB": 8},
+        {"BN": 8, "num_warps": 2},
+    )
+    head_cfgs = cfgs(
+        {**q8, "BN": 32},
+        {"STAGES": 2},
+        {"STAGES": 4},
+        {"BN": 16},
+        {"BN": 64, "num_warps": 8},
+        {"NB": 8},
+        {"NB": 2, "STAGES": 4},
     )
     bench_moe(1, 4, moe_cfgs, copy_gbs, gen)
     bench_moe(4, 4, [None], copy_gbs, gen)
     bench_matmul("Q8_0 attn q 4096x2880", T.Q8_0, 4096, D, 1, 24, q8_cfgs, copy_gbs, gen)
-    bench_matmul("Q8_0 head 201088x2880", T.Q8_0, 201088, D, 1, 1, q8_cfgs, copy_gbs, gen)
+    bench_matmul("Q8_0 head 201088x2880", T.Q8_0, 201088, D, 1, 1, head_cfgs, copy_gbs, gen)
     bench_matmul("MXFP4 dense 23040x2880", T.MXFP4, 8 * F, D, 1, 8, mx_cfgs, copy_gbs, gen)
-    bench_matmul("Q8_0 attn q 4096x2880", T.Q8_0, 4096, D, 4, 24, [None], copy_gbs, gen)
-    bench_matmul("Q8_0 attn q 4096x2880", T.Q8_0, 4096, D, 512, 4, [None], copy_gbs, gen)
-    bench_matmul("MXFP4 23040x2880", T.MXFP4, 8 * F, D, 512, 2, [None], copy_gbs, gen)
+    small = cfgs({"BM": 16, "BN": 64, "NB": 4, "num_warps": 4, "num_stages": 3}, {"BN": 32}, {"BN": 128})
+    big = cfgs({"BM": 64, "BN": 128, "NB": 4, "num_warps": 8, "num_stages": 3}, {"BM": 128}, {"NB": 8, "num_stages": 2})
+    bench_matmul("Q8_0 attn q 4096x2880", T.Q8_0, 4096, D, 4, 24, small, copy_gbs, gen)
+    bench_matmul("MXFP4 dense 23040x2880", T.MXFP4, 8 * F, D, 4, 8, small, copy_gbs, gen)
+    bench_matmul("Q8_0 attn q 4096x2880", T.Q8_0, 4096, D, 512, 4, big, copy_gbs, gen)
+    bench_matmul("MXFP4 23040x2880", T.MXFP4, 8 * F, D, 512, 2, big, copy_gbs, gen)
     print(f"\ncopy {copy_gbs:.0f} GB/s\n{head}\n" + "\n".join(ROWS))
 
 

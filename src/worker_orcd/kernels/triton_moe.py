@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from worker_orcd.kernels.activations import clamped_swiglu
-from worker_orcd.kernels.triton_quant import INTERPRET, PackedWeight, _mxfp4_gemv_tile
+from worker_orcd.kernels.triton_quant import INTERPRET, PackedWeight, _mxfp4_gemv_tile, split_k
 from worker_orcd.quant.tensor import QuantTensor
 
 SWIGLU_LIMIT = 7.0
@@ -43,39 +43,58 @@ def _gate_up_kernel(
     BN: tl.constexpr,
     NB: tl.constexpr,
     EVEN: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """h[p, f] for pair p = t * k + slot, rows f of expert ids[p]."""
+    """h[p, f] for pair p = t * k + slot, rows f of expert ids[p]; gate and up read in the same loop."""
     p = tl.program_id(1)
     e = tl.load(ids_ptr + p).to(tl.int32)
     f = tl.program_id(0) * BN + tl.arange(0, BN)
-    f_in = tl.minimum(f, F - 1)
-    rows = e * F + f_in
+    rows = e * F + tl.minimum(f, F - 1)
     x = x_ptr + (p // K_SLOTS) * D
-    g = _mxfp4_gemv_tile(x, gw_ptr, ge_ptr, rows, D, BN, NB, EVEN) + tl.load(gb_ptr + rows)
-    u = _mxfp4_gemv_tile(x, uw_ptr, ue_ptr, rows, D, BN, NB, EVEN) + tl.load(ub_ptr + rows)
-    g = tl.minimum(g, limit)
-    u = tl.minimum(tl.maximum(u, -limit), limit)
+    g, u = _mxfp4_gemv_tile(x, gw_ptr, ge_ptr, uw_ptr, ue_ptr, rows, D, 0, D // 32, BN, NB, EVEN, STAGES, True)
+    g = tl.minimum(g + tl.load(gb_ptr + rows), limit)
+    u = tl.minimum(tl.maximum(u + tl.load(ub_ptr + rows), -limit), limit)
     h = (u + 1.0) * g / (1.0 + tl.exp(-alpha * g))
     tl.store(h_ptr + p * F + f, h, mask=f < F)
 
 
 @triton.jit
 def _down_kernel(
-    h_ptr, ids_ptr, w_ptr, dw_ptr, de_ptr, db_ptr, out_ptr, F, D, BN: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr
+    h_ptr,
+    ids_ptr,
+    w_ptr,
+    dw_ptr,
+    de_ptr,
+    db_ptr,
+    out_ptr,
+    F,
+    D,
+    CHUNK,
+    BN: tl.constexpr,
+    NB: tl.constexpr,
+    EVEN: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """out[p, d] = w[p] * (down_e[d] . h[p] + bd_e[d])."""
+    """out[p, split, d] = w[p] * (down_e[d] . h[p] over the split's blocks (+ bd_e[d] in split 0))."""
     p = tl.program_id(1)
+    split = tl.program_id(2)
     e = tl.load(ids_ptr + p).to(tl.int32)
     d = tl.program_id(0) * BN + tl.arange(0, BN)
     rows = e * D + tl.minimum(d, D - 1)
-    y = _mxfp4_gemv_tile(h_ptr + p * F, dw_ptr, de_ptr, rows, F, BN, NB, EVEN) + tl.load(db_ptr + rows)
-    tl.store(out_ptr + p * D + d, y * tl.load(w_ptr + p).to(tl.float32), mask=d < D)
+    kb_lo = split * CHUNK
+    kb_hi = tl.minimum(kb_lo + CHUNK, F // 32)
+    y, _ = _mxfp4_gemv_tile(
+        h_ptr + p * F, dw_ptr, de_ptr, dw_ptr, de_ptr, rows, F, kb_lo, kb_hi, BN, NB, EVEN, STAGES, False
+    )
+    y += tl.load(db_ptr + rows) * (split == 0)
+    tl.store(out_ptr + (p * tl.num_programs(2) + split) * D + d, y * tl.load(w_ptr + p).to(tl.float32), mask=d < D)
 
 
 def moe_config() -> dict:
+    """Row tiles, blocks per step, pipeline depth, and the program count that down's split-K aims for."""
     if INTERPRET:
-        return {"BN": 32, "NB": 2, "num_warps": 1}
-    return {"BN": 64, "NB": 8, "num_warps": 4}
+        return {"BN": 32, "NB": 2, "STAGES": 1, "TARGET": 1, "num_warps": 1}
+    return {"BN": 16, "NB": 8, "STAGES": 3, "TARGET": 1024, "num_warps": 4}
 
 
 def _packed(w: QuantTensor, name: str) -> PackedWeight:
@@ -115,7 +134,7 @@ def moe_mxfp4(
         )
     gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
     c = dict(cfg or moe_config())
-    BN, NB = c.pop("BN"), c.pop("NB")
+    BN, NB, stages, target = c.pop("BN"), c.pop("NB"), c.pop("STAGES"), c.pop("TARGET")
     x = x.contiguous()
     ids = top_ids.reshape(-1).contiguous()
     w = top_w.reshape(-1).contiguous()
@@ -139,10 +158,13 @@ def moe_mxfp4(
         BN=BN,
         NB=NB,
         EVEN=(D // 32) % NB == 0,
+        STAGES=stages,
         **c,
     )
-    out = torch.empty(P, D, dtype=torch.float32, device=x.device)
-    _down_kernel[(triton.cdiv(D, BN), P)](
+    tiles = triton.cdiv(D, BN)
+    splits, chunk = split_k(F // 32, tiles * P, NB, target)
+    out = torch.empty(P, splits, D, dtype=torch.float32, device=x.device)
+    _down_kernel[(tiles, P, splits)](
         h,
         ids,
         w,
@@ -152,12 +174,14 @@ def moe_mxfp4(
         out,
         F,
         D,
+        chunk,
         BN=BN,
         NB=NB,
-        EVEN=(F // 32) % NB == 0,
+        EVEN=(F // 32) % chunk == 0,
+        STAGES=stages,
         **c,
     )
-    return out.view(T, k, D).sum(1).to(x.dtype)
+    return out.view(T, k * splits, D).sum(1).to(x.dtype)
 
 
 def expert_rows(w: QuantTensor, e: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -111,82 +111,132 @@ def _e8m0(e):
 
 
 # ---------------------------------------------------------------- GEMV tiles: acc[n] = x . W[n], one row of x
+# Blocks [kb_lo, kb_hi) of K (split-K programs take a slice); EVEN: the slice is whole steps of NB blocks.
+# The K loop is software-pipelined (STAGES loads in flight through shared memory); sums are reduced after it.
 
 
 @triton.jit
-def _mxfp4_gemv_tile(x_ptr, w_ptr, e_ptr, n, K, BN: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr):
-    """x [K] (any float type), W rows n [BN] (in bounds) -> float32 [BN]."""
+def _mxfp4_gemv_tile(
+    x_ptr,
+    w_ptr,
+    e_ptr,
+    w2_ptr,
+    e2_ptr,
+    n,
+    K,
+    kb_lo,
+    kb_hi,
+    BN: tl.constexpr,
+    NB: tl.constexpr,
+    EVEN: tl.constexpr,
+    STAGES: tl.constexpr,
+    TWO: tl.constexpr,
+):
+    """x [K] (any float type), W rows n [BN] (in bounds) -> float32 [BN]; TWO: also W2 rows n on the same x."""
     nblk = K // 32
     b = tl.arange(0, NB)
     i = tl.arange(0, 4)
     # (row block index) * 4 words: the compiler sees 16-byte alignment and issues one vector load per block
-    w_blk = w_ptr + (n[:, None] * nblk + b[None, :]) * 4  # [BN, NB]
-    e_blk = e_ptr + n[:, None] * nblk + b[None, :]  # [BN, NB]
+    w_off = ((n[:, None] * nblk + b[None, :]) * 4)[:, :, None] + i[None, None, :]  # [BN, NB, 4]
+    e_off = n[:, None] * nblk + b[None, :]  # [BN, NB]
     x_blk = x_ptr + b[:, None] * 32 + i[None, :]  # [NB, 4]
-    acc = tl.zeros([BN, NB, 4], dtype=tl.float32)  # reduced once, after the loop
-    for kb in range(0, nblk, NB):
-        if EVEN:
-            w = tl.load(w_blk[:, :, None] + kb * 4 + i[None, None, :])  # [BN, NB, 4]
-            e = tl.load(e_blk + kb)
-            ok = b < NB
-        else:
-            ok = kb + b < nblk
-            w = tl.load(w_blk[:, :, None] + kb * 4 + i[None, None, :], mask=ok[None, :, None], other=0)
-            e = tl.load(e_blk + kb, mask=ok[None, :], other=0)
-        w = w.to(tl.uint32, bitcast=True)
+    acc = tl.zeros([BN, NB, 4], dtype=tl.float32)
+    acc2 = tl.zeros([BN, NB, 4], dtype=tl.float32)
+    for kb in tl.range(kb_lo, kb_hi, NB, num_stages=STAGES):
+        ok = (kb + b < kb_hi) | EVEN
+        w = tl.load(w_ptr + w_off + kb * 4, mask=ok[None, :, None], other=0).to(tl.uint32, bitcast=True)
+        e = tl.load(e_ptr + e_off + kb, mask=ok[None, :], other=0)
+        if TWO:
+            w2 = tl.load(w2_ptr + w_off + kb * 4, mask=ok[None, :, None], other=0).to(tl.uint32, bitcast=True)
+            e2 = tl.load(e2_ptr + e_off + kb, mask=ok[None, :], other=0)
         xb = x_blk + kb * 32
         part = tl.zeros([BN, NB, 4], dtype=tl.float32)
+        part2 = tl.zeros([BN, NB, 4], dtype=tl.float32)
         for s in tl.static_range(4):
+            x_lo = tl.load(xb + 8 * s, mask=ok[:, None], other=0.0).to(tl.float32)[None, :, :]
+            x_hi = tl.load(xb + 8 * s + 4, mask=ok[:, None], other=0.0).to(tl.float32)[None, :, :]
             lo, hi = _mx_pair(w, s)
-            x_lo = tl.load(xb + 8 * s, mask=ok[:, None], other=0.0).to(tl.float32)
-            x_hi = tl.load(xb + 8 * s + 4, mask=ok[:, None], other=0.0).to(tl.float32)
-            part = tl.fma(lo, x_lo[None, :, :], part)
-            part = tl.fma(hi, x_hi[None, :, :], part)
+            part = tl.fma(hi, x_hi, tl.fma(lo, x_lo, part))
+            if TWO:
+                lo2, hi2 = _mx_pair(w2, s)
+                part2 = tl.fma(hi2, x_hi, tl.fma(lo2, x_lo, part2))
         acc = tl.fma(part, _e8m0(e)[:, :, None], acc)
-    return tl.sum(tl.sum(acc, axis=2), axis=1) * 16384.0
+        if TWO:
+            acc2 = tl.fma(part2, _e8m0(e2)[:, :, None], acc2)
+    y = tl.sum(tl.sum(acc, axis=2), axis=1) * 16384.0
+    if TWO:
+        return y, tl.sum(tl.sum(acc2, axis=2), axis=1) * 16384.0
+    return y, y
 
 
 @triton.jit
-def _q8_0_gemv_tile(x_ptr, w_ptr, d_ptr, n, K, BN: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr):
+def _q8_0_gemv_tile(
+    x_ptr,
+    w_ptr,
+    d_ptr,
+    n,
+    K,
+    kb_lo,
+    kb_hi,
+    BN: tl.constexpr,
+    NB: tl.constexpr,
+    EVEN: tl.constexpr,
+    STAGES: tl.constexpr,
+):
     nblk = K // 32
     b = tl.arange(0, NB)
     i = tl.arange(0, 8)
-    w_blk = w_ptr + (n[:, None] * nblk + b[None, :]) * 8  # [BN, NB]
-    d_blk = d_ptr + n[:, None] * nblk + b[None, :]
+    w_off = ((n[:, None] * nblk + b[None, :]) * 8)[:, :, None] + i[None, None, :]  # [BN, NB, 8]
+    d_off = n[:, None] * nblk + b[None, :]
     x_blk = x_ptr + b[:, None] * 32 + i[None, :]  # [NB, 8]
     acc = tl.zeros([BN, NB, 8], dtype=tl.float32)
-    for kb in range(0, nblk, NB):
-        if EVEN:
-            w = tl.load(w_blk[:, :, None] + kb * 8 + i[None, None, :])  # [BN, NB, 8]
-            d = tl.load(d_blk + kb).to(tl.float32)
-            ok = b < NB
-        else:
-            ok = kb + b < nblk
-            w = tl.load(w_blk[:, :, None] + kb * 8 + i[None, None, :], mask=ok[None, :, None], other=0)
-            d = tl.load(d_blk + kb, mask=ok[None, :], other=0.0).to(tl.float32)
-        w = w.to(tl.uint32, bitcast=True)
+    for kb in tl.range(kb_lo, kb_hi, NB, num_stages=STAGES):
+        ok = (kb + b < kb_hi) | EVEN
+        w = tl.load(w_ptr + w_off + kb * 8, mask=ok[None, :, None], other=0).to(tl.uint32, bitcast=True)
+        d = tl.load(d_ptr + d_off + kb, mask=ok[None, :], other=0.0).to(tl.float32)
         xb = x_blk + kb * 32
         part = tl.zeros([BN, NB, 8], dtype=tl.float32)
         for t in tl.static_range(4):
-            part = tl.fma(
-                _q8_byte(w, t), tl.load(xb + 8 * t, mask=ok[:, None], other=0.0).to(tl.float32)[None, :, :], part
-            )
+            xt = tl.load(xb + 8 * t, mask=ok[:, None], other=0.0).to(tl.float32)[None, :, :]
+            part = tl.fma(_q8_byte(w, t), xt, part)
         acc = tl.fma(part, d[:, :, None], acc)
     return tl.sum(tl.sum(acc, axis=2), axis=1)
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, s_ptr, y_ptr, N, K, IS_MXFP4: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    y_ptr,
+    N,
+    K,
+    CHUNK,
+    IS_MXFP4: tl.constexpr,
+    BN: tl.constexpr,
+    NB: tl.constexpr,
+    EVEN: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """y[n] = x . W[n] for one row x."""
+    """y[split, n] = x . W[n] over the split's CHUNK blocks of K (one split: the whole row)."""
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     n_in = tl.minimum(n, N - 1)  # clamped: loads need no mask, the store is masked
+    split = tl.program_id(1)
+    kb_lo = split * CHUNK
+    kb_hi = tl.minimum(kb_lo + CHUNK, K // 32)
     if IS_MXFP4:
-        acc = _mxfp4_gemv_tile(x_ptr, w_ptr, s_ptr, n_in, K, BN, NB, EVEN)
+        acc, _ = _mxfp4_gemv_tile(x_ptr, w_ptr, s_ptr, w_ptr, s_ptr, n_in, K, kb_lo, kb_hi, BN, NB, EVEN, STAGES, False)
     else:
-        acc = _q8_0_gemv_tile(x_ptr, w_ptr, s_ptr, n_in, K, BN, NB, EVEN)
-    tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
+        acc = _q8_0_gemv_tile(x_ptr, w_ptr, s_ptr, n_in, K, kb_lo, kb_hi, BN, NB, EVEN, STAGES)
+    tl.store(y_ptr + split * N + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
+
+
+def split_k(nblk: int, tiles: int, nb: int, target: int) -> tuple[int, int]:
+    """(splits, blocks per split): enough programs to reach `target`, each split whole steps of nb blocks."""
+    steps = -(-nblk // nb)
+    splits = max(1, min(-(-target // max(tiles, 1)), steps // 2 or 1, 8))
+    chunk = -(-steps // splits) * nb
+    return -(-nblk // chunk), chunk
 
 
 # ---------------------------------------------------------------- GEMM tiles (prefill): dequantized tiles -> tl.dot
@@ -257,8 +307,14 @@ def _is_mxfp4(w: PackedWeight) -> bool:
 def gemv_config(w: PackedWeight) -> dict:
     """Block sizes for the GEMV: small row tiles so even 2880-row matrices fill 132 SMs."""
     if INTERPRET:
-        return {"BN": 16, "NB": 2, "num_warps": 1}
-    return {"BN": 16 if w.n <= 8192 else 32, "NB": 8 if w.kind == "mxfp4" else 4, "num_warps": 4}
+        return {"BN": 16, "NB": 2, "STAGES": 1, "TARGET": 1, "num_warps": 1}
+    return {
+        "BN": 16 if w.n <= 8192 else 32,
+        "NB": 8 if w.kind == "mxfp4" else 4,
+        "STAGES": 3,
+        "TARGET": 1024,
+        "num_warps": 4,
+    }
 
 
 def gemm_config(w: PackedWeight, m: int) -> dict:
@@ -285,10 +341,28 @@ def quant_matmul(w: PackedWeight, x: torch.Tensor, cfg: dict | None = None) -> t
     mx = _is_mxfp4(w)
     if M == 1:
         c = dict(cfg or gemv_config(w))
-        BN, NB = c.pop("BN"), c.pop("NB")
-        _gemv_kernel[(triton.cdiv(w.n, BN),)](
-            x2, w.codes, w.scales, y, w.n, w.k, IS_MXFP4=mx, BN=BN, NB=NB, EVEN=(w.k // 32) % NB == 0, **c
+        BN, NB, stages, target = c.pop("BN"), c.pop("NB"), c.pop("STAGES"), c.pop("TARGET")
+        nblk = w.k // 32
+        tiles = triton.cdiv(w.n, BN)
+        splits, chunk = split_k(nblk, tiles, NB, target)
+        out = y if splits == 1 else torch.empty(splits, w.n, dtype=torch.float32, device=x.device)
+        _gemv_kernel[(tiles, splits)](
+            x2,
+            w.codes,
+            w.scales,
+            out,
+            w.n,
+            w.k,
+            chunk,
+            IS_MXFP4=mx,
+            BN=BN,
+            NB=NB,
+            EVEN=nblk % chunk == 0,
+            STAGES=stages,
+            **c,
         )
+        if splits > 1:
+            torch.sum(out, 0, keepdim=True, out=y) if y.dtype == torch.float32 else y.copy_(out.sum(0, keepdim=True))
     else:
         c = dict(cfg or gemm_config(w, M))
         BM, BN, NB = c.pop("BM"), c.pop("BN"), c.pop("NB")
