@@ -39,7 +39,11 @@ def create_app(worker: Worker, exit_server: Callable[[], None] | None = None) ->
         worker.draining = True
 
     app.state.begin_shutdown = begin_shutdown
-    errors.install(app)
+    def refused(status: int) -> None:
+        outcome = "rejected" if status in (429, 503) else "invalid"
+        worker.metrics.requests.labels(outcome=outcome).inc()
+
+    errors.install(app, refused)
     app.include_router(worker_api.router)
     app.include_router(openai_api.router)
 

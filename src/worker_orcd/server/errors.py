@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -72,14 +73,19 @@ def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     return error_response(422, "INVALID_REQUEST", f"{field}: {first.get('msg')}", field)
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, on_error: Callable[[int], None] = lambda status: None) -> None:
+    """JSON error handlers; `on_error(status)` sees every refused request (for metrics)."""
+
     @app.exception_handler(APIError)
     async def _api(request: Request, exc: APIError) -> JSONResponse:
+        on_error(exc.status)
         return error_response(exc.status, exc.code, exc.message, exc.field, exc.retry_after)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation(request, exc)
+        response = _validation(request, exc)
+        on_error(response.status_code)
+        return response
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
