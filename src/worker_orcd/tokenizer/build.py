@@ -72,12 +72,12 @@ def _sentencepiece_bpe(vocab: Vocab, token_to_id: dict[str, int]) -> HFTokenizer
 
 def _add_special_tokens(hf: HFTokenizer, vocab: Vocab) -> None:
     # Control/unknown tokens are `special` (parsed only when asked); user-defined ones are plain
-    # added tokens, which `tokenizers` (like llama.cpp) always splits out of the text.
+    # added tokens, which `tokenizers` (like llama.cpp) always splits out of the text. Phi-3's
+    # rstrip is left to Tokenizer: `tokenizers` strips Unicode whitespace, llama.cpp only ASCII.
     special, user = [], []
-    for i, (t, kind) in enumerate(zip(vocab.tokens, vocab.types)):
+    for t, kind in zip(vocab.tokens, vocab.types):
         if kind in (CONTROL, UNKNOWN, USER_DEFINED):
-            rstrip = i in vocab.rstrip_ids
-            added = AddedToken(t, special=kind != USER_DEFINED, normalized=False, rstrip=rstrip)
+            added = AddedToken(t, special=kind != USER_DEFINED, normalized=False)
             (user if kind == USER_DEFINED else special).append(added)
     hf.add_special_tokens(special)
     hf.add_tokens(user)

@@ -8,6 +8,7 @@ through an incremental UTF-8 decoder.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,7 +27,8 @@ class Tokenizer:
 
     def __init__(self, hf: HFTokenizer, *, pieces: list[bytes], special_ids: frozenset[int],
                  bos_id: int | None, eos_id: int | None, add_bos: bool, add_eos: bool,
-                 eog_ids: frozenset[int], strip_space_prefix: bool, chat_template: str | None) -> None:
+                 eog_ids: frozenset[int], strip_space_prefix: bool, chat_template: str | None,
+                 rstrip_ids: frozenset[int] = frozenset()) -> None:
         self._hf = hf
         self._pieces = pieces
         self._special_ids = special_ids  # rendered as "" when skip_special
@@ -39,6 +41,10 @@ class Tokenizer:
         self.eog_ids = eog_ids
         self.chat_template = chat_template
         self.vocab_size = len(pieces)
+        # special tokens that swallow the ASCII whitespace after them (llama.cpp's RSTRIP, Phi-3)
+        self._rstrip = {parse: _rstrip_pattern([self.token_text(i) for i in rstrip_ids
+                                                if parse or i not in special_ids])
+                        for parse in (False, True)}
 
     @classmethod
     def from_vocab(cls, vocab: Vocab) -> Tokenizer:
@@ -54,7 +60,7 @@ class Tokenizer:
             special_ids=frozenset(i for i, t in enumerate(vocab.types) if t in (CONTROL, UNKNOWN)),
             bos_id=vocab.bos_id, eos_id=vocab.eos_id, add_bos=vocab.add_bos, add_eos=vocab.add_eos,
             eog_ids=vocab.eog_ids, strip_space_prefix=vocab.model == "llama" and vocab.add_space_prefix,
-            chat_template=vocab.chat_template,
+            chat_template=vocab.chat_template, rstrip_ids=vocab.rstrip_ids,
         )
 
     @classmethod
@@ -73,6 +79,8 @@ class Tokenizer:
 
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
         """Ids for `text`; add_special adds BOS/EOS as the model says, parse_special reads control tokens."""
+        if (rstrip := self._rstrip[parse_special]) is not None:
+            text = rstrip.sub(r"\1", text)
         with self._lock:
             self._hf.encode_special_tokens = not parse_special
             ids = self._hf.encode(text, add_special_tokens=False).ids
@@ -152,6 +160,13 @@ class Tokenizer:
     def hf_tokenizer(self) -> HFTokenizer:
         """The underlying `tokenizers.Tokenizer` (for building a transformers tokenizer around it)."""
         return self._hf
+
+
+def _rstrip_pattern(texts: list[str]) -> re.Pattern | None:
+    if not texts:
+        return None
+    alternatives = "|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True))
+    return re.compile(f"({alternatives})[ \t\n\v\f\r]+")  # C isspace, as llama.cpp tests
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
