@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from worker_orcd.tokenizer.errors import TokenizerError
+from worker_orcd.tokenizer.pieces import gpt2_byte_decoder
 from worker_orcd.tokenizer.pretokenize import pre_type
 from worker_orcd.tokenizer.vocab import CONTROL, UNKNOWN, USER_DEFINED, Vocab
 
@@ -35,9 +38,14 @@ def _token_to_id(tokens: list[str]) -> dict[str, int]:
 def _byte_level_bpe(vocab: Vocab, token_to_id: dict[str, int]) -> HFTokenizer:
     regexes, ignore_merges, _ = pre_type(vocab.pre)
     hf = HFTokenizer(models.BPE(token_to_id, vocab.merges, ignore_merges=ignore_merges))
-    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
-    hf.pre_tokenizer = pre_tokenizers.Sequence(
-        [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    steps = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+    # A byte with no token (SmolLM2 lacks 21) is dropped by llama.cpp, but only after merging, so
+    # it still separates its neighbours; removing it as a split point does the same.
+    missing = "".join(c for c in gpt2_byte_decoder() if c not in token_to_id)
+    if missing:
+        steps.append(pre_tokenizers.Split(Regex(f"[{re.escape(missing)}]"), behavior="removed"))
+    hf.pre_tokenizer = pre_tokenizers.Sequence(steps)
     hf.decoder = decoders.ByteLevel()
     return hf
 
