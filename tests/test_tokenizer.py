@@ -218,6 +218,21 @@ def test_tokenizer_json_round_trip(tmp_path):
                 assert loaded.detokenize(ids) == tok.detokenize(ids)
 
 
+def test_tokenizer_json_without_config_takes_bos_eos_from_post_processor(tmp_path):
+    from tokenizers import processors
+
+    tok = model_tokenizer("smollm2")
+    hf = tok.hf_tokenizer.from_str(tok.hf_tokenizer.to_str())
+    bos, eos = tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")
+    hf.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A <|im_end|>", special_tokens=[("<|im_start|>", bos), ("<|im_end|>", eos)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    loaded = load_tokenizer(tmp_path / "tokenizer.json")
+    assert (loaded.bos_id, loaded.eos_id, loaded.add_bos, loaded.add_eos) == (bos, eos, True, True)
+    assert loaded.tokenize("Hi there", add_special=True) == [bos, *tok.tokenize("Hi there"), eos]
+    assert loaded.chat_template is None and eos in loaded.eog_ids
+
+
 def test_saved_tokenizer_json_reads_in_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     tok = model_tokenizer("smollm2")

@@ -17,6 +17,8 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def tokenizer_from_json(cls: type, path: Path) -> Any:
+    """A `cls` (Tokenizer) from tokenizer.json: added tokens marked special act as control tokens,
+    the others as user-defined; BOS/EOS from tokenizer_config.json or from the post-processor."""
     try:
         hf = HFTokenizer.from_file(str(path))
         spec = json.loads(path.read_text(encoding="utf-8"))
@@ -29,8 +31,9 @@ def tokenizer_from_json(cls: type, path: Path) -> Any:
     byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
     pieces = byte_level_pieces(tokens, types) if byte_level else sentencepiece_pieces(tokens, types)
 
-    bos_id, add_bos = _edge_token(hf, config, "bos", first=True)
-    eos_id, add_eos = _edge_token(hf, config, "eos", first=False)
+    head, tail = _post_processor_adds(hf)
+    bos_id, add_bos = _edge_token(hf, config, "bos", head)
+    eos_id, add_eos = _edge_token(hf, config, "eos", tail)
     eog = {i for i, t in enumerate(tokens) if t in EOG_TEXTS} | ({eos_id} if eos_id is not None else set())
     return cls(
         hf, pieces=pieces, special_ids=frozenset(i for i, t in enumerate(types) if t == CONTROL),
@@ -64,13 +67,19 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _edge_token(hf: HFTokenizer, config: dict[str, Any], name: str, first: bool) -> tuple[int | None, bool]:
-    """(id, added-by-default) for BOS (first) or EOS: from the config, else from the post-processor."""
+def _post_processor_adds(hf: HFTokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer's post-processor puts before and after a text."""
     plain = hf.encode("a", add_special_tokens=False).ids
     full = hf.encode("a", add_special_tokens=True).ids
-    extra = full[: len(full) - len(plain)] if first else full[len(plain):]
-    if first and full[len(full) - len(plain):] != plain:
-        extra = []
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start], full[start + len(plain):]
+    return [], []
+
+
+def _edge_token(hf: HFTokenizer, config: dict[str, Any], name: str,
+                extra: list[int]) -> tuple[int | None, bool]:
+    """(id, added-by-default) for BOS or EOS: from the config, else from what the post-processor adds."""
     text = _token_text(config.get(f"{name}_token"))
     token_id = hf.token_to_id(text) if text else (extra[0] if len(extra) == 1 else None)
     added = config.get(f"add_{name}_token")
