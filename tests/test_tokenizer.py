@@ -192,6 +192,11 @@ def test_harmony_eog_drops_end():
     assert tok.detokenize(got, skip_special=True) == text
 
 
+def test_lone_surrogates_read_as_replacement_characters():
+    tok = vocab_tokenizer("gpt-2")
+    assert tok.tokenize("a\ud800b") == tok.tokenize("a\ufffdb")
+
+
 def test_bad_ids_are_refused():
     tok = vocab_tokenizer("gpt-2")
     with pytest.raises(TokenizerError, match="outside the vocabulary"):

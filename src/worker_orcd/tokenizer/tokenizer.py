@@ -21,6 +21,8 @@ from worker_orcd.tokenizer.pieces import byte_level_pieces, sentencepiece_pieces
 from worker_orcd.tokenizer.stream import StreamDecoder
 from worker_orcd.tokenizer.vocab import CONTROL, UNKNOWN, Vocab, read_vocab
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 class Tokenizer:
     """A model's tokenizer: `tokenize`, `detokenize`, special ids, stream decoding, chat template."""
@@ -79,6 +81,8 @@ class Tokenizer:
 
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
         """Ids for `text`; add_special adds BOS/EOS as the model says, parse_special reads control tokens."""
+        # JSON can carry lone surrogates ("\ud800"); they have no UTF-8, so read them as U+FFFD
+        text = _SURROGATE.sub("\ufffd", text)
         if (rstrip := self._rstrip[parse_special]) is not None:
             text = rstrip.sub(r"\1", text)
         with self._lock:
