@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker_orcd.tokenizer.errors import TokenizerError
+from worker_orcd.tokenizer.pretokenize import pre_type
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -89,8 +90,6 @@ def read_vocab(meta: dict[str, Any]) -> Vocab:
     if model == "gpt2":
         if "tokenizer.ggml.merges" not in meta:
             raise TokenizerError("tokenizer.ggml.merges is missing (needed by tokenizer.ggml.model 'gpt2')")
-        from worker_orcd.tokenizer.pretokenize import pre_type
-
         merges = _merges(meta["tokenizer.ggml.merges"])
         _, _, add_bos = pre_type(pre)
         bos, eos, unk, add_space_prefix = 11, 11, None, False
