@@ -52,7 +52,10 @@ class LiveServer:
         return self
 
     def __exit__(self, *exc) -> None:
-        httpx.post(self.uri + "/shutdown", timeout=10)
+        try:
+            httpx.post(self.uri + "/shutdown", timeout=10)
+        except httpx.TransportError:  # already shut down by the test
+            pass
         self._thread.join(40)
         assert not self._thread.is_alive(), "the server did not exit after /shutdown"
 
@@ -232,6 +235,25 @@ def test_eight_concurrent_greedy_streams_equal_alone(http):
     rate8 = sum(n for _, n, _ in together) / wall8
     print(f"\naggregate tokens/s: 1 stream {rate1:.1f}, 8 streams {rate8:.1f} ({rate8 / rate1:.2f}x)")
     assert rate8 > 1.5 * rate1
+
+
+def test_full_worker_answers_429_and_shutdown_drains(model):
+    cfg = ServeConfig(host="127.0.0.1", port=0, ctx=256, max_batch=1, max_waiting=0)
+    with LiveServer(model, cfg) as s, httpx.Client(base_url=s.uri, timeout=60) as http:
+        body = {"job_id": "only", "prompt": COUNTING, "max_tokens": 24, "temperature": 0.0}
+        with http.stream("POST", "/execute", json=body) as resp:
+            events = sse_events(resp)
+            assert next(events)[0] == "started"
+            full = http.post("/execute", json={**body, "job_id": "second"})
+            assert full.status_code == 429 and full.headers["Retry-After"] and full.json()["error"]["code"] == "BUSY"
+            assert http.post("/shutdown").status_code == 202
+            assert http.get("/health").json()["status"] == "draining"
+            assert http.get("/ready").status_code == 503
+            late = http.post("/execute", json={**body, "job_id": "late"})
+            assert late.status_code == 503 and late.headers["Retry-After"]
+            assert [n for n, _ in events][-1] == "end"  # the running stream finished
+        s._thread.join(30)
+        assert not s._thread.is_alive(), "the server did not exit after draining"
 
 
 # -- validation ------------------------------------------------------------------------------------
