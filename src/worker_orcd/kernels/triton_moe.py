@@ -54,7 +54,7 @@ def _gate_up_kernel(
     g, u = _mxfp4_gemv_tile(x, gw_ptr, ge_ptr, uw_ptr, ue_ptr, rows, D, 0, D // 32, BN, NB, EVEN, STAGES, True)
     g = tl.minimum(g + tl.load(gb_ptr + rows), limit)
     u = tl.minimum(tl.maximum(u + tl.load(ub_ptr + rows), -limit), limit)
-    h = (u + 1.0) * g / (1.0 + tl.exp(-alpha * g))
+    h = (u + 1.0) * g * tl.sigmoid(alpha * g)
     tl.store(h_ptr + p * F + f, h, mask=f < F)
 
 
@@ -93,7 +93,7 @@ def _down_kernel(
 def moe_config() -> dict:
     """Row tiles, blocks per step, pipeline depth, and the program count that down's split-K aims for."""
     if INTERPRET:
-        return {"BN": 32, "NB": 2, "STAGES": 1, "TARGET": 1, "num_warps": 1}
+        return {"BN": 32, "NB": 2, "STAGES": 0, "TARGET": 1, "num_warps": 1}
     return {"BN": 16, "NB": 8, "STAGES": 3, "TARGET": 1024, "num_warps": 4}
 
 
@@ -119,10 +119,11 @@ def moe_mxfp4(
     cfg: dict | None = None,
     limit: float = SWIGLU_LIMIT,
     alpha: float = SWIGLU_ALPHA,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [T, D], top_ids [T, k] (int), top_w [T, k]; gate/up [E, F, D], down [E, D, F] MXFP4, biases f32 [E, *].
 
-    Returns y [T, D] in x.dtype.
+    Returns y [T, D] in x.dtype (written into `out` if given). float32 x decodes fastest.
     """
     T, D = x.shape
     k = top_ids.shape[1]
@@ -163,7 +164,7 @@ def moe_mxfp4(
     )
     tiles = triton.cdiv(D, BN)
     splits, chunk = split_k(F // 32, tiles * P, NB, target)
-    out = torch.empty(P, splits, D, dtype=torch.float32, device=x.device)
+    part = torch.empty(P, splits, D, dtype=torch.float32, device=x.device)
     _down_kernel[(tiles, P, splits)](
         h,
         ids,
@@ -171,7 +172,7 @@ def moe_mxfp4(
         dp.codes,
         dp.scales,
         down_b.float().contiguous(),
-        out,
+        part,
         F,
         D,
         chunk,
@@ -181,7 +182,10 @@ def moe_mxfp4(
         STAGES=stages,
         **c,
     )
-    return out.view(T, k * splits, D).sum(1).to(x.dtype)
+    y = part.view(T, k * splits, D).sum(1)
+    if out is None:
+        return y.to(x.dtype)
+    return out.copy_(y)
 
 
 def expert_rows(w: QuantTensor, e: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -6,12 +6,12 @@ a word lines up with a contiguous run of x (one vector load per run, reused over
 
 Q8_0: codes uint32 [N, K/4], scales f16 [N, K/32]. Word i (0..7) of a block holds elements i, 8+i, 16+i,
       24+i in bytes 0..3. Byte -> float by bit-building: float(0x4B000000 | (b ^ 0x80)) - (2^23 + 128).
-MXFP4: codes uint32 [N, K/8], exponents uint8 [N, K/32]. Word i (0..3) of a block holds, in nibbles
-      0..7 (lowest first), elements i, 8+i, 16+i, 24+i, 4+i, 12+i, 20+i, 28+i; so one shift and mask per
-      nibble pair (0,4), (1,5), (2,6), (3,7) places two E2M1 codes into the sign, exponent and top mantissa
-      bits of an f16 pair: f16 value = E2M1 value * 2^-14 (subnormals give 0 and 0.5 exactly), and
-      w = f16 * 2^14 * 2^(e-127), the same as ggml's doubled table times 2^(e-128).
-      Exponent bytes 0 and 255 (scales below 2^-126 and NaN in OCP MX) read as 0 and 2^127.
+MXFP4: codes uint32 [N, K/8], exponents uint8 [N, K/32]. Word i (0..3) of a block has 4 slots s in each
+      16-bit half h, holding element 8s + 4h + i: its 3 magnitude bits at MAG_BIT[s] and its sign at
+      SIGN_BIT[s]. One shift and mask (slots 0, 1; two shifts for 2, 3) puts a slot's two codes into the
+      sign, exponent-low and top-mantissa bits of an f16 pair: f16 value = E2M1 value * 2^-14 (subnormals
+      give 0 and 0.5 exactly), and w = f16 * 2^14 * 2^(e-127), ggml's doubled table times 2^(e-128).
+      Exponent bytes 0 and 255 (scales below 2^-126, and NaN in OCP MX) read as 0 and 2^127.
 
 The torch reference is `quant.dequantize` followed by a matmul (`tensor.dequantize_matmul`).
 """
@@ -29,9 +29,9 @@ from worker_orcd.quant._bytes import f16
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Q8_0: byte t of word i is element 8t + i; MXFP4: nibble s of word i is element NIBBLE_ELEM[s] + i
-Q8_WORD_ELEM = (0, 8, 16, 24)
-MXFP4_NIBBLE_ELEM = (0, 8, 16, 24, 4, 12, 20, 28)
+# MXFP4 slot s: magnitude bits at MAG_BIT[s]..+2 and sign at SIGN_BIT[s] of each 16-bit half
+MXFP4_MAG_BIT = (0, 3, 10, 13)
+MXFP4_SIGN_BIT = (6, 9, 7, 8)
 
 
 @dataclass(frozen=True)
@@ -65,17 +65,21 @@ def pack_q8_0(raw: torch.Tensor, n: int, k: int) -> PackedWeight:
 
 
 def pack_mxfp4(raw: torch.Tensor, n: int, k: int) -> PackedWeight:
-    """MXFP4 blocks uint8 [rows, K/32*17] -> PackedWeight (codes permuted as the module doc says)."""
+    """MXFP4 blocks uint8 [rows, K/32*17] -> PackedWeight (code bits placed as the module doc says)."""
     rows = raw.shape[0]
     b = raw.reshape(rows, k // 32, 17)
     e = b[..., 0].contiguous()
     qs = b[..., 1:17]
-    codes = torch.stack([qs & 0x0F, qs >> 4], dim=-2).reshape(rows, k // 32, 32)  # element order
-    elem = torch.tensor(MXFP4_NIBBLE_ELEM, device=raw.device)[None, :] + torch.arange(4, device=raw.device)[:, None]
-    c = codes[..., elem]  # [rows, nb, word i, nibble s]
-    c = c.reshape(rows, k // 32, 4, 4, 2)  # nibble s = 2 * byte + (high?)
-    packed = (c[..., 0] | (c[..., 1] << 4)).reshape(rows, k // 2)
-    return PackedWeight("mxfp4", _words(packed), e, n, k)
+    codes = torch.stack([qs & 0x0F, qs >> 4], dim=-2).reshape(rows, k // 32, 32).to(torch.int64)  # element order
+    dev = raw.device
+    i, s, h = torch.arange(4, device=dev), torch.arange(4, device=dev), torch.arange(2, device=dev)
+    elem = 8 * s[None, :, None] + 4 * h[None, None, :] + i[:, None, None]  # [word i, slot s, half h]
+    c = codes[..., elem]  # [rows, nb, 4, 4, 2]
+    mag_at = torch.tensor(MXFP4_MAG_BIT, device=dev)[:, None] + 16 * h[None, :]  # [s, h]
+    sign_at = torch.tensor(MXFP4_SIGN_BIT, device=dev)[:, None] + 16 * h[None, :]
+    words = (((c & 7) << mag_at) | ((c >> 3) << sign_at)).sum(dim=(-1, -2))  # disjoint bits: sum == or
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return PackedWeight("mxfp4", words.reshape(rows, k // 8).contiguous(), e, n, k)
 
 
 # ---------------------------------------------------------------- word decoders (shared by every kernel)
@@ -90,15 +94,15 @@ def _q8_byte(w, t: tl.constexpr):
 
 @triton.jit
 def _mx_pair(w, s: tl.constexpr):
-    """Nibbles s and s+4 of uint32 words -> two float32 E2M1 values * 2^-14 (low, high)."""
+    """Slot s of uint32 words -> two float32 E2M1 values * 2^-14 (low half, high half)."""
     if s == 0:
-        h = ((w << 9) & 0x0E000E00) | ((w << 12) & 0x80008000)
+        h = (w << 9) & 0x8E008E00
     elif s == 1:
-        h = ((w << 5) & 0x0E000E00) | ((w << 8) & 0x80008000)
+        h = (w << 6) & 0x8E008E00
     elif s == 2:
-        h = ((w << 1) & 0x0E000E00) | ((w << 4) & 0x80008000)
+        h = ((w >> 1) & 0x0E000E00) | ((w << 8) & 0x80008000)
     else:
-        h = ((w >> 3) & 0x0E000E00) | (w & 0x80008000)
+        h = ((w >> 4) & 0x0E000E00) | ((w << 7) & 0x80008000)
     lo = (h & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     hi = (h >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     return lo, hi
@@ -112,7 +116,8 @@ def _e8m0(e):
 
 # ---------------------------------------------------------------- GEMV tiles: acc[n] = x . W[n], one row of x
 # Blocks [kb_lo, kb_hi) of K (split-K programs take a slice); EVEN: the slice is whole steps of NB blocks.
-# The K loop is software-pipelined (STAGES loads in flight through shared memory); sums are reduced after it.
+# STAGES >= 1: Triton pipelines the K loop (loads in flight through shared memory); 0: a register double
+# buffer. Sums are reduced after the loop.
 
 
 @triton.jit
@@ -142,13 +147,30 @@ def _mxfp4_gemv_tile(
     x_blk = x_ptr + b[:, None] * 32 + i[None, :]  # [NB, 4]
     acc = tl.zeros([BN, NB, 4], dtype=tl.float32)
     acc2 = tl.zeros([BN, NB, 4], dtype=tl.float32)
-    for kb in tl.range(kb_lo, kb_hi, NB, num_stages=STAGES):
-        ok = (kb + b < kb_hi) | EVEN
-        w = tl.load(w_ptr + w_off + kb * 4, mask=ok[None, :, None], other=0).to(tl.uint32, bitcast=True)
-        e = tl.load(e_ptr + e_off + kb, mask=ok[None, :], other=0)
+    if STAGES == 0:  # register double buffer: step kb+NB's loads are in flight while step kb is decoded
+        ok0 = (kb_lo + b < kb_hi) | EVEN
+        w_n = tl.load(w_ptr + w_off + kb_lo * 4, mask=ok0[None, :, None], other=0)
+        e_n = tl.load(e_ptr + e_off + kb_lo, mask=ok0[None, :], other=0)
         if TWO:
-            w2 = tl.load(w2_ptr + w_off + kb * 4, mask=ok[None, :, None], other=0).to(tl.uint32, bitcast=True)
-            e2 = tl.load(e2_ptr + e_off + kb, mask=ok[None, :], other=0)
+            w2_n = tl.load(w2_ptr + w_off + kb_lo * 4, mask=ok0[None, :, None], other=0)
+            e2_n = tl.load(e2_ptr + e_off + kb_lo, mask=ok0[None, :], other=0)
+    for kb in tl.range(kb_lo, kb_hi, NB, num_stages=max(STAGES, 1)):
+        ok = (kb + b < kb_hi) | EVEN
+        if STAGES == 0:
+            w, e = w_n.to(tl.uint32, bitcast=True), e_n
+            okn = kb + NB + b < kb_hi
+            w_n = tl.load(w_ptr + w_off + (kb + NB) * 4, mask=okn[None, :, None], other=0)
+            e_n = tl.load(e_ptr + e_off + kb + NB, mask=okn[None, :], other=0)
+            if TWO:
+                w2, e2 = w2_n.to(tl.uint32, bitcast=True), e2_n
+                w2_n = tl.load(w2_ptr + w_off + (kb + NB) * 4, mask=okn[None, :, None], other=0)
+                e2_n = tl.load(e2_ptr + e_off + kb + NB, mask=okn[None, :], other=0)
+        else:
+            w = tl.load(w_ptr + w_off + kb * 4, mask=ok[None, :, None], other=0).to(tl.uint32, bitcast=True)
+            e = tl.load(e_ptr + e_off + kb, mask=ok[None, :], other=0)
+            if TWO:
+                w2 = tl.load(w2_ptr + w_off + kb * 4, mask=ok[None, :, None], other=0).to(tl.uint32, bitcast=True)
+                e2 = tl.load(e2_ptr + e_off + kb, mask=ok[None, :], other=0)
         xb = x_blk + kb * 32
         part = tl.zeros([BN, NB, 4], dtype=tl.float32)
         part2 = tl.zeros([BN, NB, 4], dtype=tl.float32)
@@ -190,10 +212,20 @@ def _q8_0_gemv_tile(
     d_off = n[:, None] * nblk + b[None, :]
     x_blk = x_ptr + b[:, None] * 32 + i[None, :]  # [NB, 8]
     acc = tl.zeros([BN, NB, 8], dtype=tl.float32)
-    for kb in tl.range(kb_lo, kb_hi, NB, num_stages=STAGES):
+    if STAGES == 0:  # register double buffer, as in the MXFP4 tile
+        ok0 = (kb_lo + b < kb_hi) | EVEN
+        w_n = tl.load(w_ptr + w_off + kb_lo * 8, mask=ok0[None, :, None], other=0)
+        d_n = tl.load(d_ptr + d_off + kb_lo, mask=ok0[None, :], other=0.0)
+    for kb in tl.range(kb_lo, kb_hi, NB, num_stages=max(STAGES, 1)):
         ok = (kb + b < kb_hi) | EVEN
-        w = tl.load(w_ptr + w_off + kb * 8, mask=ok[None, :, None], other=0).to(tl.uint32, bitcast=True)
-        d = tl.load(d_ptr + d_off + kb, mask=ok[None, :], other=0.0).to(tl.float32)
+        if STAGES == 0:
+            w, d = w_n.to(tl.uint32, bitcast=True), d_n.to(tl.float32)
+            okn = kb + NB + b < kb_hi
+            w_n = tl.load(w_ptr + w_off + (kb + NB) * 8, mask=okn[None, :, None], other=0)
+            d_n = tl.load(d_ptr + d_off + kb + NB, mask=okn[None, :], other=0.0)
+        else:
+            w = tl.load(w_ptr + w_off + kb * 8, mask=ok[None, :, None], other=0).to(tl.uint32, bitcast=True)
+            d = tl.load(d_ptr + d_off + kb, mask=ok[None, :], other=0.0).to(tl.float32)
         xb = x_blk + kb * 32
         part = tl.zeros([BN, NB, 8], dtype=tl.float32)
         for t in tl.static_range(4):
@@ -307,7 +339,7 @@ def _is_mxfp4(w: PackedWeight) -> bool:
 def gemv_config(w: PackedWeight) -> dict:
     """Block sizes for the GEMV: small row tiles so even 2880-row matrices fill 132 SMs."""
     if INTERPRET:
-        return {"BN": 16, "NB": 2, "STAGES": 1, "TARGET": 1, "num_warps": 1}
+        return {"BN": 16, "NB": 2, "STAGES": 0, "TARGET": 1, "num_warps": 1}
     return {
         "BN": 16 if w.n <= 8192 else 32,
         "NB": 8 if w.kind == "mxfp4" else 4,
@@ -326,8 +358,13 @@ def gemm_config(w: PackedWeight, m: int) -> dict:
     return {"BM": 64, "BN": 128, "NB": 4, "num_warps": 8, "num_stages": 3}
 
 
-def quant_matmul(w: PackedWeight, x: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
-    """x [..., K] @ W^T -> [..., N] in x.dtype, W one packed 2-D weight."""
+def quant_matmul(
+    w: PackedWeight, x: torch.Tensor, cfg: dict | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N] in x.dtype (into `out`, contiguous [M, N], if given), W one packed 2-D weight.
+
+    float32 x decodes fastest (bf16 costs the kernel a conversion per element it reads).
+    """
     if x.shape[-1] != w.k:
         raise ValueError(f"quant_matmul: x has {x.shape[-1]} features, weight has {w.k}")
     lead = x.shape[:-1]
@@ -335,7 +372,9 @@ def quant_matmul(w: PackedWeight, x: torch.Tensor, cfg: dict | None = None) -> t
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    y = torch.empty(M, w.n, dtype=x.dtype, device=x.device)
+    y = torch.empty(M, w.n, dtype=x.dtype, device=x.device) if out is None else out
+    if y.shape != (M, w.n) or y.dtype != x.dtype or not y.is_contiguous():
+        raise ValueError(f"quant_matmul: out must be contiguous {x.dtype} [{M}, {w.n}], got {y.dtype} {list(y.shape)}")
     if M == 0:
         return y.reshape(*lead, w.n)
     mx = _is_mxfp4(w)

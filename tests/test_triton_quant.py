@@ -1,0 +1,102 @@
+"""Triton Q8_0 / MXFP4 GEMV and GEMM against float64 references on fresh random blocks.
+
+On CPU through TRITON_INTERPRET=1 at tiny shapes (conftest sets it); on the GPU at GPT-OSS-20B shapes.
+"""
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from worker_orcd.kernels.triton_quant import pack_mxfp4, pack_q8_0, quant_matmul, split_k
+from worker_orcd.quant import QuantTensor, dequantize
+from worker_orcd.quant.gpu_matmul import gpu_matmul, packed
+
+PACK = {T.Q8_0: pack_q8_0, T.MXFP4: pack_mxfp4}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all(), "output has NaN/inf (unwritten or overflowed)"
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def random_blocks(kind: T, rows: int, k: int, device: str = "cpu") -> torch.Tensor:
+    """uint8 [rows, row_bytes] of valid blocks with realistic scales (Q8_0 d ~ 1e-3..1e-2, MXFP4 e ~ 2^-9..2^3)."""
+    nb = k // 32
+    if kind == T.Q8_0:
+        d = (torch.rand(rows, nb, 1, device=device) * 0.01 + 0.001).half().view(torch.uint8)
+        q = torch.randint(0, 256, (rows, nb, 32), dtype=torch.uint8, device=device)
+        return torch.cat([d.reshape(rows, nb, 2), q], -1).reshape(rows, -1)
+    e = torch.randint(118, 131, (rows, nb, 1), dtype=torch.uint8, device=device)
+    q = torch.randint(0, 256, (rows, nb, 16), dtype=torch.uint8, device=device)
+    return torch.cat([e, q], -1).reshape(rows, -1)
+
+
+def check(kind: T, n: int, k: int, m: int, dtype: torch.dtype, tol: float, device: str = "cpu", cfg=None):
+    raw = random_blocks(kind, n, k, device)
+    x = torch.randn(m, k, device=device).to(dtype)
+    ref = x.double() @ dequantize(raw, kind, (n, k)).double().T
+    y = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+    quant_matmul(PACK[kind](raw, n, k), x, cfg, out=y)
+    assert rel_err(y, ref) < tol
+
+
+# (n, k): ragged row tiles, K a whole number of steps and not, one block
+SHAPES = [(20, 128), (7, 96), (33, 32)]
+
+
+@pytest.mark.parametrize("kind", [T.Q8_0, T.MXFP4])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_gemv_interpreted(kind, n, k):
+    check(kind, n, k, 1, torch.float32, 1e-5)
+
+
+@pytest.mark.parametrize("kind", [T.Q8_0, T.MXFP4])
+def test_gemv_split_k_and_bf16(kind):
+    cfg = {"BN": 8, "NB": 1, "STAGES": 1, "TARGET": 64, "num_warps": 1}  # 2 row tiles -> 4+ splits
+    assert split_k(7, 2, 1, 64)[0] > 1
+    check(kind, 12, 224, 1, torch.float32, 1e-5, cfg=cfg)
+    check(kind, 12, 224, 1, torch.bfloat16, 1e-2, cfg=cfg)
+
+
+@pytest.mark.parametrize("kind", [T.Q8_0, T.MXFP4])
+@pytest.mark.parametrize("m", [2, 19])
+def test_gemm_interpreted(kind, m):
+    check(kind, 20, 160, m, torch.float32, 1e-5)  # interpreter dots in float32
+
+
+def test_pack_keeps_bytes():
+    """Repacked codes are the ggml blocks' size: 4 bits (MXFP4) or 8 bits (Q8_0) a weight, scales apart."""
+    for kind, per_weight in [(T.Q8_0, 1.0), (T.MXFP4, 0.5)]:
+        p = PACK[kind](random_blocks(kind, 6, 64), 6, 64)
+        assert p.codes.numel() * 4 == 6 * 64 * per_weight
+        assert p.nbytes == 6 * 64 // 32 * (34 if kind == T.Q8_0 else 17)
+
+
+def test_gpu_matmul_entry_caches_and_falls_back():
+    w = QuantTensor(random_blocks(T.MXFP4, 10, 64), T.MXFP4, (10, 64))
+    x = torch.randn(3, 2, 64)
+    y = gpu_matmul(w, x)
+    assert y.shape == (3, 2, 10) and packed(w) is packed(w)
+    assert rel_err(y, x.double() @ w.dequantize(torch.float64).T) < 1e-5
+    q4 = QuantTensor(torch.randint(0, 256, (4, 18), dtype=torch.uint8), T.Q4_0, (4, 32))  # no kernel: reference
+    assert packed(q4) is None
+    xq = torch.randn(2, 32)
+    assert rel_err(gpu_matmul(q4, xq), xq.double() @ q4.dequantize(torch.float64).T) < 1e-6
+
+
+def test_shape_mismatch_is_refused():
+    p = pack_q8_0(random_blocks(T.Q8_0, 4, 64), 4, 64)
+    with pytest.raises(ValueError, match="features"):
+        quant_matmul(p, torch.randn(1, 32))
+
+
+# GPT-OSS-20B: attention q, k/v, o and a dense MXFP4 matrix, decode and prefill
+GPU_SHAPES = [(T.Q8_0, 4096, 2880), (T.Q8_0, 512, 2880), (T.Q8_0, 2880, 4096), (T.MXFP4, 2880, 2880)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,n,k", GPU_SHAPES)
+@pytest.mark.parametrize("m", [1, 4, 300])
+def test_gpu_real_shapes(kind, n, k, m):
+    check(kind, n, k, m, torch.float32, 1e-5 if m == 1 else 1e-2, device="cuda")  # m > 1: bf16 tensor cores
+    check(kind, n, k, m, torch.bfloat16, 1e-2, device="cuda")
