@@ -38,7 +38,7 @@ def generate_steps(
     max_tokens = min(max_tokens, ctx - len(prompt_ids))
     sampler = Sampler(params)
     kv = model.new_kv_cache(len(prompt_ids) + max_tokens)
-    decoder = tokenizer.stream_decoder()
+    decoder = tokenizer.stream_decoder(continuation=True)  # generated text keeps a leading space
     stops = StopMatcher(stop)
     history = list(prompt_ids)
 
