@@ -201,6 +201,17 @@ def test_client_disconnect_frees_the_slot(http, server):
     assert not server.worker.scheduler.active("job-gone")
 
 
+def test_nonstreaming_client_that_leaves_cancels_its_job(server):
+    body = {"model": server.worker.model_id, "prompt": COUNTING, "max_tokens": 250, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.uri + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+    sched = server.worker.scheduler
+    deadline = time.monotonic() + 3
+    while not sched.idle and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sched.idle, "the job kept running after its client left"
+
+
 def test_health_ready_metrics(http, server):
     h = http.get("/health").json()
     assert h["status"] in ("ready", "busy") and h["model"] == server.worker.model_id

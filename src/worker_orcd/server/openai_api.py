@@ -100,7 +100,7 @@ async def completions(body: CompletionRequest, request: Request):
         usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(_completion_chunks(stream, head, usage), media_type="text/event-stream")
     text, reason = [], None
-    async for ev in stream.events():
+    async for ev in stream.events(request):
         if isinstance(ev, TokenEvent):
             text.append(ev.text)
         elif isinstance(ev, EndEvent):
@@ -146,7 +146,7 @@ async def chat_completions(body: ChatRequest, request: Request):
         head["object"] = "chat.completion.chunk"
         return StreamingResponse(_chat_chunks(stream, out, head, usage), media_type="text/event-stream")
     reason = None
-    async for ev in stream.events():
+    async for ev in stream.events(request):
         if isinstance(ev, TokenEvent):
             out.push(ev.text)
         elif isinstance(ev, EndEvent):

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import torch
+from starlette.requests import Request as StarletteRequest
 
 from worker_orcd.engine.sampler import SamplingParams
 from worker_orcd.engine.scheduler import (
@@ -196,9 +197,11 @@ class Stream:
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
             pass
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self, client: StarletteRequest | None = None) -> AsyncIterator[Event]:
+        """`client`: a non-streaming request to watch, so its going away cancels the job too."""
         outcome = "cancelled"
         last = None
+        watcher = asyncio.create_task(self._watch(client)) if client is not None else None
         try:
             while True:
                 event = await self.queue.get()
@@ -215,9 +218,18 @@ class Stream:
                 if isinstance(event, EndEvent | ErrorEvent):
                     return
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if not self.handle.done:  # the client went away: free the slot within one step
                 self.worker.scheduler.cancel(self.request.id)
             self.worker.finished(self, outcome)
+
+    async def _watch(self, client: StarletteRequest) -> None:
+        while not self.handle.done:
+            if await client.is_disconnected():
+                self.worker.scheduler.cancel(self.request.id)
+                return
+            await asyncio.sleep(0.25)
 
 
 async def drain(worker: Worker, exit_server, timeout_s: float) -> None:
