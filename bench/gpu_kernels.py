@@ -33,8 +33,16 @@ def report(name: str, nbytes: float, ms: float, copy_gbs: float, err: float | No
     print(row, flush=True)
 
 
+def _with_x(cfg: dict | None, x32: torch.Tensor) -> tuple[dict | None, torch.Tensor]:
+    """A config's "x" entry picks the activation dtype (bf16 unless it says f32); the rest goes to the kernel."""
+    if cfg is None:
+        return None, x32.bfloat16()
+    cfg = dict(cfg)
+    return cfg, x32 if cfg.pop("x", "bf16") == "f32" else x32.bfloat16()
+
+
 def _short(cfg: dict | None) -> str:
-    names = {"num_warps": "w", "STAGES": "S", "TARGET": "T"}
+    names = {"num_warps": "w", "STAGES": "S", "TARGET": "T", "x": "x:"}
     return ",".join(f"{names.get(a, a)}{b}" for a, b in cfg.items()) if cfg else "default"
 
 
@@ -89,17 +97,19 @@ def bench_matmul(
     gen: torch.Generator,
 ) -> None:
     ws = [quant(kind, (n, k), gen) for _ in range(copies)]
-    x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+    x32 = torch.randn(m, k, device="cuda", generator=gen)
+    x = x32.bfloat16()
     ref = x.double() @ dequantize(ws[0].raw, kind, (n, k)).double().T
     pw = [packed(w) for w in ws]
     nbytes = pw[0].nbytes
     for cfg in cfgs:
         label = f"{name} M={m} " + _short(cfg)
+        cfg, x = _with_x(cfg, x32)
         try:
-            y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-            y.copy_(triton_quant.quant_matmul(pw[0], x, cfg))
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=x.dtype)
+            triton_quant.quant_matmul(pw[0], x, cfg, out=y)
             err = rel_err(y, ref)
-            ms = graph_ms([lambda p=p, c=cfg: triton_quant.quant_matmul(p, x, c) for p in pw])
+            ms = graph_ms([lambda p=p, c=cfg, xx=x: triton_quant.quant_matmul(p, xx, c) for p in pw])
             tf = 2 * m * n * k / ms / 1e9
             report(label, nbytes, ms, copy_gbs, err, f"{tf:.1f} TFLOP/s" if m > 1 else "")
         except Exception as exc:  # one failing variant must not hide the others
@@ -124,7 +134,8 @@ def bench_moe(t: int, layers: int, cfgs: list[dict | None], copy_gbs: float, gen
         )
 
     ls = [layer() for _ in range(layers)]
-    x = torch.randn(t, D, device="cuda", generator=gen).bfloat16()
+    x32 = torch.randn(t, D, device="cuda", generator=gen)
+    x = x32.bfloat16()
     ids = [torch.stack([torch.randperm(E, device="cuda", generator=gen)[:TOP_K] for _ in range(t)]) for _ in ls]
     wts = [torch.softmax(torch.randn(t, TOP_K, device="cuda", generator=gen), -1) for _ in ls]
     g, gb, u, ub, d, db = ls[0]
@@ -133,10 +144,14 @@ def bench_moe(t: int, layers: int, cfgs: list[dict | None], copy_gbs: float, gen
     nbytes = used * 3 * F * D // 32 * 17
     for cfg in cfgs:
         label = f"MoE MXFP4 T={t} ({used} experts) " + _short(cfg)
+        cfg, x = _with_x(cfg, x32)
         try:
             y = triton_moe.moe_mxfp4(x, ids[0], wts[0], g, gb, u, ub, d, db, cfg=cfg)
             err = rel_err(y, ref)
-            fns = [lambda i=i, L=L, c=cfg: triton_moe.moe_mxfp4(x, ids[i], wts[i], *L, cfg=c) for i, L in enumerate(ls)]
+            fns = [
+                lambda i=i, L=L, c=cfg, xx=x: triton_moe.moe_mxfp4(xx, ids[i], wts[i], *L, cfg=c)
+                for i, L in enumerate(ls)
+            ]
             ms = graph_ms(fns)
             report(label, nbytes, ms, copy_gbs, err)
         except Exception as exc:
@@ -162,38 +177,53 @@ def main() -> None:
         return [None] if args.quick else [None] + [{**base, **c} for c in changes]
 
     g = {"BN": 16, "NB": 8, "STAGES": 3, "TARGET": 1024, "num_warps": 4}
+    f32 = {"x": "f32"}
     moe_cfgs = cfgs(
         g,
+        {"STAGES": 0},
+        {"STAGES": 1},
         {"STAGES": 2},
-        {"STAGES": 4},
-        {"BN": 32},
-        {"NB": 4, "STAGES": 4},
-        {"TARGET": 512},
-        {"BN": 32, "num_warps": 8},
-        {"BN": 8, "num_warps": 2},
+        f32,
+        {"STAGES": 0, **f32},
+        {"STAGES": 1, **f32},
+        {"STAGES": 2, **f32},
+        {"BN": 32, "STAGES": 0, **f32},
+        {"NB": 4, "STAGES": 0, **f32},
+        {"BN": 8, "num_warps": 2, "STAGES": 0, **f32},
+        {"TARGET": 512, "STAGES": 0, **f32},
     )
+    mx = {**g, "BN": 32}
     mx_cfgs = cfgs(
-        {**g, "BN": 32}, {"STAGES": 2}, {"STAGES": 4}, {"BN": 16}, {"BN": 64, "num_warps": 8}, {"NB": 4, "STAGES": 4}
+        mx,
+        {"STAGES": 0},
+        {"STAGES": 1},
+        f32,
+        {"STAGES": 0, **f32},
+        {"STAGES": 1, **f32},
+        {"BN": 16, "STAGES": 0, **f32},
+        {"BN": 64, "num_warps": 8, "STAGES": 0, **f32},
+        {"NB": 4, "STAGES": 0, **f32},
     )
     q8 = {"BN": 16, "NB": 4, "STAGES": 3, "TARGET": 1024, "num_warps": 4}
     q8_cfgs = cfgs(
         q8,
+        {"STAGES": 0},
         {"STAGES": 2},
-        {"STAGES": 4},
-        {"TARGET": 2048},
-        {"TARGET": 512},
-        {"BN": 32},
-        {"NB": 8},
-        {"BN": 8, "num_warps": 2},
+        f32,
+        {"STAGES": 0, **f32},
+        {"STAGES": 2, **f32},
+        {"BN": 8, "num_warps": 2, **f32},
+        {"TARGET": 512, **f32},
     )
     head_cfgs = cfgs(
         {**q8, "BN": 32},
-        {"STAGES": 2},
+        {"STAGES": 0},
         {"STAGES": 4},
-        {"BN": 16},
-        {"BN": 64, "num_warps": 8},
-        {"NB": 8},
-        {"NB": 2, "STAGES": 4},
+        f32,
+        {"STAGES": 0, **f32},
+        {"STAGES": 4, **f32},
+        {"BN": 64, "num_warps": 8, **f32},
+        {"NB": 8, **f32},
     )
     bench_moe(1, 4, moe_cfgs, copy_gbs, gen)
     bench_moe(4, 4, [None], copy_gbs, gen)
@@ -201,7 +231,7 @@ def main() -> None:
     bench_matmul("Q8_0 head 201088x2880", T.Q8_0, 201088, D, 1, 1, head_cfgs, copy_gbs, gen)
     bench_matmul("MXFP4 dense 23040x2880", T.MXFP4, 8 * F, D, 1, 8, mx_cfgs, copy_gbs, gen)
     small = cfgs({"BM": 16, "BN": 64, "NB": 4, "num_warps": 4, "num_stages": 3}, {"BN": 32}, {"BN": 128})
-    big = cfgs({"BM": 64, "BN": 128, "NB": 4, "num_warps": 8, "num_stages": 3}, {"BM": 128}, {"NB": 8, "num_stages": 2})
+    big = cfgs({"BM": 128, "BN": 128, "NB": 4, "num_warps": 8, "num_stages": 3}, {"BN": 256}, {"NB": 8})
     bench_matmul("Q8_0 attn q 4096x2880", T.Q8_0, 4096, D, 4, 24, small, copy_gbs, gen)
     bench_matmul("MXFP4 dense 23040x2880", T.MXFP4, 8 * F, D, 4, 8, small, copy_gbs, gen)
     bench_matmul("Q8_0 attn q 4096x2880", T.Q8_0, 4096, D, 512, 4, big, copy_gbs, gen)

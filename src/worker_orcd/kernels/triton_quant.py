@@ -350,12 +350,12 @@ def gemv_config(w: PackedWeight) -> dict:
 
 
 def gemm_config(w: PackedWeight, m: int) -> dict:
-    """Tiles for tl.dot: 16 rows of x for small batches (one weight read serves them all), 64 for prefill."""
+    """Tiles for tl.dot: 16 rows of x for small batches (one weight read serves them all), 128 for prefill."""
     if INTERPRET:
         return {"BM": 16, "BN": 16, "NB": 4, "num_warps": 1, "num_stages": 1}
     if m <= 16:
         return {"BM": 16, "BN": 64, "NB": 4, "num_warps": 4, "num_stages": 3}
-    return {"BM": 64, "BN": 128, "NB": 4, "num_warps": 8, "num_stages": 3}
+    return {"BM": 128, "BN": 128, "NB": 4, "num_warps": 8, "num_stages": 3}
 
 
 def quant_matmul(
