@@ -2,11 +2,14 @@
 
 Each loop iteration: admit waiting requests into free slots, drop cancelled and timed-out ones,
 run ONE decode forward over every decoding sequence (one row each, so each weight is read once per
-step), then prefill one chunk of one waiting prompt. Requests join and leave between steps.
-Prefill chunks run in their own forward: a sequence's prefill is then the same computation whether
-it is alone or not, and the decode forward only depends on each row's own inputs. That last part
-holds bitwise for torch's packed CPU kernels up to 16 rows (beyond, they switch to another blocking),
-so batch invariance is guaranteed for --max-batch <= 16 (tests/test_scheduler.py checks 8).
+step) and prefill one chunk of one waiting prompt. Requests join and leave between steps.
+
+Batching must not change results. Attention is per sequence; what could differ is the matmuls, whose
+rows are bitwise independent of each other in torch's packed CPU kernels as long as a call has at
+most 16 rows (beyond, the kernels block differently). So a prompt chunk joins the decode forward
+only while the rows stay within `mix_rows` (16) and otherwise runs alone, where it is the same
+computation as when the request is alone; with --max-batch <= 16 a greedy request gives the same
+tokens in any company (tests/test_scheduler.py checks a batch of 8 and the logits bit for bit).
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ class _Seq:
 
 class Scheduler:
     def __init__(self, net, tokenizer, max_batch: int = 8, ctx: int = 2048, prefill_chunk: int = 256,
-                 max_waiting: int | None = None, kv_dtype: torch.dtype = torch.float32):
+                 max_waiting: int | None = None, kv_dtype: torch.dtype = torch.float32, mix_rows: int = 16):
         if max_batch < 1 or ctx < 2 or prefill_chunk < 1:
             raise ValueError(f"need max_batch >= 1, ctx >= 2, prefill_chunk >= 1; got {max_batch}, {ctx}, "
                              f"{prefill_chunk}")
@@ -157,6 +160,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.ctx = ctx
         self.prefill_chunk = prefill_chunk
+        self.mix_rows = mix_rows  # a prefill chunk joins the decode forward while the rows stay within this
         self.max_waiting = max_batch if max_waiting is None else max_waiting
         self.kv: KVCache = net.new_kv_cache(ctx, max_batch, dtype=kv_dtype)
         self._free = list(range(max_batch - 1, -1, -1))  # pop() hands out slot 0 first
@@ -316,35 +320,45 @@ class Scheduler:
 
     def _step(self) -> None:
         decoding = [s for s in self._running if s.decoding]
-        if decoding:
-            self._decode(decoding)
         prefilling = next((s for s in self._running if not s.decoding), None)
-        if prefilling is not None:
-            self._prefill(prefilling)
+        if prefilling is not None and decoding and len(decoding) + self._chunk_len(prefilling) <= self.mix_rows:
+            self._forward(decoding, prefilling)  # a short chunk rides along with the decode rows
+        else:
+            if decoding:
+                self._forward(decoding, None)
+            if prefilling is not None:
+                self._forward([], prefilling)
         if decoding or prefilling:
             self.steps += 1
 
-    def _decode(self, seqs: list[_Seq]) -> None:
-        # one row per sequence: its last sampled token at the next position
-        tokens = torch.tensor([s.history[-1] for s in seqs], dtype=torch.long)
-        positions = torch.tensor([s.kv_len for s in seqs], dtype=torch.long)
-        spans = [SeqSpan(s.slot, i, i + 1) for i, s in enumerate(seqs)]
-        logits = self.net.forward(tokens, positions, self.kv, spans, None)
-        for i, seq in enumerate(seqs):
-            self._advance_or_fail(seq, logits[i])
+    def _chunk_len(self, seq: _Seq) -> int:
+        return min(self.prefill_chunk, len(seq.handle.request.prompt_ids) - seq.prefilled)
 
-    def _prefill(self, seq: _Seq) -> None:
-        prompt = seq.handle.request.prompt_ids
-        start = seq.prefilled
-        end = min(start + self.prefill_chunk, len(prompt))
-        if start == 0:
-            seq.handle.stats.started_at = time.monotonic()
-        tokens = torch.tensor(prompt[start:end], dtype=torch.long)
-        last = torch.tensor([end - start - 1])
-        logits = self.net.forward(tokens, torch.arange(start, end), self.kv, [SeqSpan(seq.slot, 0, end - start)], last)
-        seq.prefilled = end
-        if seq.decoding:
-            self._advance_or_fail(seq, logits[-1])
+    def _forward(self, decoding: list[_Seq], prefill: _Seq | None) -> None:
+        """One forward: a row per decoding sequence (its last token), then one prompt chunk."""
+        tokens = [s.history[-1] for s in decoding]
+        positions = [s.kv_len for s in decoding]
+        spans = [SeqSpan(s.slot, i, i + 1) for i, s in enumerate(decoding)]
+        rows = list(range(len(decoding)))  # which rows need logits
+        if prefill is not None:
+            prompt = prefill.handle.request.prompt_ids
+            start, n = prefill.prefilled, len(tokens)
+            end = start + self._chunk_len(prefill)
+            if start == 0:
+                prefill.handle.stats.started_at = time.monotonic()
+            tokens += prompt[start:end]
+            positions += range(start, end)
+            spans.append(SeqSpan(prefill.slot, n, len(tokens)))
+            if end == len(prompt) or not rows:  # a mid-prompt chunk alone still computes one row of logits
+                rows.append(len(tokens) - 1)
+        logits = self.net.forward(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                                  self.kv, spans, torch.tensor(rows))
+        if prefill is not None:
+            prefill.prefilled = end
+        for i, seq in enumerate(decoding):
+            self._advance_or_fail(seq, logits[i])
+        if prefill is not None and prefill.decoding:
+            self._advance_or_fail(prefill, logits[-1])
 
     def _advance_or_fail(self, seq: _Seq, logits: torch.Tensor) -> None:
         """A failure while sampling or decoding one sequence ends that sequence only."""
