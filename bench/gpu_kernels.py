@@ -15,6 +15,7 @@ import time
 
 import torch
 import triton
+import triton.language as tl
 from gguf import GGMLQuantizationType as T
 
 from worker_orcd.kernels import triton_moe, triton_quant
@@ -98,8 +99,9 @@ def bench_matmul(
 ) -> None:
     ws = [quant(kind, (n, k), gen) for _ in range(copies)]
     x32 = torch.randn(m, k, device="cuda", generator=gen)
-    x = x32.bfloat16()
-    ref = x.double() @ dequantize(ws[0].raw, kind, (n, k)).double().T
+    w64 = dequantize(ws[0].raw, kind, (n, k)).double()
+    refs = {torch.float32: x32.double() @ w64.T, torch.bfloat16: x32.bfloat16().double() @ w64.T}  # same x as fed
+    del w64
     pw = [packed(w) for w in ws]
     nbytes = pw[0].nbytes
     for cfg in cfgs:
@@ -108,16 +110,17 @@ def bench_matmul(
         try:
             y = torch.full((m, n), float("nan"), device="cuda", dtype=x.dtype)
             triton_quant.quant_matmul(pw[0], x, cfg, out=y)
-            err = rel_err(y, ref)
+            err = rel_err(y, refs[x.dtype])
             ms = graph_ms([lambda p=p, c=cfg, xx=x: triton_quant.quant_matmul(p, xx, c) for p in pw])
             tf = 2 * m * n * k / ms / 1e9
             report(label, nbytes, ms, copy_gbs, err, f"{tf:.1f} TFLOP/s" if m > 1 else "")
         except Exception as exc:  # one failing variant must not hide the others
             print(f"{label}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
     if m == 1 and kind == T.Q8_0:  # cuBLAS on bf16 weights, for scale (twice the bytes)
+        xb = x32.bfloat16()
         wb = [dequantize(w.raw, kind, (n, k)).bfloat16() for w in ws[: max(1, copies // 2)]]
-        ms = graph_ms([lambda w=w: x @ w.T for w in wb])
-        report(f"{name} M={m} torch bf16 (cuBLAS)", n * k * 2, ms, copy_gbs, rel_err(x @ wb[0].T, ref))
+        ms = graph_ms([lambda w=w: xb @ w.T for w in wb])
+        report(f"{name} M={m} torch bf16 (cuBLAS)", n * k * 2, ms, copy_gbs, rel_err(xb @ wb[0].T, refs[xb.dtype]))
         del wb
     del ws, pw
 
@@ -135,33 +138,73 @@ def bench_moe(t: int, layers: int, cfgs: list[dict | None], copy_gbs: float, gen
 
     ls = [layer() for _ in range(layers)]
     x32 = torch.randn(t, D, device="cuda", generator=gen)
-    x = x32.bfloat16()
     ids = [torch.stack([torch.randperm(E, device="cuda", generator=gen)[:TOP_K] for _ in range(t)]) for _ in ls]
     wts = [torch.softmax(torch.randn(t, TOP_K, device="cuda", generator=gen), -1) for _ in ls]
-    g, gb, u, ub, d, db = ls[0]
-    ref = triton_moe.moe_reference(x, ids[0], wts[0], g, gb, u, ub, d, db, dtype=torch.float64)
+    flat = [(i.reshape(-1), w.reshape(-1)) for i, w in zip(ids, wts)]
+    refs = {dt: triton_moe.moe_reference(x32.to(dt), ids[0], wts[0], *ls[0]) for dt in (torch.float32, torch.bfloat16)}
     used = len(torch.unique(ids[0]))
     nbytes = used * 3 * F * D // 32 * 17
     for cfg in cfgs:
         label = f"MoE MXFP4 T={t} ({used} experts) " + _short(cfg)
         cfg, x = _with_x(cfg, x32)
         try:
-            y = triton_moe.moe_mxfp4(x, ids[0], wts[0], g, gb, u, ub, d, db, cfg=cfg)
-            err = rel_err(y, ref)
-            fns = [
-                lambda i=i, L=L, c=cfg, xx=x: triton_moe.moe_mxfp4(xx, ids[i], wts[i], *L, cfg=c)
-                for i, L in enumerate(ls)
-            ]
-            ms = graph_ms(fns)
-            report(label, nbytes, ms, copy_gbs, err)
+            y = triton_moe.moe_mxfp4(x, ids[0], wts[0], *ls[0], cfg=cfg)
+            err = rel_err(y, refs[x.dtype])
+            ms = graph_ms(
+                [
+                    lambda i=i, L=L, c=cfg, xx=x: triton_moe.moe_mxfp4(xx, ids[i], wts[i], *L, cfg=c)
+                    for i, L in enumerate(ls)
+                ]
+            )
+            hs = [triton_moe.moe_gate_up(x, f[0], TOP_K, *L[:4], cfg=cfg) for f, L in zip(flat, ls)]
+            gu = graph_ms(
+                [
+                    lambda f=f, L=L, c=cfg, xx=x: triton_moe.moe_gate_up(xx, f[0], TOP_K, *L[:4], cfg=c)
+                    for f, L in zip(flat, ls)
+                ]
+            )
+            dn = graph_ms(
+                [
+                    lambda f=f, L=L, h=h, c=cfg: triton_moe.moe_down(h, f[0], f[1], *L[4:], cfg=c)
+                    for f, L, h in zip(flat, ls, hs)
+                ]
+            )
+            split = f"gate_up {gu * 1e3:.1f} us {nbytes * 2 / 3 / gu / 1e6:.0f} GB/s, down {dn * 1e3:.1f} us"
+            report(label, nbytes, ms, copy_gbs, err, split + f" {nbytes / 3 / dn / 1e6:.0f} GB/s")
         except Exception as exc:
             print(f"{label}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
     del ls
 
 
+@triton.jit
+def _load_only(w_ptr, out_ptr, nblk, BN: tl.constexpr, NB: tl.constexpr, STAGES: tl.constexpr):
+    """Streams MXFP4 code words in the GEMV's tile pattern with no decoding: the memory path alone."""
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    b = tl.arange(0, NB)
+    off = ((n[:, None] * nblk + b[None, :]) * 4)[:, :, None] + tl.arange(0, 4)[None, None, :]
+    acc = tl.zeros([BN, NB, 4], dtype=tl.int32)
+    for kb in tl.range(0, nblk, NB, num_stages=STAGES):
+        acc ^= tl.load(w_ptr + off + kb * 4, mask=(kb + b < nblk)[None, :, None], other=0)
+    tl.store(out_ptr + n, tl.sum(tl.sum(acc, axis=2), axis=1))
+
+
+def bench_load_only(copy_gbs: float, gen: torch.Generator) -> None:
+    n, k, copies = 8 * F, D, 8
+    ws = [torch.randint(0, 2**30, (n, k // 8), dtype=torch.int32, device="cuda", generator=gen) for _ in range(copies)]
+    out = torch.empty(n, dtype=torch.int32, device="cuda")
+    for BN, NB, S, nw in [(16, 8, 1, 4), (32, 8, 1, 4), (16, 8, 3, 4), (64, 8, 1, 8)]:
+
+        def launch(w, BN=BN, NB=NB, S=S, nw=nw):
+            _load_only[(n // BN,)](w, out, k // 32, BN, NB, S, num_warps=nw)
+
+        ms = graph_ms([lambda w=w: launch(w) for w in ws])
+        report(f"load only MXFP4 codes {n}x{k} BN{BN},NB{NB},S{S},w{nw}", n * k // 2, ms, copy_gbs, None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="default configs only")
+    ap.add_argument("--profile", action="store_true", help="one launch of each default kernel, for ncu")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda")
@@ -225,6 +268,19 @@ def main() -> None:
         {"BN": 64, "num_warps": 8, **f32},
         {"NB": 8, **f32},
     )
+    if args.profile:
+        moe = [quant(T.MXFP4, (E, F, D), gen), torch.randn(E, F, device="cuda"), quant(T.MXFP4, (E, F, D), gen)]
+        moe += [torch.randn(E, F, device="cuda"), quant(T.MXFP4, (E, D, F), gen), torch.randn(E, D, device="cuda")]
+        x = torch.randn(1, D, device="cuda")
+        ids, wt = torch.tensor([[3, 7, 11, 30]], device="cuda"), torch.full((1, 4), 0.25, device="cuda")
+        dense, head = packed(quant(T.MXFP4, (8 * F, D), gen)), packed(quant(T.Q8_0, (201088, D), gen))
+        for _ in range(2):
+            triton_moe.moe_mxfp4(x, ids, wt, *moe)
+            triton_quant.quant_matmul(dense, x)
+            triton_quant.quant_matmul(head, x)
+        torch.cuda.synchronize()
+        return
+    bench_load_only(copy_gbs, gen)
     bench_moe(1, 4, moe_cfgs, copy_gbs, gen)
     bench_moe(4, 4, [None], copy_gbs, gen)
     bench_matmul("Q8_0 attn q 4096x2880", T.Q8_0, 4096, D, 1, 24, q8_cfgs, copy_gbs, gen)

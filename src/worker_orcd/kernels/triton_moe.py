@@ -94,7 +94,7 @@ def moe_config() -> dict:
     """Row tiles, blocks per step, pipeline depth, and the program count that down's split-K aims for."""
     if INTERPRET:
         return {"BN": 32, "NB": 2, "STAGES": 0, "TARGET": 1, "num_warps": 1}
-    return {"BN": 16, "NB": 8, "STAGES": 3, "TARGET": 1024, "num_warps": 4}
+    return {"BN": 16, "NB": 8, "STAGES": 0, "TARGET": 1024, "num_warps": 4}
 
 
 def _packed(w: QuantTensor, name: str) -> PackedWeight:
@@ -133,59 +133,46 @@ def moe_mxfp4(
             f"moe_mxfp4: x [{T}, {D}] needs gate/up [E, F, {D}] and down [E, {D}, F], "
             f"got {gate.shape}, {up.shape}, {down.shape}"
         )
-    gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
-    c = dict(cfg or moe_config())
-    BN, NB, stages, target = c.pop("BN"), c.pop("NB"), c.pop("STAGES"), c.pop("TARGET")
-    x = x.contiguous()
     ids = top_ids.reshape(-1).contiguous()
-    w = top_w.reshape(-1).contiguous()
-    P = T * k
-    h = torch.empty(P, F, dtype=torch.float32, device=x.device)
-    _gate_up_kernel[(triton.cdiv(F, BN), P)](
-        x,
-        ids,
-        gp.codes,
-        gp.scales,
-        gate_b.float().contiguous(),
-        upk.codes,
-        upk.scales,
-        up_b.float().contiguous(),
-        h,
-        F,
-        D,
-        k,
-        limit,
-        alpha,
-        BN=BN,
-        NB=NB,
-        EVEN=(D // 32) % NB == 0,
-        STAGES=stages,
-        **c,
-    )
-    tiles = triton.cdiv(D, BN)
-    splits, chunk = split_k(F // 32, tiles * P, NB, target)
-    part = torch.empty(P, splits, D, dtype=torch.float32, device=x.device)
-    _down_kernel[(tiles, P, splits)](
-        h,
-        ids,
-        w,
-        dp.codes,
-        dp.scales,
-        down_b.float().contiguous(),
-        part,
-        F,
-        D,
-        chunk,
-        BN=BN,
-        NB=NB,
-        EVEN=(F // 32) % chunk == 0,
-        STAGES=stages,
-        **c,
-    )
-    y = part.view(T, k * splits, D).sum(1)
+    h = moe_gate_up(x, ids, k, gate, gate_b, up, up_b, cfg, limit, alpha)
+    part = moe_down(h, ids, top_w.reshape(-1).contiguous(), down, down_b, cfg)
+    y = part.view(T, -1, D).sum(1)  # the k experts (and down's K splits) of each token, in a fixed order
     if out is None:
         return y.to(x.dtype)
     return out.copy_(y)
+
+
+def moe_gate_up(x, ids, k, gate, gate_b, up, up_b, cfg=None, limit=SWIGLU_LIMIT, alpha=SWIGLU_ALPHA) -> torch.Tensor:
+    """h [T*k, F] float32: clamped SwiGLU of expert ids[p]'s gate and up rows on token p // k."""
+    gp, upk = _packed(gate, "gate"), _packed(up, "up")
+    c = dict(cfg or moe_config())
+    BN, NB, stages, _ = c.pop("BN"), c.pop("NB"), c.pop("STAGES"), c.pop("TARGET")
+    E, F, D = gate.shape
+    P = ids.numel()
+    h = torch.empty(P, F, dtype=torch.float32, device=x.device)
+    _gate_up_kernel[(triton.cdiv(F, BN), P)](
+        x.contiguous(), ids, gp.codes, gp.scales, gate_b.float().contiguous(), upk.codes, upk.scales,
+        up_b.float().contiguous(), h, F, D, k, limit, alpha, BN=BN, NB=NB, EVEN=(D // 32) % NB == 0, STAGES=stages,
+        **c,
+    )  # fmt: skip
+    return h
+
+
+def moe_down(h, ids, w, down, down_b, cfg=None) -> torch.Tensor:
+    """part [T*k, splits, D] float32: w[p] * (down rows of expert ids[p] . h[p] + bias), split over F."""
+    dp = _packed(down, "down")
+    c = dict(cfg or moe_config())
+    BN, NB, stages, target = c.pop("BN"), c.pop("NB"), c.pop("STAGES"), c.pop("TARGET")
+    E, D, F = down.shape
+    P = ids.numel()
+    tiles = triton.cdiv(D, BN)
+    splits, chunk = split_k(F // 32, tiles * P, NB, target)
+    part = torch.empty(P, splits, D, dtype=torch.float32, device=h.device)
+    _down_kernel[(tiles, P, splits)](
+        h, ids, w, dp.codes, dp.scales, down_b.float().contiguous(), part, F, D, chunk, BN=BN, NB=NB,
+        EVEN=(F // 32) % chunk == 0, STAGES=stages, **c,
+    )  # fmt: skip
+    return part
 
 
 def expert_rows(w: QuantTensor, e: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
