@@ -141,10 +141,14 @@ def hf_dir(name: str) -> tuple[str, str]:
 def make_tokens() -> None:
     from llama_cpp import Llama
 
+    from transformers import AutoTokenizer
+
     corpus = json.loads((DATA / "tokenizer_corpus.json").read_text(encoding="utf-8"))
     for name, path in MODELS.items():
         meta = gguf_meta(path)
         llm = Llama(model_path=path, vocab_only=True, verbose=False)
+        d, f = hf_dir(name)
+        hf_tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
         bos, eos = llm.token_bos(), llm.token_eos()
         cases = []
         for text in corpus:
@@ -165,6 +169,11 @@ def make_tokens() -> None:
                     "detok_plain_roundtrip": detok_plain == b,
                     "detok_special_hex": detok_special.hex(),
                     "detok_special_roundtrip": detok_special == b,
+                    # transformers' tokenizer built from the same GGUF, add_special_tokens=False
+                    # (it always parses special-token text, so compare with ids_special)
+                    "hf_ids": (hf := hf_tok(text, add_special_tokens=False).input_ids),
+                    "hf_equals_ids_special": hf == ids_special,
+                    "hf_equals_ids_plain": hf == ids_plain,
                 }
             )
         adds = [c["ids_bos"][:1] == [bos] and c["ids_bos"][1:] == c["ids_plain"] for c in cases]
@@ -192,6 +201,9 @@ def make_tokens() -> None:
                 "detok_plain": "same, bytes.decode('utf-8', errors='replace')",
                 "detok_special_hex": "detokenize(ids_special, special=True) raw bytes, hex",
             },
+            "hf_tokenizer": f"transformers {__import__('transformers').__version__} "
+                            f"{type(hf_tok).__name__} from the GGUF",
+            "hf_mismatch_vs_ids_special": [c["text"] for c in cases if not c["hf_equals_ids_special"]],
             "cases": cases,
         }
         dump(LLC / f"tokens_{name}.json", out)
