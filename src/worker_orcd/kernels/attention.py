@@ -32,9 +32,7 @@ def attention(
     qg = q.reshape(T, Hkv, G, hd).permute(1, 2, 0, 3).reshape(Hkv, G * T, hd)
     gmask = mask.repeat(G, 1)
     if sinks is None and softcap is None:
-        out = F.scaled_dot_product_attention(
-            qg.to(k.dtype), k, v, attn_mask=gmask, scale=scale
-        )
+        out = F.scaled_dot_product_attention(qg.to(k.dtype), k, v, attn_mask=gmask, scale=scale)
     else:
         scores = (qg.float() @ k.float().transpose(-1, -2)) * scale  # [Hkv, G*T, L]
         if softcap is not None:
