@@ -8,7 +8,7 @@ setup-test:
 	./scripts/setup.sh server,test
 
 run: setup
-	.venv/bin/worker-orcd inspect
+	.venv/bin/worker-orcd serve $(ARGS)
 
 test: setup-test
 	.venv/bin/python -m pytest -m "not slow and not gpu" -q
