@@ -219,55 +219,16 @@ def main() -> None:
     def cfgs(base: dict, *changes: dict) -> list[dict | None]:
         return [None] if args.quick else [None] + [{**base, **c} for c in changes]
 
-    g = {"BN": 16, "NB": 8, "STAGES": 3, "TARGET": 1024, "num_warps": 4}
+    g = {"BN": 16, "NB": 8, "STAGES": 0, "TARGET": 1024, "num_warps": 4}
     f32 = {"x": "f32"}
     moe_cfgs = cfgs(
-        g,
-        {"STAGES": 0},
-        {"STAGES": 1},
-        {"STAGES": 2},
-        f32,
-        {"STAGES": 0, **f32},
-        {"STAGES": 1, **f32},
-        {"STAGES": 2, **f32},
-        {"BN": 32, "STAGES": 0, **f32},
-        {"NB": 4, "STAGES": 0, **f32},
-        {"BN": 8, "num_warps": 2, "STAGES": 0, **f32},
-        {"TARGET": 512, "STAGES": 0, **f32},
-    )
-    mx = {**g, "BN": 32}
-    mx_cfgs = cfgs(
-        mx,
-        {"STAGES": 0},
-        {"STAGES": 1},
-        f32,
-        {"STAGES": 0, **f32},
-        {"STAGES": 1, **f32},
-        {"BN": 16, "STAGES": 0, **f32},
-        {"BN": 64, "num_warps": 8, "STAGES": 0, **f32},
-        {"NB": 4, "STAGES": 0, **f32},
-    )
-    q8 = {"BN": 16, "NB": 4, "STAGES": 3, "TARGET": 1024, "num_warps": 4}
-    q8_cfgs = cfgs(
-        q8,
-        {"STAGES": 0},
-        {"STAGES": 2},
-        f32,
-        {"STAGES": 0, **f32},
-        {"STAGES": 2, **f32},
-        {"BN": 8, "num_warps": 2, **f32},
-        {"TARGET": 512, **f32},
-    )
-    head_cfgs = cfgs(
-        {**q8, "BN": 32},
-        {"STAGES": 0},
-        {"STAGES": 4},
-        f32,
-        {"STAGES": 0, **f32},
-        {"STAGES": 4, **f32},
-        {"BN": 64, "num_warps": 8, **f32},
-        {"NB": 8, **f32},
-    )
+        g, {"STAGES": 1}, f32, {"BN": 8, "NB": 16}, {"NB": 16}, {"TARGET": 2048}, {"TARGET": 512},
+        {"BN": 32, "num_warps": 8}, {"BN": 8, "num_warps": 2}, {"NB": 4},
+    )  # fmt: skip
+    mx_cfgs = cfgs({**g, "BN": 32}, {"STAGES": 1}, f32, {"BN": 16}, {"NB": 16}, {"BN": 16, "NB": 16}, {"TARGET": 2048})
+    q8 = {"BN": 16, "NB": 4, "STAGES": 0, "TARGET": 1024, "num_warps": 4}
+    q8_cfgs = cfgs(q8, {"STAGES": 3}, f32, {"NB": 8}, {"TARGET": 2048})
+    head_cfgs = cfgs({**q8, "BN": 32, "STAGES": 3}, {"STAGES": 0}, {"BN": 64, "num_warps": 8})
     if args.profile:
         moe = [quant(T.MXFP4, (E, F, D), gen), torch.randn(E, F, device="cuda"), quant(T.MXFP4, (E, F, D), gen)]
         moe += [torch.randn(E, F, device="cuda"), quant(T.MXFP4, (E, D, F), gen), torch.randn(E, D, device="cuda")]

@@ -121,6 +121,36 @@ def _e8m0(e):
 
 
 @triton.jit
+def _x_slices(xb, ok):
+    """x for one step: the 8 runs [NB, 4] at offsets 0, 4, ..., 28 of each block (still in x's dtype)."""
+    m = ok[:, None]
+    return (tl.load(xb, mask=m, other=0.0), tl.load(xb + 4, mask=m, other=0.0), tl.load(xb + 8, mask=m, other=0.0),
+            tl.load(xb + 12, mask=m, other=0.0), tl.load(xb + 16, mask=m, other=0.0),
+            tl.load(xb + 20, mask=m, other=0.0), tl.load(xb + 24, mask=m, other=0.0),
+            tl.load(xb + 28, mask=m, other=0.0))  # fmt: skip
+
+
+@triton.jit
+def _f(v):
+    return v.to(tl.float32)[None, :, :]
+
+
+@triton.jit
+def _mx_step(w, e, x0, x1, x2, x3, x4, x5, x6, x7, acc):
+    """acc [BN, NB, 4] += scale * (decoded words w . x) for one step; x runs as _x_slices gives them."""
+    w = w.to(tl.uint32, bitcast=True)
+    lo, hi = _mx_pair(w, 0)
+    part = lo * _f(x0) + hi * _f(x1)
+    lo, hi = _mx_pair(w, 1)
+    part = tl.fma(hi, _f(x3), tl.fma(lo, _f(x2), part))
+    lo, hi = _mx_pair(w, 2)
+    part = tl.fma(hi, _f(x5), tl.fma(lo, _f(x4), part))
+    lo, hi = _mx_pair(w, 3)
+    part = tl.fma(hi, _f(x7), tl.fma(lo, _f(x6), part))
+    return tl.fma(part, _e8m0(e)[:, :, None], acc)
+
+
+@triton.jit
 def _mxfp4_gemv_tile(
     x_ptr,
     w_ptr,
@@ -147,44 +177,37 @@ def _mxfp4_gemv_tile(
     x_blk = x_ptr + b[:, None] * 32 + i[None, :]  # [NB, 4]
     acc = tl.zeros([BN, NB, 4], dtype=tl.float32)
     acc2 = tl.zeros([BN, NB, 4], dtype=tl.float32)
-    if STAGES == 0:  # register double buffer: step kb+NB's loads are in flight while step kb is decoded
+    if STAGES == 0:  # register double buffer: step kb+NB's weights and x are in flight while step kb is decoded
         ok0 = (kb_lo + b < kb_hi) | EVEN
         w_n = tl.load(w_ptr + w_off + kb_lo * 4, mask=ok0[None, :, None], other=0)
         e_n = tl.load(e_ptr + e_off + kb_lo, mask=ok0[None, :], other=0)
         if TWO:
             w2_n = tl.load(w2_ptr + w_off + kb_lo * 4, mask=ok0[None, :, None], other=0)
             e2_n = tl.load(e2_ptr + e_off + kb_lo, mask=ok0[None, :], other=0)
+        x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n = _x_slices(x_blk + kb_lo * 32, ok0)
     for kb in tl.range(kb_lo, kb_hi, NB, num_stages=max(STAGES, 1)):
-        ok = (kb + b < kb_hi) | EVEN
         if STAGES == 0:
-            w, e = w_n.to(tl.uint32, bitcast=True), e_n
+            w, e = w_n, e_n
+            x0, x1, x2, x3, x4, x5, x6, x7 = x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n
             okn = kb + NB + b < kb_hi
             w_n = tl.load(w_ptr + w_off + (kb + NB) * 4, mask=okn[None, :, None], other=0)
             e_n = tl.load(e_ptr + e_off + kb + NB, mask=okn[None, :], other=0)
             if TWO:
-                w2, e2 = w2_n.to(tl.uint32, bitcast=True), e2_n
+                w2, e2 = w2_n, e2_n
                 w2_n = tl.load(w2_ptr + w_off + (kb + NB) * 4, mask=okn[None, :, None], other=0)
                 e2_n = tl.load(e2_ptr + e_off + kb + NB, mask=okn[None, :], other=0)
+            x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n = _x_slices(x_blk + (kb + NB) * 32, okn)
         else:
-            w = tl.load(w_ptr + w_off + kb * 4, mask=ok[None, :, None], other=0).to(tl.uint32, bitcast=True)
+            ok = (kb + b < kb_hi) | EVEN
+            w = tl.load(w_ptr + w_off + kb * 4, mask=ok[None, :, None], other=0)
             e = tl.load(e_ptr + e_off + kb, mask=ok[None, :], other=0)
             if TWO:
-                w2 = tl.load(w2_ptr + w_off + kb * 4, mask=ok[None, :, None], other=0).to(tl.uint32, bitcast=True)
+                w2 = tl.load(w2_ptr + w_off + kb * 4, mask=ok[None, :, None], other=0)
                 e2 = tl.load(e2_ptr + e_off + kb, mask=ok[None, :], other=0)
-        xb = x_blk + kb * 32
-        part = tl.zeros([BN, NB, 4], dtype=tl.float32)
-        part2 = tl.zeros([BN, NB, 4], dtype=tl.float32)
-        for s in tl.static_range(4):
-            x_lo = tl.load(xb + 8 * s, mask=ok[:, None], other=0.0).to(tl.float32)[None, :, :]
-            x_hi = tl.load(xb + 8 * s + 4, mask=ok[:, None], other=0.0).to(tl.float32)[None, :, :]
-            lo, hi = _mx_pair(w, s)
-            part = tl.fma(hi, x_hi, tl.fma(lo, x_lo, part))
-            if TWO:
-                lo2, hi2 = _mx_pair(w2, s)
-                part2 = tl.fma(hi2, x_hi, tl.fma(lo2, x_lo, part2))
-        acc = tl.fma(part, _e8m0(e)[:, :, None], acc)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _x_slices(x_blk + kb * 32, ok)
+        acc = _mx_step(w, e, x0, x1, x2, x3, x4, x5, x6, x7, acc)
         if TWO:
-            acc2 = tl.fma(part2, _e8m0(e2)[:, :, None], acc2)
+            acc2 = _mx_step(w2, e2, x0, x1, x2, x3, x4, x5, x6, x7, acc2)
     y = tl.sum(tl.sum(acc, axis=2), axis=1) * 16384.0
     if TWO:
         return y, tl.sum(tl.sum(acc2, axis=2), axis=1) * 16384.0
@@ -337,13 +360,15 @@ def _is_mxfp4(w: PackedWeight) -> bool:
 
 
 def gemv_config(w: PackedWeight) -> dict:
-    """Block sizes for the GEMV: small row tiles so even 2880-row matrices fill 132 SMs."""
+    """Block sizes for the GEMV (H100 sweeps in bench/gpu_kernels.py): small row tiles and split-K so even
+    2880-row matrices fill 132 SMs; register double buffering, except Triton's pipeliner for big Q8_0."""
     if INTERPRET:
         return {"BN": 16, "NB": 2, "STAGES": 0, "TARGET": 1, "num_warps": 1}
+    big_q8 = w.kind == "q8_0" and w.n > 8192
     return {
         "BN": 16 if w.n <= 8192 else 32,
         "NB": 8 if w.kind == "mxfp4" else 4,
-        "STAGES": 3,
+        "STAGES": 3 if big_q8 else 0,
         "TARGET": 1024,
         "num_warps": 4,
     }
