@@ -268,6 +268,16 @@ def test_full_worker_answers_429_and_shutdown_drains(model):
         assert not s._thread.is_alive(), "the server did not exit after draining"
 
 
+def test_kv_budget_bounds_the_batch(model):
+    from worker_orcd.server.worker import kv_bytes_per_token, plan_kv
+
+    per_seq = kv_bytes_per_token(model.net) * 512
+    cfg = ServeConfig(ctx=512, max_batch=8, kv_cache_size_mb=(3 * per_seq) // 2**20 + 1)
+    assert plan_kv(model.net, model.config.context_length, cfg) == (512, 3)
+    with pytest.raises(ValueError, match="--kv-cache-size-mb"):
+        plan_kv(model.net, model.config.context_length, ServeConfig(ctx=512, kv_cache_size_mb=1))
+
+
 # -- validation ------------------------------------------------------------------------------------
 
 M = "SmolLM2-135M-Instruct.Q4_1"
