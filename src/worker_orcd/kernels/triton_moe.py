@@ -94,7 +94,7 @@ def moe_config() -> dict:
     """Row tiles, blocks per step, pipeline depth, and the program count that down's split-K aims for."""
     if INTERPRET:
         return {"BN": 32, "NB": 2, "STAGES": 0, "TARGET": 1, "num_warps": 1}
-    return {"BN": 16, "NB": 8, "STAGES": 0, "TARGET": 1024, "num_warps": 4}
+    return {"BN": 8, "NB": 16, "STAGES": 0, "TARGET": 1024, "num_warps": 4}
 
 
 def _packed(w: QuantTensor, name: str) -> PackedWeight:

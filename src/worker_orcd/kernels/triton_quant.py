@@ -366,7 +366,7 @@ def gemv_config(w: PackedWeight) -> dict:
         return {"BN": 16, "NB": 2, "STAGES": 0, "TARGET": 1, "num_warps": 1}
     big_q8 = w.kind == "q8_0" and w.n > 8192
     return {
-        "BN": 16 if w.n <= 8192 else 32,
+        "BN": 16 if w.n <= 8192 or w.kind == "mxfp4" else 32,
         "NB": 8 if w.kind == "mxfp4" else 4,
         "STAGES": 3 if big_q8 else 0,
         "TARGET": 1024,
