@@ -60,3 +60,9 @@ def test_stop_matcher_holds_back_partial_matches():
     m = StopMatcher(["\n\n"])
     assert m.push("a\n") == "a" and m.push("b") == "\nb" and not m.stopped
     assert m.flush() == ""
+
+
+def test_extreme_but_valid_values_do_not_break_sampling():
+    logits = torch.randn(100)
+    assert Sampler(SamplingParams(temperature=5e-324, seed=1))(logits) == int(logits.argmax())
+    assert Sampler(SamplingParams(temperature=1.0, top_p=1e-46, seed=1))(logits) == int(logits.argmax())

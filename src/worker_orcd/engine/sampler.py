@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+# Below this a temperature only overflows the scaled logits; it means greedy (as vLLM treats it).
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -47,7 +50,7 @@ class Sampler:
         logits = logits.float()
         if p.repetition_penalty != 1.0 and history:
             logits = apply_repetition_penalty(logits, history[-p.repeat_last_n :], p.repetition_penalty)
-        if p.temperature == 0.0:
+        if p.temperature < MIN_TEMPERATURE:
             return int(torch.argmax(logits))
         u = torch.rand((), generator=self.gen).item()  # drawn even if filters leave one token: seeds stay aligned
         probs, ids = filtered_probs(logits / p.temperature, p.top_k, p.top_p, p.min_p)
@@ -72,8 +75,10 @@ def filtered_probs(
         ids = ids[:top_k]
     probs = torch.softmax(sorted_logits, dim=-1)
     if top_p < 1.0:
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        # keep the smallest prefix whose mass reaches top_p; the most likely token always stays
+        # (a top_p below float32's range would otherwise compare as 0 and keep nothing)
         keep = (probs.cumsum(-1) - probs) < top_p
+        keep[0] = True
         probs, ids = probs[keep], ids[keep]
     if min_p > 0.0:
         keep = probs >= min_p * probs[0]
