@@ -39,3 +39,21 @@ def test_packed_matmul_matches_float64(gtype):
 
 def test_unsupported_types_fall_back():
     assert pack_for_cpu(torch.zeros(4, 8, dtype=torch.uint8), T.F16, (4, 4)) is None
+
+
+@pytest.mark.parametrize("gtype", [T.Q4_1, T.Q8_0, T.Q6_K, T.F16])
+def test_decode_rows_do_not_depend_on_the_batch(gtype):
+    from worker_orcd.quant import QuantTensor
+
+    rng = np.random.default_rng(7)
+    n, k = 64, 512
+    if gtype == T.Q6_K:
+        raw = rng.integers(0, 256, (n, k // 256 * 210), dtype=np.uint8)
+        raw.reshape(n, k // 256, 210)[..., 208:210] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    else:
+        raw = quants.quantize(rng.standard_normal((n, k)).astype(np.float32), gtype)
+    w = QuantTensor.from_bytes(np.ascontiguousarray(raw).view(np.uint8).reshape(-1), gtype, (n, k))
+    x = torch.randn(8, k)
+    batched = w.matmul(x)
+    alone = torch.cat([w.matmul(x[i : i + 1]) for i in range(8)])
+    assert torch.equal(batched, alone)

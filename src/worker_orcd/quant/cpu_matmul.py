@@ -137,8 +137,17 @@ def cpu_matmul(w: QuantTensor, x: torch.Tensor) -> torch.Tensor:
     if packed is _UNPACKED:  # packed once, on first use, and kept beside the raw blocks
         packed = w._cpu_packed = pack_for_cpu(w.raw, w.ggml_type, w.shape)
     if packed is None:
-        return dequantize_matmul(w, x)
+        return rowwise_matmul(w, x)
     return packed(x)
+
+
+def rowwise_matmul(w: QuantTensor, x: torch.Tensor) -> torch.Tensor:
+    """Dequantize once, then one GEMV per row: a row's result must not depend on how many rows share
+    the call (a batched decode must give what each sequence gets alone), which BLAS GEMM does not promise."""
+    wt = w.dequantize(x.dtype).T
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.cat([x2[i : i + 1] @ wt for i in range(x2.shape[0])])
+    return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 MATMUL_KERNELS["cpu"] = cpu_matmul
