@@ -3,9 +3,10 @@
 For each token t and each of its k chosen experts e (weight w_te):
     h = clamped_swiglu(gate_e . x_t + bg_e, up_e . x_t + bu_e)            [F]
     y_t = sum_e w_te * (down_e . h + bd_e)                                 [D]
-Two launches: gate/up (fused dequantize + GEMV for both matrices, + bias, + clamped SwiGLU) and down
-(fused dequantize + GEMV, + bias, times the routing weight); the k partial rows of each token are then
-added in a fixed order, so results do not depend on scheduling. Only the chosen experts' rows are read.
+Three launches: gate/up (fused dequantize + GEMV for both matrices, + bias, + clamped SwiGLU), down
+(fused dequantize + GEMV, + bias, times the routing weight, split over F when that fills the GPU better),
+and a row sum that adds each token's k (x splits) partial rows in a fixed order, so results do not depend
+on scheduling. Only the chosen experts' rows are read.
 A program serves one (token, expert) pair: for one token, each needed weight byte is read once; tokens
 sharing an expert read its rows again (mostly from L2).
 """
@@ -90,6 +91,17 @@ def _down_kernel(
     tl.store(out_ptr + (p * tl.num_programs(2) + split) * D + d, y * tl.load(w_ptr + p).to(tl.float32), mask=d < D)
 
 
+@triton.jit
+def _sum_rows_kernel(part_ptr, y_ptr, D, R: tl.constexpr, BD: tl.constexpr):
+    """y[t, d] = sum over r of part[t, r, d], in order, stored in y's dtype."""
+    t = tl.program_id(0)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    acc = tl.zeros([BD], dtype=tl.float32)
+    for r in tl.static_range(R):
+        acc += tl.load(part_ptr + (t * R + r) * D + d, mask=d < D, other=0.0)
+    tl.store(y_ptr + t * D + d, acc.to(y_ptr.dtype.element_ty), mask=d < D)
+
+
 def moe_config() -> dict:
     """Row tiles, blocks per step, pipeline depth, and the program count that down's split-K aims for."""
     if INTERPRET:
@@ -136,10 +148,10 @@ def moe_mxfp4(
     ids = top_ids.reshape(-1).contiguous()
     h = moe_gate_up(x, ids, k, gate, gate_b, up, up_b, cfg, limit, alpha)
     part = moe_down(h, ids, top_w.reshape(-1).contiguous(), down, down_b, cfg)
-    y = part.view(T, -1, D).sum(1)  # the k experts (and down's K splits) of each token, in a fixed order
-    if out is None:
-        return y.to(x.dtype)
-    return out.copy_(y)
+    y = torch.empty(T, D, dtype=x.dtype, device=x.device) if out is None else out
+    R = part.shape[0] // T * part.shape[1]  # the k experts (and down's K splits) of each token, in a fixed order
+    _sum_rows_kernel[(T, triton.cdiv(D, 1024))](part, y, D, R=R, BD=1024)
+    return y
 
 
 def moe_gate_up(x, ids, k, gate, gate_b, up, up_b, cfg=None, limit=SWIGLU_LIMIT, alpha=SWIGLU_ALPHA) -> torch.Tensor:
