@@ -35,6 +35,12 @@ class KVCache:
         self.k[layer][slot][:, positions] = k.transpose(0, 1).to(self.k[layer].dtype)
         self.v[layer][slot][:, positions] = v.transpose(0, 1).to(self.v[layer].dtype)
 
+    def write_rows(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor) -> None:
+        """Store k, v [T, kv_heads, head_dim]: row t goes to slot slots[t] at position positions[t]."""
+        self.k[layer][slots, :, positions] = k.to(self.k[layer].dtype)
+        self.v[layer][slots, :, positions] = v.to(self.v[layer].dtype)
+
     def read(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [kv_heads, length, head_dim] for positions 0..length-1 of `slot` (views, no copy)."""
         return self.k[layer][slot, :, :length], self.v[layer][slot, :, :length]

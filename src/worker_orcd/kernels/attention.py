@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -19,7 +21,7 @@ def attention(
     q: torch.Tensor,  # [T, H, hd]
     k: torch.Tensor,  # [Hkv, L, hd]
     v: torch.Tensor,  # [Hkv, L, hdv]
-    mask: torch.Tensor,  # [T, L] bool
+    mask: torch.Tensor | None,  # [T, L] bool; None: every key is visible
     scale: float,
     sinks: torch.Tensor | None = None,  # [H] learned logit per head that joins the softmax denominator
     softcap: float | None = None,
@@ -30,14 +32,15 @@ def attention(
     G = H // Hkv
     # Fold the group into the query axis so K/V are never repeated: [Hkv, G*T, hd].
     qg = q.reshape(T, Hkv, G, hd).permute(1, 2, 0, 3).reshape(Hkv, G * T, hd)
-    gmask = mask.repeat(G, 1)
+    gmask = mask.repeat(G, 1) if mask is not None else None
     if sinks is None and softcap is None:
         out = F.scaled_dot_product_attention(qg.to(k.dtype), k, v, attn_mask=gmask, scale=scale)
     else:
         scores = (qg.float() @ k.float().transpose(-1, -2)) * scale  # [Hkv, G*T, L]
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
-        scores = scores.masked_fill(~gmask, float("-inf"))
+        if gmask is not None:
+            scores = scores.masked_fill(~gmask, float("-inf"))
         if sinks is not None:
             # The sink is one extra column per head: it takes probability mass, then is dropped.
             sink_col = sinks.float().reshape(Hkv, G, 1, 1).expand(Hkv, G, T, 1).reshape(Hkv, G * T, 1)
@@ -49,26 +52,62 @@ def attention(
     return out.reshape(Hkv, G, T, -1).permute(2, 0, 1, 3).reshape(T, H, -1).to(q.dtype)
 
 
+@dataclass
+class SeqAttention:
+    """One sequence's rows [start, end) of the batch, its KV slot, how many cached positions it sees."""
+
+    start: int
+    end: int
+    slot: int
+    length: int
+    mask: torch.Tensor | None  # [rows, length]; None when a single new token sees every key
+
+
+@dataclass
+class AttentionPlan:
+    """What every layer of one forward needs to attend, worked out once for the whole batch."""
+
+    slots: torch.Tensor  # [T] the KV slot of each row
+    positions: torch.Tensor  # [T]
+    seqs: list[SeqAttention]
+
+
+def plan_attention(positions: torch.Tensor, seqs, window: int | None, max_len: int) -> AttentionPlan:
+    """Per-sequence lengths and masks for `seqs` (engine.kv_cache.SeqSpan), shared by all layers."""
+    pos_list = positions.tolist()  # one host sync per forward, not per layer
+    slots = torch.empty(len(pos_list), dtype=torch.long)
+    plans = []
+    for s in seqs:
+        last = max(pos_list[s.start : s.end])
+        if last >= max_len:
+            raise ValueError(f"position {last} is past the KV cache length {max_len}")
+        slots[s.start : s.end] = s.slot
+        length = last + 1
+        if s.end - s.start == 1 and (window is None or length <= window):
+            mask = None
+        else:
+            k_pos = torch.arange(length, device=positions.device)
+            mask = attention_mask(positions[s.start : s.end], k_pos, window)
+        plans.append(SeqAttention(s.start, s.end, s.slot, length, mask))
+    return AttentionPlan(slots.to(positions.device), positions, plans)
+
+
 def cached_attention(
     q: torch.Tensor,  # [T, H, hd] (already rotated)
     k: torch.Tensor,  # [T, Hkv, hd] (already rotated)
     v: torch.Tensor,  # [T, Hkv, hdv]
-    positions: torch.Tensor,  # [T]
     kv,  # engine.kv_cache.KVCache
     layer: int,
-    seqs,  # list[engine.kv_cache.SeqSpan]
+    plan: AttentionPlan,
     scale: float,
-    window: int | None = None,
     sinks: torch.Tensor | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Store each sequence's new K/V in its cache slot, then attend over everything it holds: [T, H, hdv]."""
+    """Store every row's new K/V in its sequence's cache slot, then attend each sequence over what its
+    slot holds: [T, H, hdv]. Each sequence is computed on its own, so batching never changes its result."""
+    kv.write_rows(layer, plan.slots, plan.positions, k, v)
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-    for s in seqs:
-        pos = positions[s.start : s.end]
-        kv.write(layer, s.slot, pos, k[s.start : s.end], v[s.start : s.end])
-        length = int(pos.max()) + 1
-        K, V = kv.read(layer, s.slot, length)
-        mask = attention_mask(pos, torch.arange(length, device=q.device), window)
-        out[s.start : s.end] = attention(q[s.start : s.end], K, V, mask, scale, sinks=sinks, softcap=softcap)
+    for s in plan.seqs:
+        K, V = kv.read(layer, s.slot, s.length)
+        out[s.start : s.end] = attention(q[s.start : s.end], K, V, s.mask, scale, sinks=sinks, softcap=softcap)
     return out

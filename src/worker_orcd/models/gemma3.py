@@ -15,7 +15,7 @@ import torch
 from worker_orcd.engine.kv_cache import KVCache, SeqSpan, single_sequence
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import geglu
-from worker_orcd.kernels.attention import cached_attention
+from worker_orcd.kernels.attention import cached_attention, plan_attention
 from worker_orcd.kernels.norm import rms_norm
 from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq
 from worker_orcd.models.hparams import HParams
@@ -143,6 +143,10 @@ class Gemma3Model:
         T = tokens.shape[0]
         tokens, positions = tokens.to(self.device), positions.to(self.device)
         seqs = seqs or single_sequence(T)
+        plans = {  # keyed by is_global
+            False: plan_attention(positions, seqs, c.sliding_window, kv.max_len),
+            True: plan_attention(positions, seqs, None, kv.max_len),
+        }
         rope = {
             False: cos_sin(self.rope_local, positions, self.freq_local),
             True: cos_sin(self.rope_global, positions, self.freq_global),
@@ -157,8 +161,7 @@ class Gemma3Model:
             v = linear(h, layer.wv).reshape(T, c.n_kv_heads, c.head_dim)
             q = apply_rope(q, cos, sin, c.head_dim, neox=True)
             k = apply_rope(k, cos, sin, c.head_dim, neox=True)
-            window = None if is_global else c.sliding_window
-            out = cached_attention(q, k, v, positions, kv, i, seqs, self.scale, window=window)
+            out = cached_attention(q, k, v, kv, i, plans[is_global], self.scale)
             x = x + rms_norm(linear(out.reshape(T, -1), layer.wo), layer.post_attn_norm, c.norm_eps)
             h = rms_norm(x, layer.ffn_norm, c.norm_eps)
             y = linear(geglu(linear(h, layer.w_gate), linear(h, layer.w_up)), layer.w_down)

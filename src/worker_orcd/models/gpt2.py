@@ -10,7 +10,7 @@ import torch
 from worker_orcd.engine.kv_cache import KVCache, SeqSpan, single_sequence
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import gelu
-from worker_orcd.kernels.attention import cached_attention
+from worker_orcd.kernels.attention import cached_attention, plan_attention
 from worker_orcd.kernels.norm import layer_norm
 from worker_orcd.models.hparams import HParams
 from worker_orcd.models.weights import Weights, linear
@@ -118,11 +118,12 @@ class GPT2Model:
         if int(positions.max()) >= c.context_length:
             raise ValueError(f"position {int(positions.max())} is past GPT-2's {c.context_length} learned positions")
         seqs = seqs or single_sequence(T)
+        plan = plan_attention(positions, seqs, None, kv.max_len)
         x = self.tok_embd.embedding(tokens) + self._positions(positions)
         for i, layer in enumerate(self.layers):
             h = layer_norm(x, layer.ln1_w, layer.ln1_b, c.norm_eps)
             q, k, v = linear(h, layer.wqkv, layer.bqkv).reshape(T, 3, c.n_heads, c.head_dim).unbind(1)
-            out = cached_attention(q, k, v, positions, kv, i, seqs, self.scale)
+            out = cached_attention(q, k, v, kv, i, plan, self.scale)
             x = x + linear(out.reshape(T, -1), layer.wo, layer.bo)
             h = layer_norm(x, layer.ln2_w, layer.ln2_b, c.norm_eps)
             x = x + linear(gelu(linear(h, layer.w_up, layer.b_up), approximate=c.gelu_tanh), layer.w_down, layer.b_down)

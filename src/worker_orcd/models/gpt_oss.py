@@ -15,7 +15,7 @@ import torch
 from worker_orcd.engine.kv_cache import KVCache, SeqSpan, single_sequence
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import clamped_swiglu
-from worker_orcd.kernels.attention import cached_attention
+from worker_orcd.kernels.attention import cached_attention, plan_attention
 from worker_orcd.kernels.norm import rms_norm
 from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq, yarn_attn_factor
 from worker_orcd.models.hparams import HParams
@@ -186,6 +186,10 @@ class GptOssModel:
         T = tokens.shape[0]
         tokens, positions = tokens.to(self.device), positions.to(self.device)
         seqs = seqs or single_sequence(T)
+        plans = {  # keyed by is_sliding
+            True: plan_attention(positions, seqs, c.sliding_window, kv.max_len),
+            False: plan_attention(positions, seqs, None, kv.max_len),
+        }
         cos, sin = cos_sin(self.rope, positions, self.freq)
         x = self.tok_embd.embedding(tokens)
         for i, layer in enumerate(self.layers):
@@ -194,8 +198,7 @@ class GptOssModel:
             k = apply_rope(linear(h, layer.wk, layer.bk).reshape(T, c.n_kv_heads, c.head_dim), cos, sin, c.head_dim,
                            True)
             v = linear(h, layer.wv, layer.bv).reshape(T, c.n_kv_heads, c.head_dim)
-            window = c.sliding_window if c.is_sliding(i) else None
-            out = cached_attention(q, k, v, positions, kv, i, seqs, self.scale, window=window, sinks=layer.sinks)
+            out = cached_attention(q, k, v, kv, i, plans[c.is_sliding(i)], self.scale, sinks=layer.sinks)
             x = x + linear(out.reshape(T, -1), layer.wo, layer.bo)
             x = x + self.moe(layer, rms_norm(x, layer.ffn_norm, c.norm_eps))
         if logit_rows is not None:

@@ -14,7 +14,7 @@ import torch
 from worker_orcd.engine.kv_cache import KVCache, SeqSpan, single_sequence
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import swiglu
-from worker_orcd.kernels.attention import cached_attention
+from worker_orcd.kernels.attention import cached_attention, plan_attention
 from worker_orcd.kernels.norm import rms_norm
 from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq
 from worker_orcd.models.hparams import HParams
@@ -183,6 +183,7 @@ class LlamaModel:
         c = self.cfg
         tokens, positions = tokens.to(self.device), positions.to(self.device)
         seqs = seqs or single_sequence(tokens.shape[0])
+        plan = plan_attention(positions, seqs, None, kv.max_len)
         cos, sin = cos_sin(self.rope, positions, self.freq)
         x = self.tok_embd.embedding(tokens)  # [T, D]
         for i, layer in enumerate(self.layers):
@@ -190,7 +191,7 @@ class LlamaModel:
             q, k, v = self._qkv(layer, h)
             q = apply_rope(q, cos, sin, c.rope_dims, self.rope.neox)
             k = apply_rope(k, cos, sin, c.rope_dims, self.rope.neox)
-            out = cached_attention(q, k, v, positions, kv, i, seqs, self.scale)
+            out = cached_attention(q, k, v, kv, i, plan, self.scale)
             x = x + linear(out.reshape(x.shape[0], -1), layer.wo)
             x = x + self._ffn(layer, rms_norm(x, layer.ffn_norm, c.norm_eps))
         if logit_rows is not None:
