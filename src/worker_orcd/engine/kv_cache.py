@@ -28,13 +28,6 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def write(self, layer: int, slot: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [T, kv_heads, head_dim] at `positions` of `slot`."""
-        if int(positions.max()) >= self.max_len:
-            raise ValueError(f"position {int(positions.max())} is past the KV cache length {self.max_len}")
-        self.k[layer][slot][:, positions] = k.transpose(0, 1).to(self.k[layer].dtype)
-        self.v[layer][slot][:, positions] = v.transpose(0, 1).to(self.v[layer].dtype)
-
     def write_rows(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor) -> None:
         """Store k, v [T, kv_heads, head_dim]: row t goes to slot slots[t] at position positions[t]."""

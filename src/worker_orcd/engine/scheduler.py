@@ -134,7 +134,7 @@ class _Seq:
         self.prefilled = 0  # prompt tokens already in the KV cache
         self.history = list(req.prompt_ids)
         self.sampler = Sampler(req.params)
-        self.decoder = tokenizer.stream_decoder()
+        self.decoder = tokenizer.stream_decoder(continuation=True)  # generated text keeps a leading space
         self.stops = StopMatcher(req.stop)
         self.deadline = handle.stats.queued_at + req.timeout_s
 
