@@ -64,22 +64,31 @@ def pack_q8_0(raw: torch.Tensor, n: int, k: int) -> PackedWeight:
     return PackedWeight("q8_0", _words(q), d.contiguous(), n, k)
 
 
-def pack_mxfp4(raw: torch.Tensor, n: int, k: int) -> PackedWeight:
-    """MXFP4 blocks uint8 [rows, K/32*17] -> PackedWeight (code bits placed as the module doc says)."""
+def pack_mxfp4(raw: torch.Tensor, n: int, k: int, chunk_rows: int = 16384) -> PackedWeight:
+    """MXFP4 blocks uint8 [rows, K/32*17] -> PackedWeight (code bits placed as the module doc says).
+
+    Rows go through in chunks, so the int64 temporaries stay small next to the tensor itself.
+    """
     rows = raw.shape[0]
     b = raw.reshape(rows, k // 32, 17)
-    e = b[..., 0].contiguous()
-    qs = b[..., 1:17]
-    codes = torch.stack([qs & 0x0F, qs >> 4], dim=-2).reshape(rows, k // 32, 32).to(torch.int64)  # element order
-    dev = raw.device
+    words = torch.empty(rows, k // 8, dtype=torch.int32, device=raw.device)
+    for r in range(0, rows, chunk_rows):
+        words[r : r + chunk_rows] = _mxfp4_words(b[r : r + chunk_rows, :, 1:17]).reshape(-1, k // 8)
+    return PackedWeight("mxfp4", words, b[..., 0].contiguous(), n, k)
+
+
+def _mxfp4_words(qs: torch.Tensor) -> torch.Tensor:
+    """qs [rows, nb, 16] (ggml nibbles) -> int32 [rows, nb, 4] words."""
+    rows, nb, _ = qs.shape
+    codes = torch.stack([qs & 0x0F, qs >> 4], dim=-2).reshape(rows, nb, 32).to(torch.int64)  # element order
+    dev = qs.device
     i, s, h = torch.arange(4, device=dev), torch.arange(4, device=dev), torch.arange(2, device=dev)
     elem = 8 * s[None, :, None] + 4 * h[None, None, :] + i[:, None, None]  # [word i, slot s, half h]
     c = codes[..., elem]  # [rows, nb, 4, 4, 2]
     mag_at = torch.tensor(MXFP4_MAG_BIT, device=dev)[:, None] + 16 * h[None, :]  # [s, h]
     sign_at = torch.tensor(MXFP4_SIGN_BIT, device=dev)[:, None] + 16 * h[None, :]
     words = (((c & 7) << mag_at) | ((c >> 3) << sign_at)).sum(dim=(-1, -2))  # disjoint bits: sum == or
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return PackedWeight("mxfp4", words.reshape(rows, k // 8).contiguous(), e, n, k)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 # ---------------------------------------------------------------- word decoders (shared by every kernel)
