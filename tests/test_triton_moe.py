@@ -5,12 +5,12 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from tests.test_triton_quant import random_blocks, rel_err
-
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # interpreter's sigmoid
 from worker_orcd.kernels.activations import clamped_swiglu
 from worker_orcd.kernels.triton_moe import moe_mxfp4, moe_reference
 from worker_orcd.quant import QuantTensor
 from worker_orcd.quant.mxfp4 import quantize_mxfp4
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # interpreter's sigmoid
 
 
 def experts(E: int, F: int, D: int, device: str):
