@@ -221,11 +221,10 @@ def main() -> None:
 
     g = {"BN": 8, "NB": 16, "STAGES": 0, "TARGET": 1024, "num_warps": 4}
     f32 = {"x": "f32"}
-    moe_cfgs = cfgs(g, f32, {**f32, "STAGES": 1}, {"BN": 16, "NB": 4}, {**f32, "BN": 16, "NB": 4, "STAGES": 1})
-    mx_cfgs = cfgs({**g, "BN": 16, "NB": 8}, f32, {**f32, "STAGES": 1}, {**f32, "BN": 8, "NB": 16, "STAGES": 1})
-    q8 = {"BN": 16, "NB": 4, "STAGES": 0, "TARGET": 1024, "num_warps": 4}
-    q8_cfgs = cfgs(q8, f32)
-    head_cfgs = cfgs({**q8, "BN": 32, "STAGES": 3}, {"BN": 32, "STAGES": 3, **f32})
+    moe_cfgs = cfgs(g, f32, {"BN": 16, "NB": 4})
+    mx_cfgs = cfgs({**g, "BN": 16, "NB": 8}, f32, {"BN": 8, "NB": 16})
+    q8_cfgs = [None]
+    head_cfgs = [None]
     if args.profile:
         moe = [quant(T.MXFP4, (E, F, D), gen), torch.randn(E, F, device="cuda"), quant(T.MXFP4, (E, F, D), gen)]
         moe += [torch.randn(E, F, device="cuda"), quant(T.MXFP4, (E, D, F), gen), torch.randn(E, D, device="cuda")]
@@ -245,10 +244,12 @@ def main() -> None:
     bench_matmul("Q8_0 attn q 4096x2880", T.Q8_0, 4096, D, 1, 24, q8_cfgs, copy_gbs, gen)
     bench_matmul("Q8_0 head 201088x2880", T.Q8_0, 201088, D, 1, 1, head_cfgs, copy_gbs, gen)
     bench_matmul("MXFP4 dense 23040x2880", T.MXFP4, 8 * F, D, 1, 8, mx_cfgs, copy_gbs, gen)
-    small = [None]
-    big = cfgs({"BM": 128, "BN": 128, "NB": 4, "num_warps": 8, "num_stages": 3}, {"BN": 256})
+    small = [None, {"BM": 16, "BN": 64, "NB": 4, "num_warps": 4, "num_stages": 3}]  # GEMV per row vs tl.dot
+    big = [None]
     bench_matmul("Q8_0 attn q 4096x2880", T.Q8_0, 4096, D, 4, 24, small, copy_gbs, gen)
     bench_matmul("MXFP4 dense 23040x2880", T.MXFP4, 8 * F, D, 4, 8, small, copy_gbs, gen)
+    bench_matmul("Q8_0 attn q 4096x2880", T.Q8_0, 4096, D, 8, 24, small, copy_gbs, gen)
+    bench_matmul("MXFP4 dense 23040x2880", T.MXFP4, 8 * F, D, 8, 8, small, copy_gbs, gen)
     bench_matmul("Q8_0 attn q 4096x2880", T.Q8_0, 4096, D, 512, 4, big, copy_gbs, gen)
     bench_matmul("MXFP4 23040x2880", T.MXFP4, 8 * F, D, 512, 2, big, copy_gbs, gen)
     print(f"\ncopy {copy_gbs:.0f} GB/s\n{head}\n" + "\n".join(ROWS))

@@ -55,6 +55,7 @@ def test_gemv_split_k_and_bf16(kind):
     cfg = {"BN": 8, "NB": 1, "STAGES": 1, "TARGET": 64, "num_warps": 1}  # 2 row tiles -> 4+ splits
     assert split_k(7, 2, 1, 64)[0] > 1
     check(kind, 12, 224, 1, torch.float32, 1e-5, cfg=cfg)
+    check(kind, 12, 224, 3, torch.float32, 1e-5, cfg=cfg)  # a few rows of x: one GEMV program per row
     check(kind, 12, 224, 1, torch.bfloat16, 1e-2, cfg=cfg)
 
 

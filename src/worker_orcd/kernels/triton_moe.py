@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from worker_orcd.kernels.activations import clamped_swiglu
-from worker_orcd.kernels.triton_quant import INTERPRET, PackedWeight, _mxfp4_gemv_tile, split_k
+from worker_orcd.kernels.triton_quant import INTERPRET, PackedWeight, _mxfp4_gemv_tile, split_k, sum_partials_kernel
 from worker_orcd.quant.tensor import QuantTensor
 
 SWIGLU_LIMIT = 7.0
@@ -91,17 +91,6 @@ def _down_kernel(
     tl.store(out_ptr + (p * tl.num_programs(2) + split) * D + d, y * tl.load(w_ptr + p).to(tl.float32), mask=d < D)
 
 
-@triton.jit
-def _sum_rows_kernel(part_ptr, y_ptr, D, R: tl.constexpr, BD: tl.constexpr):
-    """y[t, d] = sum over r of part[t, r, d], in order, stored in y's dtype."""
-    t = tl.program_id(0)
-    d = tl.program_id(1) * BD + tl.arange(0, BD)
-    acc = tl.zeros([BD], dtype=tl.float32)
-    for r in tl.static_range(R):
-        acc += tl.load(part_ptr + (t * R + r) * D + d, mask=d < D, other=0.0)
-    tl.store(y_ptr + t * D + d, acc.to(y_ptr.dtype.element_ty), mask=d < D)
-
-
 def moe_config() -> dict:
     """Row tiles, blocks per step, pipeline depth, and the program count that down's split-K aims for."""
     if INTERPRET:
@@ -150,7 +139,7 @@ def moe_mxfp4(
     part = moe_down(h, ids, top_w.reshape(-1).contiguous(), down, down_b, cfg)
     y = torch.empty(T, D, dtype=x.dtype, device=x.device) if out is None else out
     R = part.shape[0] // T * part.shape[1]  # the k experts (and down's K splits) of each token, in a fixed order
-    _sum_rows_kernel[(T, triton.cdiv(D, 1024))](part, y, D, R=R, BD=1024)
+    sum_partials_kernel[(T, triton.cdiv(D, 1024))](part, y, D, R * D, D, R=R, BJ=1024)
     return y
 
 

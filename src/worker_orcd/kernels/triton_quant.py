@@ -28,6 +28,8 @@ import triton.language as tl
 from worker_orcd.quant._bytes import f16
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+GEMV_MAX_M = 8  # up to this many rows of x: one GEMV program per row and tile (weights shared through L2)
+F16X2_ASM = tl.constexpr(not INTERPRET)  # inline PTX where it compiles; the interpreter takes the generic path
 
 # MXFP4 slot s: magnitude bits at MAG_BIT[s]..+2 and sign at SIGN_BIT[s] of each 16-bit half
 MXFP4_MAG_BIT = (0, 3, 10, 13)
@@ -112,8 +114,14 @@ def _mx_pair(w, s: tl.constexpr):
         h = ((w >> 1) & 0x0E000E00) | ((w << 8) & 0x80008000)
     else:
         h = ((w >> 4) & 0x0E000E00) | ((w << 7) & 0x80008000)
-    lo = (h & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    hi = (h >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    if F16X2_ASM:  # both halves straight into cvt.f32.f16 (the generic path adds a byte permute per pair)
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }",
+            "=r,=r,r", [h], dtype=(tl.float32, tl.float32), is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        lo = (h & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (h >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     return lo, hi
 
 
@@ -273,8 +281,10 @@ def _gemv_kernel(
     w_ptr,
     s_ptr,
     y_ptr,
+    M,
     N,
     K,
+    stride_xm,
     CHUNK,
     IS_MXFP4: tl.constexpr,
     BN: tl.constexpr,
@@ -282,17 +292,33 @@ def _gemv_kernel(
     EVEN: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """y[split, n] = x . W[n] over the split's CHUNK blocks of K (one split: the whole row)."""
-    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    """y[split, m, n] = x[m] . W[n] over the split's CHUNK blocks of K (one split: the whole row).
+
+    Rows m of x are the fastest grid axis, so their programs run together and share the tile through L2.
+    """
+    m = tl.program_id(0)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_in = tl.minimum(n, N - 1)  # clamped: loads need no mask, the store is masked
-    split = tl.program_id(1)
+    split = tl.program_id(2)
     kb_lo = split * CHUNK
     kb_hi = tl.minimum(kb_lo + CHUNK, K // 32)
+    x = x_ptr + m * stride_xm
     if IS_MXFP4:
-        acc, _ = _mxfp4_gemv_tile(x_ptr, w_ptr, s_ptr, w_ptr, s_ptr, n_in, K, kb_lo, kb_hi, BN, NB, EVEN, STAGES, False)
+        acc, _ = _mxfp4_gemv_tile(x, w_ptr, s_ptr, w_ptr, s_ptr, n_in, K, kb_lo, kb_hi, BN, NB, EVEN, STAGES, False)
     else:
-        acc = _q8_0_gemv_tile(x_ptr, w_ptr, s_ptr, n_in, K, kb_lo, kb_hi, BN, NB, EVEN, STAGES)
-    tl.store(y_ptr + split * N + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
+        acc = _q8_0_gemv_tile(x, w_ptr, s_ptr, n_in, K, kb_lo, kb_hi, BN, NB, EVEN, STAGES)
+    tl.store(y_ptr + (split * M + m) * N + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
+
+
+@triton.jit
+def sum_partials_kernel(part_ptr, y_ptr, J, stride_i, stride_r, R: tl.constexpr, BJ: tl.constexpr):
+    """y[i, j] = sum over r < R, in order, of part[i * stride_i + r * stride_r + j]; stored in y's dtype."""
+    i = tl.program_id(0)
+    j = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    acc = tl.zeros([BJ], dtype=tl.float32)
+    for r in tl.static_range(R):
+        acc += tl.load(part_ptr + i * stride_i + r * stride_r + j, mask=j < J, other=0.0)
+    tl.store(y_ptr + i * J + j, acc.to(y_ptr.dtype.element_ty), mask=j < J)
 
 
 def split_k(nblk: int, tiles: int, nb: int, target: int) -> tuple[int, int]:
@@ -397,7 +423,8 @@ def quant_matmul(
 ) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., N] in x.dtype (into `out`, contiguous [M, N], if given), W one packed 2-D weight.
 
-    float32 x decodes fastest (bf16 costs the kernel a conversion per element it reads).
+    Up to GEMV_MAX_M rows: the CUDA-core GEMV; more: tl.dot tiles. A cfg picks its kernel by its keys
+    (gemv_config's or gemm_config's).
     """
     if x.shape[-1] != w.k:
         raise ValueError(f"quant_matmul: x has {x.shape[-1]} features, weight has {w.k}")
@@ -412,49 +439,25 @@ def quant_matmul(
     if M == 0:
         return y.reshape(*lead, w.n)
     mx = _is_mxfp4(w)
-    if M == 1:
+    if (cfg is None and M <= GEMV_MAX_M) or (cfg is not None and "BM" not in cfg):
         c = dict(cfg or gemv_config(w))
         BN, NB, stages, target = c.pop("BN"), c.pop("NB"), c.pop("STAGES"), c.pop("TARGET")
         nblk = w.k // 32
         tiles = triton.cdiv(w.n, BN)
-        splits, chunk = split_k(nblk, tiles, NB, target)
-        out = y if splits == 1 else torch.empty(splits, w.n, dtype=torch.float32, device=x.device)
-        _gemv_kernel[(tiles, splits)](
-            x2,
-            w.codes,
-            w.scales,
-            out,
-            w.n,
-            w.k,
-            chunk,
-            IS_MXFP4=mx,
-            BN=BN,
-            NB=NB,
-            EVEN=nblk % chunk == 0,
-            STAGES=stages,
-            **c,
-        )
+        splits, chunk = split_k(nblk, tiles * M, NB, target)
+        part = y if splits == 1 else torch.empty(splits, M, w.n, dtype=torch.float32, device=x.device)
+        _gemv_kernel[(M, tiles, splits)](
+            x2, w.codes, w.scales, part, M, w.n, w.k, x2.stride(0), chunk, IS_MXFP4=mx, BN=BN, NB=NB,
+            EVEN=nblk % chunk == 0, STAGES=stages, **c,
+        )  # fmt: skip
         if splits > 1:
-            torch.sum(out, 0, keepdim=True, out=y) if y.dtype == torch.float32 else y.copy_(out.sum(0, keepdim=True))
+            sum_partials_kernel[(1, triton.cdiv(M * w.n, 1024))](part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024)
     else:
         c = dict(cfg or gemm_config(w, M))
         BM, BN, NB = c.pop("BM"), c.pop("BN"), c.pop("NB")
         grid = (triton.cdiv(w.n, BN), triton.cdiv(M, BM))
         _gemm_kernel[grid](
-            x2,
-            w.codes,
-            w.scales,
-            y,
-            M,
-            w.n,
-            w.k,
-            x2.stride(0),
-            y.stride(0),
-            IS_MXFP4=mx,
-            BM=BM,
-            BN=BN,
-            NB=NB,
-            DOT_F32=INTERPRET,
-            **c,
-        )
+            x2, w.codes, w.scales, y, M, w.n, w.k, x2.stride(0), y.stride(0), IS_MXFP4=mx, BM=BM, BN=BN, NB=NB,
+            DOT_F32=INTERPRET, **c,
+        )  # fmt: skip
     return y.reshape(*lead, w.n)
