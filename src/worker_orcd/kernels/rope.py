@@ -63,19 +63,26 @@ def yarn_attn_factor(factor: float) -> float:
 
 
 def cos_sin(cfg: RopeConfig, positions: torch.Tensor, freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [T, n_rot/2] in float32 for integer positions [T]."""
+    """cos and sin [T, n_rot] in float32 for integer positions [T], laid out like the dims they rotate
+    (halves for NEOX, adjacent pairs for NORM), so applying them is two multiplies and an add."""
     angles = positions.to(torch.float64)[:, None] * freq[None, :]
-    return (angles.cos() * cfg.attn_factor).float(), (angles.sin() * cfg.attn_factor).float()
+    cos, sin = (angles.cos() * cfg.attn_factor).float(), (angles.sin() * cfg.attn_factor).float()
+    if cfg.neox:
+        return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+    return cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int, neox: bool) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] by cos/sin [T, n_rot/2]; dims past n_rot pass through."""
-    rot, rest = x[..., :n_rot].float(), x[..., n_rot:]
-    c, s = cos[:, None, :], sin[:, None, :]
+    """Rotate x [T, heads, head_dim] by cos/sin [T, n_rot] from cos_sin; dims past n_rot pass through.
+
+    x*cos + rotate(x)*sin, where rotate maps each pair (a, b) to (-b, a).
+    """
+    rot = x[..., :n_rot]
     if neox:
-        a, b = rot[..., : n_rot // 2], rot[..., n_rot // 2 :]
-        out = torch.cat([a * c - b * s, a * s + b * c], dim=-1)
+        half = n_rot // 2
+        turned = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
     else:
-        a, b = rot[..., 0::2], rot[..., 1::2]
-        out = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
-    return torch.cat([out.to(x.dtype), rest], dim=-1) if rest.shape[-1] else out.to(x.dtype)
+        pairs = rot.unflatten(-1, (n_rot // 2, 2))
+        turned = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    out = rot * cos[:, None, :] + turned * sin[:, None, :]
+    return torch.cat([out, x[..., n_rot:]], dim=-1) if n_rot < x.shape[-1] else out

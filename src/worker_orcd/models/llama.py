@@ -153,16 +153,14 @@ class LlamaModel:
         c = self.cfg
         return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, n_slots, dtype, self.device)
 
-    def _qkv(self, layer: LlamaLayer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        c = self.cfg
-        T = h.shape[0]
+    def _qkv(self, layer: LlamaLayer, h: torch.Tensor) -> torch.Tensor:
+        """q|k|v heads side by side: [T, H + 2*Hkv, head_dim]."""
         if layer.wqkv is not None:
             qkv = linear(h, layer.wqkv, layer.bqkv)
-            q, k, v = qkv.split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
         else:
-            q, k, v = linear(h, layer.wq, layer.bq), linear(h, layer.wk, layer.bk), linear(h, layer.wv, layer.bv)
-        return (q.reshape(T, c.n_heads, c.head_dim), k.reshape(T, c.n_kv_heads, c.head_dim),
-                v.reshape(T, c.n_kv_heads, c.head_dim))
+            qkv = torch.cat([linear(h, layer.wq, layer.bq), linear(h, layer.wk, layer.bk),
+                             linear(h, layer.wv, layer.bv)], dim=-1)
+        return qkv.reshape(h.shape[0], -1, self.cfg.head_dim)
 
     def _ffn(self, layer: LlamaLayer, h: torch.Tensor) -> torch.Tensor:
         if layer.w_gate is None:
@@ -188,9 +186,9 @@ class LlamaModel:
         x = self.tok_embd.embedding(tokens)  # [T, D]
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, c.norm_eps)
-            q, k, v = self._qkv(layer, h)
-            q = apply_rope(q, cos, sin, c.rope_dims, self.rope.neox)
-            k = apply_rope(k, cos, sin, c.rope_dims, self.rope.neox)
+            qkv = self._qkv(layer, h)
+            qk = apply_rope(qkv[:, : c.n_heads + c.n_kv_heads], cos, sin, c.rope_dims, self.rope.neox)  # one call
+            q, k, v = qk[:, : c.n_heads], qk[:, c.n_heads :], qkv[:, c.n_heads + c.n_kv_heads :]
             out = cached_attention(q, k, v, kv, i, plan, self.scale)
             x = x + linear(out.reshape(x.shape[0], -1), layer.wo)
             x = x + self._ffn(layer, rms_norm(x, layer.ffn_norm, c.norm_eps))
