@@ -1,8 +1,10 @@
 """Quantized matmul on CUDA: fused Triton dequantize + GEMV/GEMM where a kernel exists, else the reference.
 
 Q8_0 and MXFP4 weights are repacked once, on first use, into the layouts of kernels/triton_quant.py
-(still 8.5 / 4.25 bits per weight, never expanded) and kept beside the raw blocks. Every other format
-dequantizes per call (correct everywhere, fast nowhere) until its kernel lands.
+(still 8.5 / 4.25 bits per weight, never expanded) and kept beside the raw blocks. Every other format,
+and float64 activations, dequantize per call (correct everywhere, fast nowhere) until a kernel lands.
+Decode rows (a few) run a CUDA-core GEMV accumulating in float32; prefill rows run tl.dot on bf16
+operands (relative error ~2e-3).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def packed(w: QuantTensor) -> PackedWeight | None:
 def gpu_matmul(w: QuantTensor, x: torch.Tensor) -> torch.Tensor:
     """The CUDA entry of MATMUL_KERNELS (any device works, through the Triton interpreter on CPU)."""
     p = packed(w)
-    if p is None:
+    if p is None or x.dtype == torch.float64:  # the kernels accumulate in float32; float64 asks for the reference
         return dequantize_matmul(w, x)
     return quant_matmul(p, x)
 
