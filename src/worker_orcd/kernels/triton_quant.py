@@ -11,7 +11,8 @@ MXFP4: codes uint32 [N, K/8], exponents uint8 [N, K/32]. Word i (0..3) of a bloc
       SIGN_BIT[s]. One shift and mask (slots 0, 1; two shifts for 2, 3) puts a slot's two codes into the
       sign, exponent-low and top-mantissa bits of an f16 pair: f16 value = E2M1 value * 2^-14 (subnormals
       give 0 and 0.5 exactly), and w = f16 * 2^14 * 2^(e-127), ggml's doubled table times 2^(e-128).
-      Exponent bytes 0 and 255 (scales below 2^-126, and NaN in OCP MX) read as 0 and 2^127.
+      Two exponent bytes differ from ggml: 0 scales by 0 (ggml: 2^-127) and 255 by 2^127 (ggml: 2^128);
+      real weights use neither (OCP MX reserves 255 for NaN).
 
 The torch reference is `quant.dequantize` followed by a matmul (`tensor.dequantize_matmul`).
 """
