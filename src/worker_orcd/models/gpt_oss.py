@@ -20,11 +20,12 @@ from worker_orcd.kernels.norm import rms_norm
 from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq, yarn_attn_factor
 from worker_orcd.models.hparams import HParams
 from worker_orcd.models.weights import Weights, linear
-from worker_orcd.quant import QuantTensor
+from worker_orcd.quant import GGMLType, QuantTensor
 
 ARCHITECTURES = ("gpt-oss",)
 SWIGLU_LIMIT = 7.0
 SWIGLU_ALPHA = 1.702
+FUSED_MOE_MAX_TOKENS = 8  # decode-sized inputs take the fused Triton MoE on CUDA; prefill loops over experts
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,11 @@ class GptOssModel:
         logits = linear(h, layer.router, layer.router_b)  # [T, E]
         top_logits, top_ids = torch.topk(logits, k, dim=-1)  # [T, k]
         weights = torch.softmax(top_logits.float(), dim=-1)
+        if h.is_cuda and h.shape[0] <= FUSED_MOE_MAX_TOKENS and layer.gate.ggml_type == GGMLType.MXFP4:
+            from worker_orcd.kernels.triton_moe import moe_mxfp4
+
+            return moe_mxfp4(h, top_ids, weights, layer.gate, layer.gate_b, layer.up, layer.up_b, layer.down,
+                             layer.down_b, limit=SWIGLU_LIMIT, alpha=SWIGLU_ALPHA)
         out = torch.zeros_like(h, dtype=torch.float32)
         for e in torch.unique(top_ids).tolist():
             rows, slot = torch.nonzero(top_ids == e, as_tuple=True)
