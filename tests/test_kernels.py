@@ -7,6 +7,7 @@ import torch
 
 from worker_orcd.kernels.activations import clamped_swiglu, geglu, gelu, swiglu
 from worker_orcd.kernels.attention import attention, attention_mask
+from worker_orcd.kernels.embedding import absolute_position_embedding
 from worker_orcd.kernels.norm import layer_norm, rms_norm
 from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq
 
@@ -99,3 +100,13 @@ def test_attention_gqa_against_loops(window, sinks):
     mask = attention_mask(q_pos, torch.arange(L), window)
     out = attention(q, k, v, mask, 0.3, sinks=sink)
     assert rel_err(out, _attention_reference(q, k, v, q_pos, window, 0.3, sink)) < 1e-5
+
+
+def test_absolute_position_embedding():
+    tok, table = torch.randn(5, 33) * 1e3, torch.randn(64, 33)
+    pos = torch.tensor([0, 1, 63, 7, 7])
+    out = absolute_position_embedding(tok, table, pos)
+    ref = torch.stack([tok[i].double() + table[int(p)].double() for i, p in enumerate(pos)])
+    assert rel_err(out, ref) < 1e-7
+    with pytest.raises(ValueError, match="past the 64 learned positions"):
+        absolute_position_embedding(tok[:1], table, torch.tensor([64]))

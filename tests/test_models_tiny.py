@@ -12,7 +12,7 @@ import worker_orcd
 fixtures = pytest.importorskip("tests.fixtures.hf_to_gguf")
 
 ARCHES = ["llama", "qwen2", "phi3", "gpt2", "gemma3", "gpt-oss"]
-N_TOKENS = 40  # longer than the tiny sliding windows
+N_TOKENS = 64  # longer than the tiny sliding windows (4): both layer kinds and the sinks are exercised
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -54,6 +54,15 @@ def test_quantized_logits_match_transformers_on_dequantized_weights(tmp_path, ar
     ids = token_ids(model)
     ours = worker_orcd.load(path, device="cpu").logits(ids)
     assert cosine(ours, hf_logits(ref_model, ids)) >= 0.99
+
+
+def test_gpt_oss_mxfp4_experts_match_transformers_on_the_same_expert_weights(tmp_path):
+    model = fixtures.make_tiny_model("gpt-oss", seed=0)
+    path = fixtures.write_gguf(model, tmp_path / "gpt-oss-mxfp4.gguf", "MXFP4")
+    ref_model = fixtures.roundtrip_quantized(model, "MXFP4")  # experts MXFP4 -> float, the rest as written
+    ids = token_ids(model)
+    ours = worker_orcd.load(path, device="cpu").logits(ids)
+    assert rel_err(ours, hf_logits(ref_model, ids)) < 1e-4
 
 
 def test_incremental_decode_equals_full_forward(tmp_path):

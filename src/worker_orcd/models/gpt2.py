@@ -11,6 +11,7 @@ from worker_orcd.engine.kv_cache import KVCache, SeqSpan, single_sequence
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import gelu
 from worker_orcd.kernels.attention import cached_attention, plan_attention
+from worker_orcd.kernels.embedding import absolute_position_embedding
 from worker_orcd.kernels.norm import layer_norm
 from worker_orcd.models.hparams import HParams
 from worker_orcd.models.weights import Weights, linear
@@ -78,7 +79,8 @@ class GPT2Model:
         self.device = w.device
         D, F = cfg.dim, cfg.ffn_dim
         self.tok_embd = w.matrix("token_embd.weight", (cfg.vocab_size, D))
-        self.pos_embd = w["position_embd.weight"]
+        pos = w["position_embd.weight"]  # learned rows, small: kept dense
+        self.pos_embd = pos.dequantize() if isinstance(pos, QuantTensor) else pos
         self.ln_f_w, self.ln_f_b = w.vector("output_norm.weight"), w.vector("output_norm.bias")
         self.output = w.matrix("output.weight", (cfg.vocab_size, D)) if "output.weight" in w else self.tok_embd
         self.layers = []
@@ -98,11 +100,6 @@ class GPT2Model:
         c = self.cfg
         return KVCache(c.n_layers, c.n_heads, c.head_dim, max_len, n_slots, dtype, self.device)
 
-    def _positions(self, positions: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.pos_embd, QuantTensor):
-            return self.pos_embd.embedding(positions)
-        return self.pos_embd[positions]
-
     @torch.inference_mode()
     def forward(
         self,
@@ -115,11 +112,9 @@ class GPT2Model:
         c = self.cfg
         T = tokens.shape[0]
         tokens, positions = tokens.to(self.device), positions.to(self.device)
-        if int(positions.max()) >= c.context_length:
-            raise ValueError(f"position {int(positions.max())} is past GPT-2's {c.context_length} learned positions")
         seqs = seqs or single_sequence(T)
         plan = plan_attention(positions, seqs, None, kv.max_len)
-        x = self.tok_embd.embedding(tokens) + self._positions(positions)
+        x = absolute_position_embedding(self.tok_embd.embedding(tokens), self.pos_embd, positions)
         for i, layer in enumerate(self.layers):
             h = layer_norm(x, layer.ln1_w, layer.ln1_b, c.norm_eps)
             q, k, v = linear(h, layer.wqkv, layer.bqkv).reshape(T, 3, c.n_heads, c.head_dim).unbind(1)
