@@ -29,7 +29,7 @@ class IdDecoder:
 class IdTokenizer:
     eog_ids = [EOS]
 
-    def stream_decoder(self) -> IdDecoder:
+    def stream_decoder(self, continuation: bool = False) -> IdDecoder:
         return IdDecoder()
 
 
