@@ -111,3 +111,48 @@ def cached_attention(
         K, V = kv.read(layer, s.slot, s.length)
         out[s.start : s.end] = attention(q[s.start : s.end], K, V, s.mask, scale, sinks=sinks, softcap=softcap)
     return out
+
+
+def decode_mask(positions: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+    """[B, length] bool for one new token per row at `positions` [B], built on the device (no host sync):
+    with every sequence's keys at cache positions 0..length-1, later positions (stale or unwritten) are hidden."""
+    return attention_mask(positions, torch.arange(length, device=positions.device), window)
+
+
+def static_decode_attention(
+    q: torch.Tensor,  # [B, H, hd] (already rotated), one new token per sequence
+    k: torch.Tensor,  # [B, Hkv, hd] (already rotated)
+    v: torch.Tensor,  # [B, Hkv, hdv]
+    kv,  # engine.kv_cache.KVCache
+    layer: int,
+    slots: torch.Tensor,  # [B] each row's KV slot, on the device
+    positions: torch.Tensor,  # [B] on the device
+    mask: torch.Tensor,  # [B, length] from decode_mask
+    scale: float,
+    sinks: torch.Tensor | None = None,  # [H]
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Decode attention whose shapes depend only on (B, length), never on the positions' values, so a CUDA
+    graph can hold it: write the new K/V, then attend over the first `length` cache positions of each slot.
+    Returns [B, H, hdv]."""
+    kv.write_rows(layer, slots, positions, k, v)
+    length = mask.shape[1]
+    K = kv.k[layer][slots, :, :length].float()  # [B, Hkv, L, hd] (a gather: slots live on the device)
+    V = kv.v[layer][slots, :, :length].float()
+    B, H, hd = q.shape
+    Hkv = K.shape[1]
+    G = H // Hkv
+    qg = q.float().reshape(B, Hkv, G, hd)
+    scores = torch.einsum("bkgd,bkld->bkgl", qg, K) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    if sinks is not None:
+        # The sink is one extra column per head: it takes probability mass, then is dropped.
+        sink_col = sinks.float().reshape(1, Hkv, G, 1).expand(B, Hkv, G, 1)
+        scores = torch.cat([scores, sink_col], dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    out = torch.einsum("bkgl,bkld->bkgd", probs, V)
+    return out.reshape(B, H, -1).to(q.dtype)

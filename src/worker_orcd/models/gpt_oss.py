@@ -15,7 +15,7 @@ import torch
 from worker_orcd.engine.kv_cache import KVCache, SeqSpan, single_sequence
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import clamped_swiglu
-from worker_orcd.kernels.attention import cached_attention, plan_attention
+from worker_orcd.kernels.attention import cached_attention, decode_mask, plan_attention, static_decode_attention
 from worker_orcd.kernels.norm import rms_norm
 from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq, yarn_attn_factor
 from worker_orcd.models.hparams import HParams
@@ -158,8 +158,10 @@ class GptOssModel:
         c = self.cfg
         return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, n_slots, dtype, self.device)
 
-    def moe(self, layer: GptOssLayer, h: torch.Tensor) -> torch.Tensor:
-        """Route each token to its top-k experts; softmax over the k chosen logits; weighted sum. [T, D]"""
+    def moe(self, layer: GptOssLayer, h: torch.Tensor, static: bool = False) -> torch.Tensor:
+        """Route each token to its top-k experts; softmax over the k chosen logits; weighted sum. [T, D]
+
+        static: no host sync (CUDA graphs), so without the fused kernel every expert runs on every token."""
         k = self.cfg.n_experts_used
         logits = linear(h, layer.router, layer.router_b)  # [T, E]
         top_logits, top_ids = torch.topk(logits, k, dim=-1)  # [T, k]
@@ -169,6 +171,8 @@ class GptOssModel:
 
             return moe_mxfp4(h, top_ids, weights, layer.gate, layer.gate_b, layer.up, layer.up_b, layer.down,
                              layer.down_b, limit=SWIGLU_LIMIT, alpha=SWIGLU_ALPHA)
+        if static:
+            return self._moe_every_expert(layer, h, top_ids, weights)
         out = torch.zeros_like(h, dtype=torch.float32)
         for e in torch.unique(top_ids).tolist():
             rows, slot = torch.nonzero(top_ids == e, as_tuple=True)
@@ -177,6 +181,19 @@ class GptOssModel:
             u = linear(x, expert(layer.up, e), layer.up_b[e])
             y = linear(clamped_swiglu(g, u, SWIGLU_LIMIT, SWIGLU_ALPHA), expert(layer.down, e), layer.down_b[e])
             out.index_add_(0, rows, y.float() * weights[rows, slot, None])
+        return out.to(h.dtype)
+
+    def _moe_every_expert(self, layer: GptOssLayer, h: torch.Tensor, top_ids: torch.Tensor,
+                          weights: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, weighted by a dense [T, E] routing matrix (zero off the top-k):
+        shapes independent of the routing, at E/k times the work. [T, D]"""
+        dense = torch.zeros(h.shape[0], self.cfg.n_experts, device=h.device).scatter(1, top_ids, weights)
+        out = torch.zeros_like(h, dtype=torch.float32)
+        for e in range(self.cfg.n_experts):
+            g = linear(h, expert(layer.gate, e), layer.gate_b[e])
+            u = linear(h, expert(layer.up, e), layer.up_b[e])
+            y = linear(clamped_swiglu(g, u, SWIGLU_LIMIT, SWIGLU_ALPHA), expert(layer.down, e), layer.down_b[e])
+            out += y.float() * dense[:, e, None]
         return out.to(h.dtype)
 
     @torch.inference_mode()
@@ -209,6 +226,34 @@ class GptOssModel:
             x = x + self.moe(layer, rms_norm(x, layer.ffn_norm, c.norm_eps))
         if logit_rows is not None:
             x = x[logit_rows]
+        return linear(rms_norm(x, self.output_norm, c.norm_eps), self.output).float()
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        tokens: torch.Tensor,  # [B] one new token per sequence, on the device
+        positions: torch.Tensor,  # [B] on the device
+        slots: torch.Tensor,  # [B] each sequence's KV slot, on the device
+        kv: KVCache,
+        length: int,  # every row attends over cache positions 0..length-1 (masked past its own position)
+    ) -> torch.Tensor:
+        """One decode step whose shapes depend only on (B, length) and that never syncs with the host, so
+        engine/cuda_graphs.py can capture it. [B, vocab] float32."""
+        c = self.cfg
+        B = tokens.shape[0]
+        masks = {True: decode_mask(positions, length, c.sliding_window), False: decode_mask(positions, length, None)}
+        cos, sin = cos_sin(self.rope, positions, self.freq)
+        x = self.tok_embd.embedding(tokens)
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.attn_norm, c.norm_eps)
+            q = apply_rope(linear(h, layer.wq, layer.bq).reshape(B, c.n_heads, c.head_dim), cos, sin, c.head_dim, True)
+            k = apply_rope(linear(h, layer.wk, layer.bk).reshape(B, c.n_kv_heads, c.head_dim), cos, sin, c.head_dim,
+                           True)
+            v = linear(h, layer.wv, layer.bv).reshape(B, c.n_kv_heads, c.head_dim)
+            out = static_decode_attention(q, k, v, kv, i, slots, positions, masks[c.is_sliding(i)], self.scale,
+                                          sinks=layer.sinks)
+            x = x + linear(out.reshape(B, -1), layer.wo, layer.bo)
+            x = x + self.moe(layer, rms_norm(x, layer.ffn_norm, c.norm_eps), static=True)
         return linear(rms_norm(x, self.output_norm, c.norm_eps), self.output).float()
 
 

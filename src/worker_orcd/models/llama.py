@@ -14,7 +14,7 @@ import torch
 from worker_orcd.engine.kv_cache import KVCache, SeqSpan, single_sequence
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import swiglu
-from worker_orcd.kernels.attention import cached_attention, plan_attention
+from worker_orcd.kernels.attention import cached_attention, decode_mask, plan_attention, static_decode_attention
 from worker_orcd.kernels.norm import rms_norm
 from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq
 from worker_orcd.models.hparams import HParams
@@ -194,4 +194,28 @@ class LlamaModel:
             x = x + self._ffn(layer, rms_norm(x, layer.ffn_norm, c.norm_eps))
         if logit_rows is not None:
             x = x[logit_rows]
+        return linear(rms_norm(x, self.output_norm, c.norm_eps), self.output).float()
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        tokens: torch.Tensor,  # [B] one new token per sequence, on the device
+        positions: torch.Tensor,  # [B] on the device
+        slots: torch.Tensor,  # [B] each sequence's KV slot, on the device
+        kv: KVCache,
+        length: int,  # every row attends over cache positions 0..length-1 (masked past its own position)
+    ) -> torch.Tensor:
+        """One decode step whose shapes depend only on (B, length) and that never syncs with the host, so
+        engine/cuda_graphs.py can capture it. [B, vocab] float32."""
+        c = self.cfg
+        mask = decode_mask(positions, length, None)
+        cos, sin = cos_sin(self.rope, positions, self.freq)
+        x = self.tok_embd.embedding(tokens)  # [B, D]
+        for i, layer in enumerate(self.layers):
+            qkv = self._qkv(layer, rms_norm(x, layer.attn_norm, c.norm_eps))
+            qk = apply_rope(qkv[:, : c.n_heads + c.n_kv_heads], cos, sin, c.rope_dims, self.rope.neox)
+            q, k, v = qk[:, : c.n_heads], qk[:, c.n_heads :], qkv[:, c.n_heads + c.n_kv_heads :]
+            out = static_decode_attention(q, k, v, kv, i, slots, positions, mask, self.scale)
+            x = x + linear(out.reshape(x.shape[0], -1), layer.wo)
+            x = x + self._ffn(layer, rms_norm(x, layer.ffn_norm, c.norm_eps))
         return linear(rms_norm(x, self.output_norm, c.norm_eps), self.output).float()
