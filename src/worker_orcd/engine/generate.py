@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,7 @@ def generate_steps(
     tokens = torch.tensor(prompt_ids, dtype=torch.long)
     positions = torch.arange(len(prompt_ids))
     logits = model.forward(tokens, positions, kv, logit_rows=torch.tensor([len(prompt_ids) - 1]))[-1]
+    decode = _decoder(model, kv)
     for i in range(max_tokens):
         token = sampler(logits, history)
         history.append(token)
@@ -59,7 +61,20 @@ def generate_steps(
             yield _last_step(token, text, decoder, stops, "max_tokens")
             return
         yield Step(token, text)
-        logits = model.forward(torch.tensor([token]), torch.tensor([len(history) - 1]), kv)[-1]
+        logits = decode(token, len(history) - 1)
+
+
+def _decoder(model, kv) -> Callable[[int, int], torch.Tensor]:
+    """decode(token, position) -> logits [vocab]: CUDA-graph replays where the model has a static decode step,
+    lives on CUDA and WORKER_ORCD_CUDA_GRAPHS=1 (opt-in until the graphs are validated on a GPU: see NOTES.md),
+    else the eager forward (CPU stays exactly as it was)."""
+    on_cuda = torch.device(getattr(model, "device", "cpu")).type == "cuda"
+    if on_cuda and hasattr(model, "decode") and os.environ.get("WORKER_ORCD_CUDA_GRAPHS") == "1":
+        from worker_orcd.engine.cuda_graphs import GraphedDecoder
+
+        graphed = GraphedDecoder(model, kv, batch_size=1)
+        return lambda token, pos: graphed.step([token], [pos], [0])[-1]
+    return lambda token, pos: model.forward(torch.tensor([token]), torch.tensor([pos]), kv)[-1]
 
 
 def _last_step(token: int, text: str, decoder, stops: StopMatcher, reason: str) -> Step:
