@@ -171,6 +171,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._draining = False
         self._stopped = False
+        self._threads = torch.get_num_threads()  # read here: torch's count is per calling thread
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self.steps = 0
 
@@ -259,6 +260,10 @@ class Scheduler:
     # -- the scheduler thread -------------------------------------------------------------------
 
     def _loop(self) -> None:
+        # The serving process has two busy threads: this one and the HTTP event loop (tokenizing, streaming).
+        # Intra-op threads on every core starve the other; all but one core for the model measured 1.8x
+        # faster decode on 2 cores (22 -> 40 tokens/s for one stream, 60 -> 123 for eight).
+        torch.set_num_threads(max(1, self._threads - 1))
         while True:
             with self._cv:
                 while not (self._running or self._waiting or self._stopped):

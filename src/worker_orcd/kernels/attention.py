@@ -33,7 +33,9 @@ def attention(
     # Fold the group into the query axis so K/V are never repeated: [Hkv, G*T, hd].
     qg = q.reshape(T, Hkv, G, hd).permute(1, 2, 0, 3).reshape(Hkv, G * T, hd)
     gmask = mask.repeat(G, 1) if mask is not None else None
-    if sinks is None and softcap is None:
+    # SDPA for prefill and on GPU (one kernel); for a single CPU decode row its dispatch costs ~250 us,
+    # ten times the three small ops below.
+    if sinks is None and softcap is None and (T > 1 or q.is_cuda):
         out = F.scaled_dot_product_attention(qg.to(k.dtype), k, v, attn_mask=gmask, scale=scale)
     else:
         scores = (qg.float() @ k.float().transpose(-1, -2)) * scale  # [Hkv, G*T, L]
