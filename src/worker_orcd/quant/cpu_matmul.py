@@ -4,10 +4,11 @@ CPU decode is memory-bound: float32 copies of a 135M model stream ~500 MB per to
 blocks ~90 MB. So blocks are repacked once, at load, into what torch's CPU kernels take:
 - 4-bit formats with a scale and offset per 32 weights (Q4_0, Q4_1, Q4_K) become int4pack:
   w = (q - 8) * s + z per group, bf16 activations, float32 accumulation.
-- 8-bit and 5-bit symmetric formats (Q8_0, Q5_0) become int8 codes with one scale per 32-weight
-  group: y = sum_g s_g * (codes_g @ x_g), one int8 kernel call per group.
-Scales are rounded to bf16 (the kernels' type); activations enter as bf16.
-Other formats return None and the caller dequantizes per call.
+- 5-, 6- and 8-bit formats (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0) become dense bf16 (2 bytes a weight, one
+  GEMM per matrix). torch's int8 kernel takes one scale per output row, so these formats' per-32
+  scales needed one call per group (~1,800 calls per Gemma 3 token), whose cost grew with every row.
+Scales and activations are rounded to bf16 (~2^-9 relative); accumulation is float32.
+F32/F16/BF16 weights return None: the caller keeps them exact (dequantize, one row at a time).
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from worker_orcd.quant._bytes import f16, nibbles
+from worker_orcd.quant.formats import dequantize
 from worker_orcd.quant.tensor import MATMUL_KERNELS, QuantTensor, dequantize_matmul
 
 INT4_TYPES = {T.Q4_0, T.Q4_1, T.Q4_K}
-INT8_TYPES = {T.Q8_0, T.Q5_0}
+BF16_TYPES = {T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0}
 GROUP = 32
 
 
-def _have_kernels() -> bool:
-    ops = torch.ops.aten
-    return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_weight_int8pack_mm")
+def _have_int4_kernel() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")  # torch >= 2.5
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -81,44 +82,30 @@ class Int4Linear:
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-class Int8GroupLinear:
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor):
-        N, K = codes.shape
-        self.out_features = N
-        self.codes = codes.to(torch.int8).reshape(N, K // GROUP, GROUP).permute(1, 0, 2).contiguous()  # [G, N, 32]
-        self.scales = scale.T.to(torch.bfloat16).contiguous()  # [G, N]
-        self.nbytes = self.codes.numel() + self.scales.numel() * 2
+class Bf16Linear:
+    def __init__(self, weight: torch.Tensor):
+        self.out_features = weight.shape[0]
+        self.weight = weight.to(torch.bfloat16).contiguous()
+        self.nbytes = self.weight.numel() * 2
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch.zeros(x2.shape[0], self.out_features, dtype=torch.float32)
-        for g in range(self.codes.shape[0]):
-            xg = x2[:, g * GROUP : (g + 1) * GROUP].contiguous()
-            y += torch.ops.aten._weight_int8pack_mm(xg, self.codes[g], self.scales[g]).float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
 
 
-def pack_for_cpu(raw: torch.Tensor, ggml_type: T, shape: tuple[int, ...]) -> Int4Linear | Int8GroupLinear | None:
+def pack_for_cpu(raw: torch.Tensor, ggml_type: T, shape: tuple[int, ...]) -> Int4Linear | Bf16Linear | None:
     """Repack a 2-D weight's blocks (uint8 [N, row_bytes]) for the CPU kernels; None if not supported."""
-    if len(shape) != 2 or raw.device.type != "cpu" or not _have_kernels():
+    if len(shape) != 2 or raw.device.type != "cpu":
         return None
     N, K = shape
     blocks = raw.reshape(N, -1)
-    if ggml_type in INT4_TYPES and N % 16 == 0:  # int4pack takes whole tiles of 16 output rows
+    if ggml_type in INT4_TYPES and N % 16 == 0 and _have_int4_kernel():  # int4pack takes whole tiles of 16 output rows
         if ggml_type == T.Q4_K:
             q, s, z = _q4_k(blocks.reshape(N, K // 256, 144))
         else:
             q, s, z = _legacy4(blocks.reshape(N, K // 32, -1), has_min=ggml_type == T.Q4_1)
         return Int4Linear(q, s, z)
-    if ggml_type == T.Q8_0:
-        b = blocks.reshape(N, K // 32, 34)
-        return Int8GroupLinear(b[..., 2:34].contiguous().view(torch.int8).reshape(N, K), _f16(b[..., 0:2]))
-    if ggml_type == T.Q5_0:
-        b = blocks.reshape(N, K // 32, 22)
-        qh = b[..., 2:6].contiguous().view(torch.int32).to(torch.int64)  # [N, nb, 1] little-endian high bits
-        bits = (qh >> torch.arange(32, dtype=torch.int64)) & 1  # [N, nb, 32]
-        q = _nibbles(b[..., 6:22]).to(torch.int64) | (bits << 4)
-        return Int8GroupLinear((q - 16).reshape(N, K), _f16(b[..., 0:2]))
+    if ggml_type in BF16_TYPES:
+        return Bf16Linear(dequantize(raw, ggml_type, shape))
     return None
 
 
