@@ -140,7 +140,6 @@ def hf_dir(name: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------- tokens
 def make_tokens() -> None:
     from llama_cpp import Llama
-
     from transformers import AutoTokenizer
 
     corpus = json.loads((DATA / "tokenizer_corpus.json").read_text(encoding="utf-8"))
@@ -328,8 +327,8 @@ def hf_tokenizer_check(tok, text: str, llama_tokens: list[int], add_bos: bool, b
         "n_llama": len(ll),
         "n_hf": len(hf),
         "first_diff_index": first_diff,
-        "llama_around_diff": ll[max(0, (first_diff or 0) - 3) : (first_diff or 0) + 5] if first_diff is not None else None,
-        "hf_around_diff": hf[max(0, (first_diff or 0) - 3) : (first_diff or 0) + 5] if first_diff is not None else None,
+        "llama_around_diff": None if first_diff is None else ll[max(0, first_diff - 3) : first_diff + 5],
+        "hf_around_diff": None if first_diff is None else hf[max(0, first_diff - 3) : first_diff + 5],
     }
 
 
@@ -460,9 +459,12 @@ def main(argv: list[str]) -> None:
                  "os_cpu_count": os.cpu_count(), "loadavg_before": os.getloadavg(),
                  "torch": torch.__version__,
                  "torch_parallel_info": [l.strip() for l in torch.__config__.parallel_info().splitlines()
-                                         if "Math Kernel" in l or "OpenMP" in l or "num_threads" in l], "transformers": transformers.__version__,
+                                         if "Math Kernel" in l or "OpenMP" in l or "num_threads" in l],
+                 "transformers": transformers.__version__,
                  "llama_cpp_python": llama_version(),
-                 "method": "5 runs each (best reported at top level, median and all listed; the machine is shared, so best-of-N is the least contended figure); decode = 64 single-token steps after prefill, greedy; "
+                 "method": "5 runs each (best reported at top level, median and all listed; the machine is shared, "
+                           "so best-of-N is the least contended figure); decode = 64 single-token steps after "
+                           "prefill, greedy; "
                            "llama.cpp via llama-cpp-python Llama.eval (includes python overhead); "
                            "HF f32 with KV cache, torch.set_num_threads(2); *_1thread: same with 1 thread. "
                            "decode_cpu_s = process CPU time of the decode loop (all threads, incl. spin-waits): "
