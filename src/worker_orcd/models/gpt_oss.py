@@ -158,6 +158,16 @@ class GptOssModel:
         c = self.cfg
         return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, n_slots, dtype, self.device)
 
+    def _rotated_qkv(
+        self, layer: GptOssLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projections with their biases; q and k rotated (NeoX layout, YaRN tables). [T, heads, head_dim]"""
+        c, T = self.cfg, h.shape[0]
+        q = linear(h, layer.wq, layer.bq).reshape(T, c.n_heads, c.head_dim)
+        k = linear(h, layer.wk, layer.bk).reshape(T, c.n_kv_heads, c.head_dim)
+        v = linear(h, layer.wv, layer.bv).reshape(T, c.n_kv_heads, c.head_dim)
+        return apply_rope(q, cos, sin, c.head_dim, True), apply_rope(k, cos, sin, c.head_dim, True), v
+
     def moe(self, layer: GptOssLayer, h: torch.Tensor, static: bool = False) -> torch.Tensor:
         """Route each token to its top-k experts; softmax over the k chosen logits; weighted sum. [T, D]
 
@@ -217,10 +227,7 @@ class GptOssModel:
         x = self.tok_embd.embedding(tokens)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, c.norm_eps)
-            q = apply_rope(linear(h, layer.wq, layer.bq).reshape(T, c.n_heads, c.head_dim), cos, sin, c.head_dim, True)
-            k = apply_rope(linear(h, layer.wk, layer.bk).reshape(T, c.n_kv_heads, c.head_dim), cos, sin, c.head_dim,
-                           True)
-            v = linear(h, layer.wv, layer.bv).reshape(T, c.n_kv_heads, c.head_dim)
+            q, k, v = self._rotated_qkv(layer, h, cos, sin)
             out = cached_attention(q, k, v, kv, i, plans[c.is_sliding(i)], self.scale, sinks=layer.sinks)
             x = x + linear(out.reshape(T, -1), layer.wo, layer.bo)
             x = x + self.moe(layer, rms_norm(x, layer.ffn_norm, c.norm_eps))
@@ -246,10 +253,7 @@ class GptOssModel:
         x = self.tok_embd.embedding(tokens)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, c.norm_eps)
-            q = apply_rope(linear(h, layer.wq, layer.bq).reshape(B, c.n_heads, c.head_dim), cos, sin, c.head_dim, True)
-            k = apply_rope(linear(h, layer.wk, layer.bk).reshape(B, c.n_kv_heads, c.head_dim), cos, sin, c.head_dim,
-                           True)
-            v = linear(h, layer.wv, layer.bv).reshape(B, c.n_kv_heads, c.head_dim)
+            q, k, v = self._rotated_qkv(layer, h, cos, sin)
             out = static_decode_attention(q, k, v, kv, i, slots, positions, masks[c.is_sliding(i)], self.scale,
                                           sinks=layer.sinks)
             x = x + linear(out.reshape(B, -1), layer.wo, layer.bo)

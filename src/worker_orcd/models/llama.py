@@ -162,6 +162,15 @@ class LlamaModel:
                              linear(h, layer.wv, layer.bv)], dim=-1)
         return qkv.reshape(h.shape[0], -1, self.cfg.head_dim)
 
+    def _rotated_qkv(
+        self, layer: LlamaLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, H, hd], k and v [T, Hkv, hd], with q and k rotated in one call (they are adjacent heads)."""
+        c = self.cfg
+        qkv = self._qkv(layer, h)
+        qk = apply_rope(qkv[:, : c.n_heads + c.n_kv_heads], cos, sin, c.rope_dims, self.rope.neox)
+        return qk[:, : c.n_heads], qk[:, c.n_heads :], qkv[:, c.n_heads + c.n_kv_heads :]
+
     def _ffn(self, layer: LlamaLayer, h: torch.Tensor) -> torch.Tensor:
         if layer.w_gate is None:
             gate, up = linear(h, layer.w_up).chunk(2, dim=-1)
@@ -185,10 +194,7 @@ class LlamaModel:
         cos, sin = cos_sin(self.rope, positions, self.freq)
         x = self.tok_embd.embedding(tokens)  # [T, D]
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.attn_norm, c.norm_eps)
-            qkv = self._qkv(layer, h)
-            qk = apply_rope(qkv[:, : c.n_heads + c.n_kv_heads], cos, sin, c.rope_dims, self.rope.neox)  # one call
-            q, k, v = qk[:, : c.n_heads], qk[:, c.n_heads :], qkv[:, c.n_heads + c.n_kv_heads :]
+            q, k, v = self._rotated_qkv(layer, rms_norm(x, layer.attn_norm, c.norm_eps), cos, sin)
             out = cached_attention(q, k, v, kv, i, plan, self.scale)
             x = x + linear(out.reshape(x.shape[0], -1), layer.wo)
             x = x + self._ffn(layer, rms_norm(x, layer.ffn_norm, c.norm_eps))
@@ -212,9 +218,7 @@ class LlamaModel:
         cos, sin = cos_sin(self.rope, positions, self.freq)
         x = self.tok_embd.embedding(tokens)  # [B, D]
         for i, layer in enumerate(self.layers):
-            qkv = self._qkv(layer, rms_norm(x, layer.attn_norm, c.norm_eps))
-            qk = apply_rope(qkv[:, : c.n_heads + c.n_kv_heads], cos, sin, c.rope_dims, self.rope.neox)
-            q, k, v = qk[:, : c.n_heads], qk[:, c.n_heads :], qkv[:, c.n_heads + c.n_kv_heads :]
+            q, k, v = self._rotated_qkv(layer, rms_norm(x, layer.attn_norm, c.norm_eps), cos, sin)
             out = static_decode_attention(q, k, v, kv, i, slots, positions, mask, self.scale)
             x = x + linear(out.reshape(x.shape[0], -1), layer.wo)
             x = x + self._ffn(layer, rms_norm(x, layer.ffn_norm, c.norm_eps))
