@@ -46,7 +46,7 @@ class EndEvent:
 
 @dataclass
 class ErrorEvent:
-    code: str  # "CANCELLED" | "INFERENCE_TIMEOUT" | "INTERNAL"
+    code: str  # "CANCELLED" | "INFERENCE_TIMEOUT" | "VRAM_OOM" | "CUDA_ERROR" | "INTERNAL"
     message: str
     stats: RequestStats
 
@@ -274,11 +274,11 @@ class Scheduler:
                 self._reap()
             try:
                 self._step()
-            except Exception as e:  # a bug or an out-of-memory: fail the batch, keep serving
+            except Exception as e:  # a bug outside the forwards (those fail only their sequences): keep serving
                 log.exception("scheduler step failed")
                 with self._cv:
                     for seq in list(self._running):
-                        self._finish(seq, ErrorEvent("INTERNAL", f"{type(e).__name__}: {e}", seq.handle.stats))
+                        self._finish(seq, ErrorEvent(error_code(e), f"{type(e).__name__}: {e}", seq.handle.stats))
 
     def _admit(self) -> None:
         while self._waiting and self._free:
@@ -340,7 +340,48 @@ class Scheduler:
         return min(self.prefill_chunk, len(seq.handle.request.prompt_ids) - seq.prefilled)
 
     def _forward(self, decoding: list[_Seq], prefill: _Seq | None) -> None:
-        """One forward: a row per decoding sequence (its last token), then one prompt chunk."""
+        """One forward over the group; if it fails, find out which sequences fail on their own."""
+        try:
+            logits = self._logits(decoding, prefill)
+        except Exception as e:
+            self._isolate(decoding, prefill, e)
+            return
+        self._apply(decoding, prefill, logits)
+
+    def _isolate(self, decoding: list[_Seq], prefill: _Seq | None, error: Exception) -> None:
+        """A batched forward failed (an OOM, a bad input) and the culprit is unknown: run each sequence
+        alone once and fail only those that fail alone. Rerunning is safe: a retry rewrites the same KV
+        rows before any attention reads them, and a sequence's result does not depend on its batch."""
+        groups: list[tuple[list[_Seq], _Seq | None]] = [([s], None) for s in decoding]
+        if prefill is not None:
+            groups.append(([], prefill))
+        if len(groups) == 1:
+            self._fail([s for s in (*decoding, prefill) if s is not None], error)
+            return
+        log.warning("a forward of %d sequences failed (%s: %s); retrying each alone", len(groups),
+                    type(error).__name__, error)
+        _release_cached_memory(error)
+        for alone, chunk in groups:
+            try:
+                logits = self._logits(alone, chunk)
+            except Exception as e:
+                self._fail(alone or [chunk], e)
+                continue
+            self._apply(alone, chunk, logits)
+
+    def _fail(self, seqs: list[_Seq], error: Exception) -> None:
+        """End these sequences with the error's code; their KV slots go back to the free list."""
+        code = error_code(error)
+        for seq in seqs:
+            log.error("request %s failed in a forward: %s: %s", seq.handle.request.id, type(error).__name__, error)
+        _release_cached_memory(error)
+        with self._cv:
+            for seq in seqs:
+                self._finish(seq, ErrorEvent(code, f"{type(error).__name__}: {error}", seq.handle.stats))
+
+    def _logits(self, decoding: list[_Seq], prefill: _Seq | None) -> torch.Tensor:
+        """One forward: a row per decoding sequence (its last token), then one prompt chunk.
+        Changes nothing but the KV rows it writes, so a failed call can be retried."""
         tokens = [s.history[-1] for s in decoding]
         positions = [s.kv_len for s in decoding]
         spans = [SeqSpan(s.slot, i, i + 1) for i, s in enumerate(decoding)]
@@ -356,10 +397,13 @@ class Scheduler:
             spans.append(SeqSpan(prefill.slot, n, len(tokens)))
             if end == len(prompt) or not rows:  # a mid-prompt chunk alone still computes one row of logits
                 rows.append(len(tokens) - 1)
-        logits = self.net.forward(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                                  self.kv, spans, torch.tensor(rows))
+        return self.net.forward(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                                self.kv, spans, torch.tensor(rows))
+
+    def _apply(self, decoding: list[_Seq], prefill: _Seq | None, logits: torch.Tensor) -> None:
+        """Advance the group past a successful forward: the chunk counts as prefilled, each row samples."""
         if prefill is not None:
-            prefill.prefilled = end
+            prefill.prefilled += self._chunk_len(prefill)
         for i, seq in enumerate(decoding):
             self._advance_or_fail(seq, logits[i])
         if prefill is not None and prefill.decoding:
@@ -400,6 +444,21 @@ class Scheduler:
         seq.handle.emit(TokenEvent(token, text, index))
         with self._cv:
             self._finish(seq, EndEvent(reason, seq.handle.stats))
+
+
+def error_code(error: BaseException) -> str:
+    """The worker API's code for an exception raised by a forward."""
+    if isinstance(error, torch.OutOfMemoryError):  # torch.cuda.OutOfMemoryError is this class
+        return "VRAM_OOM"
+    if isinstance(error, RuntimeError) and "CUDA error" in str(error):
+        return "CUDA_ERROR"
+    return "INTERNAL"
+
+
+def _release_cached_memory(error: BaseException) -> None:
+    """After an OOM, hand the failed forward's cached blocks back so a retry (or the next step) can use them."""
+    if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _release(seq: _Seq, text: str, reason: str) -> tuple[str, str]:
