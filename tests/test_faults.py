@@ -3,6 +3,10 @@ and a crash followed by an immediate restart."""
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -136,3 +140,42 @@ def test_error_codes():
     assert error_code(torch.cuda.OutOfMemoryError("CUDA out of memory")) == "VRAM_OOM"
     assert error_code(RuntimeError("CUDA error: an illegal memory access was encountered")) == "CUDA_ERROR"
     assert error_code(ValueError("bad")) == "INTERNAL"
+
+
+# -- the model file changes under a running worker ------------------------------------------------
+
+def mapped(path: Path) -> bool:
+    """True while this process maps `path` (also after it was deleted)."""
+    with open("/proc/self/maps") as maps:
+        return any(str(path) in line for line in maps)
+
+
+def test_model_file_truncated_or_deleted_under_running_requests(model, alone, smollm2_path, tmp_path):
+    import worker_orcd
+
+    copied, kept_mapped = tmp_path / "copied.gguf", tmp_path / "mapped.gguf"
+    shutil.copyfile(smollm2_path, copied)
+    shutil.copyfile(smollm2_path, kept_mapped)
+    m_copy = worker_orcd.load(copied, device="cpu")  # the default for a 92 MB model: weights copied
+    m_map = worker_orcd.load(kept_mapped, device="cpu", mmap=True)  # deleting a mapped file is safe; truncating not
+    assert not mapped(copied) and mapped(kept_mapped)
+
+    def truncate(p: Path) -> None:
+        with open(p, "r+b") as f:
+            f.truncate(0)
+
+    for m, path, damage in ((m_copy, copied, truncate), (m_map, kept_mapped, Path.unlink)):
+        s = Scheduler(m.net, m.tokenizer, max_batch=2, ctx=256).start()
+        try:
+            running = s.submit(requests(m, "d")[0])
+            first = next(iter(running))
+            assert isinstance(first, TokenEvent)
+            damage(path)
+            text, n, end = run(running)
+            assert isinstance(end, EndEvent), end
+            assert (first.text + text, n + 1) == alone["0"]
+            text, n, end = run(s.submit(requests(m, "e")[1]))  # a request that starts after the damage
+            assert isinstance(end, EndEvent) and (text, n) == alone["1"]
+        finally:
+            s.stop()
+    assert os.path.getsize(copied) == 0 and not kept_mapped.exists()

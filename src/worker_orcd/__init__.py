@@ -12,11 +12,11 @@ __version__ = "0.1.0"
 __all__ = ["load", "load_tokenizer", "__version__"]
 
 
-def load(path: Any = None, device: Any = "auto", progress: Any = None) -> Any:
+def load(path: Any = None, device: Any = "auto", progress: Any = None, mmap: bool | None = None) -> Any:
     """Load a GGUF model; see `worker_orcd.api.load`."""
     from worker_orcd.api import load as _load
 
-    return _load(path, device, progress)
+    return _load(path, device, progress, mmap=mmap)
 
 
 def load_tokenizer(path: Any) -> Any:

@@ -30,12 +30,12 @@ class Model:
     """One GGUF model loaded on one device, with its tokenizer."""
 
     def __init__(self, path: str | os.PathLike, device: torch.device, progress: Progress | None = None,
-                 max_len: int | None = None):
+                 max_len: int | None = None, mmap: bool | None = None):
         self.path = Path(path)
         self.device = device
         with open_gguf(path) as f:
             self.tokenizer = Tokenizer.from_gguf(f)
-            self.net = build_model(f, device, progress, max_len=max_len)
+            self.net = build_model(f, device, progress, max_len=max_len, mmap=mmap)
         self.config = self.net.cfg
 
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
@@ -68,6 +68,11 @@ class Model:
 
 
 def load(path: str | os.PathLike | None = None, device: str | torch.device = "auto",
-         progress: Progress | None = None) -> Model:
-    """Load a GGUF model (None: the packaged SmolLM2-135M-Instruct Q4_1) onto `device` ('auto': cuda if present)."""
-    return Model(path or default_model_path(), resolve_device(device), progress)
+         progress: Progress | None = None, mmap: bool | None = None) -> Model:
+    """Load a GGUF model (None: the packaged SmolLM2-135M-Instruct Q4_1) onto `device` ('auto': cuda if present).
+
+    `mmap` matters on CPU only (GPU weights are always copied to VRAM): True keeps the weights in the file's
+    memory map (cheap for huge files, but truncating the file under the process kills it with SIGBUS),
+    False copies them (the file may then be replaced, truncated or deleted), None (default) copies
+    models up to 1 GiB of tensors and maps bigger ones."""
+    return Model(path or default_model_path(), resolve_device(device), progress, mmap=mmap)

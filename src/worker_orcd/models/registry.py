@@ -27,8 +27,9 @@ def config_for(f: GGUFFile):
     return FAMILIES[arch][0].from_gguf(f)
 
 
-def build_model(f: GGUFFile, device: torch.device, progress: Progress | None = None, max_len: int | None = None):
-    """Validate the config, move every weight to `device`, and build the model."""
+def build_model(f: GGUFFile, device: torch.device, progress: Progress | None = None, max_len: int | None = None,
+                mmap: bool | None = None):
+    """Validate the config, move every weight to `device`, and build the model (`mmap`: see Weights)."""
     cfg = config_for(f)
-    weights = Weights(f, device, progress)
+    weights = Weights(f, device, progress, mmap)
     return FAMILIES[f.architecture][1](cfg, weights, max_len=max_len)

@@ -14,23 +14,31 @@ from worker_orcd.quant import QuantTensor
 from worker_orcd.quant.formats import row_bytes
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+# CPU models with more tensor bytes than this stay memory-mapped by default (a copy would double what a
+# 12 GB model costs); smaller ones are copied, so the file can be replaced or truncated under a running worker.
+MMAP_ABOVE = 2**30
 
 
 class Weights:
     """The tensors of one model on one device, looked up by GGUF name."""
 
-    def __init__(self, f: GGUFFile, device: torch.device, progress: Progress | None = None):
+    def __init__(self, f: GGUFFile, device: torch.device, progress: Progress | None = None,
+                 mmap: bool | None = None):
+        """`mmap` (CPU only): True aliases the file's read-only map (no copy, but a file truncated under the
+        process then kills it with SIGBUS); False copies into process memory (the file may then change or
+        go); None copies models up to MMAP_ABOVE bytes of tensors and maps bigger ones."""
         self.path = f.path
         self.device = device
         self._t: dict[str, QuantTensor | torch.Tensor] = {}
         total = sum(t.nbytes for t in f.tensors.values())
+        self.mapped = device.type == "cpu" and (total > MMAP_ABOVE if mmap is None else mmap)
         done = 0
         for name, ref in f.tensors.items():
             raw = f.tensor_bytes(name)
             if len(ref.shape) == 1:  # norms, biases, rope factors: small, used in float32
                 q = QuantTensor.from_bytes(raw, ref.ggml_type, ref.shape, device="cpu")
                 self._t[name] = q.dequantize().to(device)
-            elif device.type == "cpu":
+            elif self.mapped:
                 self._t[name] = _mapped(raw, ref.ggml_type, ref.shape)
             else:
                 self._t[name] = QuantTensor.from_bytes(raw, ref.ggml_type, ref.shape, device=device)
