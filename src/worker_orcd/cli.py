@@ -76,7 +76,7 @@ ModelOpt = Annotated[Path | None, typer.Option("--model", "-m", help="GGUF file 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
 
 
-def _load(model: Path | None, device: str):
+def _load(model: Path | None, device: str, mmap: bool | None = None):
     """Load with a progress bar over the bytes moved to the device."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
@@ -93,7 +93,7 @@ def _load(model: Path | None, device: str):
             bar.update(task, completed=done, total=total)
 
         try:
-            return worker_orcd.load(model, device=device, progress=progress)
+            return worker_orcd.load(model, device=device, progress=progress, mmap=mmap)
         except (GGUFError, ModelNotInstalled, RuntimeError, ValueError) as e:
             _fail(str(e))
 
@@ -224,6 +224,9 @@ def serve(
     inference_timeout_sec: Annotated[float, typer.Option("--inference-timeout-sec")] = 300.0,
     kv_cache_size_mb: Annotated[int | None, typer.Option("--kv-cache-size-mb")] = None,
     vram_limit: Annotated[str | None, typer.Option("--vram-limit", help="e.g. 8GiB")] = None,
+    mmap: Annotated[bool | None, typer.Option("--mmap/--no-mmap", help="CPU: keep weights in the file's memory map "
+                                              "(default: only models over 1 GiB; a mapped file must not be "
+                                              "truncated while serving)")] = None,
 ) -> None:
     """Serve the model over HTTP: the worker API and an OpenAI-compatible API."""
     import asyncio
@@ -238,7 +241,7 @@ def serve(
     cfg = ServeConfig(host=host, port=port, worker_id=worker_id, callback_url=callback_url, ctx=ctx,
                       max_batch=max_batch, max_tokens_in=max_tokens_in, max_tokens_out=max_tokens_out,
                       inference_timeout_sec=inference_timeout_sec, kv_cache_size_mb=kv_cache_size_mb)
-    m = _load(model, device)
+    m = _load(model, device, mmap)
     try:
         worker = Worker(m, cfg)
     except ValueError as e:
