@@ -34,7 +34,7 @@ from worker_orcd.server.worker import Stream, Worker, sampling_params
 router = APIRouter(tags=["openai"])
 
 FINISH = {"eos": "stop", "stop_sequence": "stop", "max_tokens": "length"}
-HTTP_STATUS = {"CANCELLED": 499, "INFERENCE_TIMEOUT": 504}
+HTTP_STATUS = {"CANCELLED": 499, "INFERENCE_TIMEOUT": 504, "VRAM_OOM": 503}  # 500 stays for bugs
 
 
 def _worker(request: Request) -> Worker:

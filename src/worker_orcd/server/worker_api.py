@@ -18,7 +18,7 @@ from worker_orcd.server.worker import Stream, Worker, sampling_params
 
 router = APIRouter(tags=["worker"])
 
-RETRIABLE = {"INFERENCE_TIMEOUT": True, "CANCELLED": False, "INTERNAL": True}
+RETRIABLE = {"INFERENCE_TIMEOUT": True, "CANCELLED": False, "INTERNAL": True, "VRAM_OOM": True, "CUDA_ERROR": False}
 
 
 def _worker(request: Request) -> Worker:
