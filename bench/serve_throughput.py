@@ -1,0 +1,132 @@
+"""Aggregate decode throughput through HTTP: 1 stream, then N concurrent streams, on `worker-orcd serve`.
+
+Usage: python bench/serve_throughput.py [--model PATH] [--streams 8] [--tokens 64] [--url URL]
+
+Starts `worker-orcd serve` (CPU unless --device) on a free loopback port in its own process (or uses
+--url), sends greedy /execute requests with asyncio + httpx, and reports generated tokens per second
+of wall time for one stream alone and for N at once, with each stream's text checked against its
+text alone. Tokens/s counts generated tokens over the whole request (prefill included), as a client sees it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+PROMPTS = [
+    "The history of the printing press",
+    "Photosynthesis is the process by which",
+    "My favourite recipe for bread is",
+    "The tallest mountains in the world",
+    "In computer science, a hash table",
+    "The rules of chess say that",
+    "A short poem about autumn:",
+    "The French Revolution began when",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str | None, device: str, max_batch: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "worker_orcd.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--device", device, "--max-batch", str(max_batch), "--ctx", "1024"]
+    if model:
+        cmd += ["--model", model]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server did not become ready in 120 s")
+
+
+async def one_stream(client: httpx.AsyncClient, job_id: str, prompt: str, n_tokens: int) -> tuple[str, int]:
+    body = {"job_id": job_id, "prompt": prompt, "max_tokens": n_tokens, "temperature": 0.0}
+    text, tokens = [], 0
+    async with client.stream("POST", "/execute", json=body) as resp:
+        resp.raise_for_status()
+        event = None
+        async for line in resp.aiter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                if event == "token":
+                    text.append(data["t"])
+                elif event == "end":
+                    tokens = data["tokens_out"]
+                elif event == "error":
+                    raise RuntimeError(f"{job_id}: {data}")
+    return "".join(text), tokens
+
+
+async def measure(url: str, n_streams: int, n_tokens: int) -> dict:
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_streams)]
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await one_stream(client, "warmup", "Hello", 8)
+        alone, t_alone = [], 0.0
+        for i, p in enumerate(prompts):
+            t0 = time.perf_counter()
+            alone.append(await one_stream(client, f"a{i}", p, n_tokens))
+            t_alone += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        together = await asyncio.gather(*(one_stream(client, f"b{i}", p, n_tokens) for i, p in enumerate(prompts)))
+        t_together = time.perf_counter() - t0
+    rate1 = sum(n for _, n in alone) / t_alone
+    rate_n = sum(n for _, n in together) / t_together
+    return {"streams": n_streams, "tokens_per_stream": n_tokens, "one_stream_tok_s": round(rate1, 1),
+            "n_streams_tok_s": round(rate_n, 1), "ratio": round(rate_n / rate1, 2),
+            "texts_equal_alone": [t for t, _ in together] == [t for t, _ in alone]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--url", help="an already running worker (otherwise one is started)")
+    args = ap.parse_args()
+    proc = None
+    url = args.url
+    if url is None:
+        proc, url = start_server(args.model, args.device, max(8, args.streams))
+    try:
+        result = asyncio.run(measure(url, args.streams, args.tokens))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    result["cpu"] = platform.processor() or platform.machine()
+    result["cores"] = os.cpu_count()
+    print(json.dumps(result))
+    print(f"1 stream {result['one_stream_tok_s']} tok/s | {args.streams} streams {result['n_streams_tok_s']} tok/s "
+          f"| {result['ratio']}x | texts equal alone: {result['texts_equal_alone']}")
+    if not result["texts_equal_alone"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
