@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -179,3 +186,123 @@ def test_model_file_truncated_or_deleted_under_running_requests(model, alone, sm
         finally:
             s.stop()
     assert os.path.getsize(copied) == 0 and not kept_mapped.exists()
+
+
+def test_oom_over_http_is_an_error_event_and_the_worker_keeps_serving(model, alone, monkeypatch):
+    from tests.test_server import LiveServer, sse_events
+    from worker_orcd.server import ServeConfig
+
+    poison = LONG
+    limit = len(model.tokenize(poison, add_special=True)) + 2
+    monkeypatch.setattr(model.net, "forward", FailingForward(
+        model.net, torch.cuda.OutOfMemoryError("CUDA out of memory"), lambda pos, spans: int(pos.max()) >= limit))
+
+    def execute(uri: str, job: str, prompt: str, temperature: float, seed: int) -> list[tuple[str, dict]]:
+        body = {"job_id": job, "prompt": prompt, "max_tokens": 20, "temperature": temperature, "seed": seed}
+        with httpx.stream("POST", uri + "/execute", json=body, timeout=120) as resp:
+            assert resp.status_code == 200
+            return list(sse_events(resp))
+
+    def text_of(events: list[tuple[str, dict]]) -> str:
+        return "".join(d["t"] for name, d in events if name == "token")
+
+    with LiveServer(model, ServeConfig(port=0, ctx=256, max_batch=8)) as server, ThreadPoolExecutor(8) as pool:
+        jobs = [pool.submit(execute, server.uri, "poison", poison, 0.0, 0)]
+        jobs += [pool.submit(execute, server.uri, f"ok{i}", p, 0.8 * (i % 2), i) for i, p in enumerate(PROMPTS)]
+        results = [j.result() for j in jobs]
+        name, err = results[0][-1]
+        assert name == "error" and err["code"] == "VRAM_OOM" and err["retriable"] is True, results[0][-1]
+        for i, events in enumerate(results[1:]):
+            assert events[-1][0] == "end" and events[-1][1]["tokens_out"] == alone[str(i)][1]
+            assert text_of(events) == alone[str(i)][0]
+        events = execute(server.uri, "after", PROMPTS[0], 0.0, 0)
+        assert events[-1][0] == "end" and text_of(events) == alone["0"][0]
+        assert httpx.get(server.uri + "/health").json()["status"] == "ready"
+
+
+# -- SIGTERM drains; SIGKILL then an immediate restart on the same port ---------------------------
+
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # greedy decoding keeps counting: the stream runs to max_tokens
+
+
+class ServeProcess:
+    """`worker-orcd serve` in a subprocess; `uri` once it prints its ready line."""
+
+    def __init__(self, port: int, cwd: Path, log: Path):
+        cmd = [sys.executable, "-m", "worker_orcd.cli", "serve", "--port", str(port), "--device", "cpu",
+               "--ctx", "256", "--max-batch", "4"]
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        line = self.proc.stdout.readline()  # blocks until ready, or "" if the process died
+        assert line.startswith("ready:"), f"serve exited {self.proc.poll()}: {log.read_text()[-2000:]}"
+        self.uri = line.rsplit(" at ", 1)[1].strip()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def open_stream(client: httpx.Client, path: str, body: dict):
+    """A started stream: (response, its SSE events iterator) after the first token arrived."""
+    from tests.test_server import sse_events
+
+    resp = client.send(client.build_request("POST", path, json=body), stream=True)
+    assert resp.status_code == 200, resp.read()
+    events = sse_events(resp)
+    for name, data in events:
+        if name == "token" or (name is None and data != "[DONE]" and data["choices"][0]["text"]):
+            return resp, events
+    raise AssertionError("the stream ended before its first token")
+
+
+def test_sigkill_then_immediate_restart_then_sigterm_drains(tmp_path):
+    run_dir = tmp_path / "cwd"
+    run_dir.mkdir()
+    port = free_port()
+    first = ServeProcess(port, run_dir, tmp_path / "first.log")
+    try:
+        with httpx.Client(base_url=first.uri, timeout=60) as c:  # a stream open at the crash
+            _, events = open_stream(c, "/execute", {"job_id": "crash", "prompt": COUNTING, "max_tokens": 200})
+            first.proc.send_signal(signal.SIGKILL)
+            assert first.proc.wait(10) == -signal.SIGKILL
+            with pytest.raises(httpx.TransportError):
+                list(events)
+    finally:
+        first.close()
+
+    started = time.monotonic()
+    second = ServeProcess(port, run_dir, tmp_path / "second.log")  # same port, nothing cleaned up by hand
+    try:
+        assert second.uri == f"http://127.0.0.1:{port}" and time.monotonic() - started < 90
+        assert httpx.get(second.uri + "/ready").status_code == 200
+        with httpx.Client(base_url=second.uri, timeout=60) as c:
+            streams = [open_stream(c, "/execute", {"job_id": f"d{i}", "prompt": COUNTING, "max_tokens": 40})
+                       for i in range(2)]
+            streams.append(open_stream(c, "/v1/completions", {
+                "model": "SmolLM2-135M-Instruct.Q4_1", "prompt": COUNTING, "max_tokens": 40, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}}))
+            second.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            for path, body in (("/execute", {"job_id": "late", "prompt": "Hi", "max_tokens": 4}),
+                               ("/v1/completions", {"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": "Hi"})):
+                refused = c.post(path, json=body)
+                assert refused.status_code == 503 and "Retry-After" in refused.headers, refused.text
+            for _, events in streams[:2]:  # the running streams finish in full
+                last = list(events)[-1]
+                assert last == ("end", last[1]) and last[1]["tokens_out"] == 40
+                assert last[1]["stop_reason"] == "max_tokens"
+            rest = [data for _, data in streams[2][1]]
+            assert rest[-1] == "[DONE]" and rest[-2]["usage"]["completion_tokens"] == 40
+            assert rest[-3]["choices"][0]["finish_reason"] == "length"
+        assert second.proc.wait(30) == 0
+    finally:
+        second.close()
+    assert not list(run_dir.iterdir()), "the worker left files behind"
