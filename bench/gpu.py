@@ -1,0 +1,163 @@
+"""GPT-OSS-20B on one GPU, every number issue 8 asks for, in one run, each beside the ceiling it implies.
+
+Usage: python bench/gpu.py [--model PATH] [--dense q8_0|bf16] [--streams 4,16,64] [--quick]
+
+Builds the synthetic 20B GGUF (bench/make_synthetic.py) when --model is absent and the file is missing,
+then measures: the device's copy bandwidth; load time and VRAM; 1-stream decode (512-token prompt,
+128 new tokens, greedy on the GPU); prefill tokens/s at 512 and 2048; aggregate decode at 4, 16, 64
+streams (every stream one row of the same step, each in its own KV slot, 512-token prompts); peak
+VRAM for one 8k-token sequence. Ceilings: decode = copy bandwidth / weight bytes read per step (the
+DESIGN.md speed model; at batch B the routed experts are counted once per distinct expert, at most all
+of them); prefill = the GPU's dense bf16 tensor-core rate / (2 x active parameters per token).
+Decode runs through CUDA graphs (engine/cuda_graphs.py) unless --no-graphs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_decode import bytes_per_token, copy_bandwidth  # noqa: E402
+
+from worker_orcd.engine.cuda_graphs import GraphedDecoder  # noqa: E402
+from worker_orcd.engine.kv_cache import SeqSpan  # noqa: E402
+from worker_orcd.gguf import open_gguf  # noqa: E402
+from worker_orcd.models.registry import build_model  # noqa: E402
+
+DENSE_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # SXM dense bf16 tensor-core peak, no sparsity
+
+
+def synthetic_path(dense: str) -> Path:
+    path = Path("/tmp") / f"gpt-oss-20b-synthetic-{dense}.gguf"
+    if not path.exists():
+        here = Path(__file__).resolve().parent
+        subprocess.run([sys.executable, str(here / "make_synthetic.py"), str(path), "--dense", dense], check=True)
+    return path
+
+
+def active_params(f) -> int:
+    """Parameters one token multiplies by: all but the unrouted experts and the embedding table."""
+    arch = f.architecture
+    n_exp = f.get(f"{arch}.expert_count") or 0
+    used = f.get(f"{arch}.expert_used_count") or 0
+    total = 0
+    for name, t in f.tensors.items():
+        if name == "token_embd.weight":
+            continue
+        total += t.n_elements * used // n_exp if "_exps." in name and n_exp else t.n_elements
+    return total
+
+
+def expert_bytes(f) -> int:
+    return sum(t.nbytes for name, t in f.tensors.items() if "_exps." in name)
+
+
+def timed(fn, sync: bool = True) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if sync:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def prefill(net, kv, n: int, slot: int = 0, seed: int = 0) -> torch.Tensor:
+    ids = torch.randint(0, 30000, (n,), generator=torch.Generator().manual_seed(seed))
+    return net.forward(ids, torch.arange(n), kv, seqs=[SeqSpan(slot, 0, n)], logit_rows=torch.tensor([n - 1]))
+
+
+def decode_rate(net, kv, batch: int, prompt: int, new: int, graphs: bool) -> float:
+    """Tokens/s of `batch` sequences decoding together after `prompt`-token prefills, greedy on the GPU."""
+    for s in range(batch):
+        prefill(net, kv, prompt, slot=s, seed=s)
+    slots = list(range(batch))
+    tokens = torch.zeros(batch, dtype=torch.long, device=net.device)
+    if graphs:
+        dec = GraphedDecoder(net, kv, batch_size=batch)
+        step = lambda tok, pos: dec.step(tok, [pos] * batch, slots)  # noqa: E731
+    else:
+        seqs = [SeqSpan(s, s, s + 1) for s in slots]
+        step = lambda tok, pos: net.forward(tok, torch.full((batch,), pos), kv, seqs=seqs)  # noqa: E731
+    for i in range(3):  # warm-up: packing, Triton compiles, graph capture
+        tokens = step(tokens, prompt + i).argmax(-1)
+
+    def run() -> None:
+        nonlocal tokens
+        for i in range(new):
+            tokens = step(tokens, prompt + i).argmax(-1)  # stays on the GPU: no host sync inside the loop
+    return batch * new / timed(run)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--dense", choices=["q8_0", "bf16"], default="q8_0")
+    ap.add_argument("--streams", default="4,16,64")
+    ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    path = a.model or synthetic_path(a.dense)
+    new = 16 if a.quick else 128
+    rows: list[tuple[str, str, str]] = []
+
+    bw = copy_bandwidth()
+    name = torch.cuda.get_device_name()
+    rows.append(("copy bandwidth (read+write)", f"{bw / 1e12:.2f} TB/s", ""))
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with open_gguf(path) as f:
+        net = build_model(f, dev)
+        per_token, active, experts = bytes_per_token(f), active_params(f), expert_bytes(f)
+        n_exp = f.get(f"{f.architecture}.expert_count") or 1
+        used = f.get(f"{f.architecture}.expert_used_count") or 1
+    torch.cuda.synchronize()
+    rows.append(("load", f"{time.perf_counter() - start:.1f} s",
+                 f"weights {torch.cuda.memory_allocated() / 2**30:.2f} GiB"))
+
+    kv = net.new_kv_cache(2048 + 8, max(int(s) for s in a.streams.split(",")))
+    ceiling1 = bw / per_token
+    tps = decode_rate(net, kv, 1, 512, new, a.graphs)
+    rows.append(("decode, 1 stream (512 prompt)", f"{tps:,.0f} tok/s", f"{tps / ceiling1:.0%} of {ceiling1:,.0f}"))
+
+    flops = next((v for k, v in DENSE_BF16_FLOPS.items() if k in name), 989e12)
+    prefill_ceiling = flops / (2 * active)
+    for n in (512, 2048):
+        prefill(net, kv, n)  # warm-up at this shape
+        rate = n / timed(lambda n=n, kv=kv: prefill(net, kv, n))
+        rows.append((f"prefill {n}", f"{rate:,.0f} tok/s", f"{rate / prefill_ceiling:.0%} of {prefill_ceiling:,.0f}"))
+
+    for b in (int(s) for s in a.streams.split(",")):
+        distinct = min(n_exp, b * used)  # routed experts read once per step however many rows chose them
+        step_bytes = per_token + experts * (distinct - used) // n_exp
+        ceiling = b * bw / step_bytes
+        rate = decode_rate(net, kv, b, 512, new if b <= 16 else new // 2, a.graphs)
+        rows.append((f"decode, {b} streams", f"{rate:,.0f} tok/s", f"{rate / ceiling:.0%} of {ceiling:,.0f}"))
+
+    del kv
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    kv8k = net.new_kv_cache(8192 + 8, 1)
+    for start_pos in range(0, 8192, 2048):  # an 8k-token sequence, prefilled in 2k chunks
+        ids = torch.randint(0, 30000, (2048,))
+        net.forward(ids, torch.arange(start_pos, start_pos + 2048), kv8k, logit_rows=torch.tensor([2047]))
+    torch.cuda.synchronize()
+    rows.append(("peak VRAM, one 8k sequence", f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", "target 16 GiB"))
+
+    print(f"device: {name}, torch {torch.__version__}; model {path.name}; "
+          f"{'CUDA graphs' if a.graphs else 'eager'} decode")
+    width = max(len(r[0]) for r in rows)
+    for label, value, ceiling in rows:
+        print(f"{label:<{width}}  {value:>14}  {ceiling}")
+    print(json.dumps({label: value for label, value, _ in rows}))
+
+
+if __name__ == "__main__":
+    main()
