@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from worker_orcd.gguf import GGUFFile
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+
+from worker_orcd.gguf import GGUFFile, TensorRef
 
 # Hyperparameters worth showing, as '<arch>.<suffix>' keys.
 ARCH_KEYS = [
@@ -98,3 +102,56 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
+
+
+# -- NaN/inf scan ----------------------------------------------------------------------------
+
+SCAN_BLOCKS = 1 << 16  # blocks dequantized at a time: at most 16 MiB of float32 (256-element blocks)
+
+
+@dataclass
+class ValueCounts:
+    """NaN and infinity counts of one tensor's dequantized values; checked is False for types we cannot decode."""
+
+    name: str
+    type_name: str
+    elements: int
+    nan: int = 0
+    inf: int = 0
+    checked: bool = True
+
+    @property
+    def bad(self) -> bool:
+        return self.nan > 0 or self.inf > 0
+
+
+def scan_values(f: GGUFFile, progress: Callable[[int, int], None] | None = None) -> list[ValueCounts]:
+    """Dequantize every tensor in chunks of SCAN_BLOCKS blocks (bounded memory) and count NaN and inf."""
+    total = sum(t.nbytes for t in f.tensors.values())
+    done = 0
+    counts = []
+    for ref in f.tensors.values():
+        counts.append(_scan_tensor(f, ref))
+        done += ref.nbytes
+        if progress is not None:
+            progress(done, total)
+    return counts
+
+
+def _scan_tensor(f: GGUFFile, ref: TensorRef) -> ValueCounts:
+    import torch
+
+    from worker_orcd.quant.formats import DEQUANTIZERS
+
+    counts = ValueCounts(ref.name, ref.type_name, ref.n_elements)
+    if ref.ggml_type not in DEQUANTIZERS:
+        counts.checked = False
+        return counts
+    _, type_size = GGML_QUANT_SIZES[ref.ggml_type]
+    blocks = f.tensor_bytes(ref.name).reshape(-1, type_size)
+    for start in range(0, len(blocks), SCAN_BLOCKS):
+        chunk = torch.from_numpy(np.array(blocks[start : start + SCAN_BLOCKS]))  # a copy: the map is read-only
+        values = DEQUANTIZERS[ref.ggml_type](chunk)
+        counts.nan += int(torch.isnan(values).sum())
+        counts.inf += int(torch.isinf(values).sum())
+    return counts

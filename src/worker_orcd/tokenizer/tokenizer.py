@@ -12,9 +12,12 @@ import re
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer as HFTokenizer
+
+if TYPE_CHECKING:
+    from worker_orcd.tokenizer.sandbox import RenderLimits
 
 from worker_orcd.tokenizer.errors import TokenizerError
 from worker_orcd.tokenizer.pieces import byte_level_pieces, sentencepiece_pieces
@@ -132,16 +135,17 @@ class Tokenizer:
         return StreamDecoder(self, skip_special, continuation)
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                            **kwargs: Any) -> str:
-        """Render the model's chat template (HF semantics: sandboxed jinja2, trim/lstrip blocks)."""
-        from worker_orcd.tokenizer.chat import render_chat_template
+                            *, limits: RenderLimits | None = None, **kwargs: Any) -> str:
+        """Render the model's chat template (HF semantics: sandboxed jinja2, trim/lstrip blocks), within
+        `limits` (time and size; default chat.DEFAULT_LIMITS)."""
+        from worker_orcd.tokenizer.chat import DEFAULT_LIMITS, render_chat_template
 
         if self.chat_template is None:
             raise TokenizerError("this model has no chat template (tokenizer.chat_template)")
         specials = {"bos_token": self._special_text(self.bos_id),
                     "eos_token": self._special_text(self.eos_id)}
         return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                                    **{**specials, **kwargs})
+                                    limits=limits or DEFAULT_LIMITS, **{**specials, **kwargs})
 
     def _special_text(self, token_id: int | None) -> str:
         return "" if token_id is None else self.token_text(token_id)

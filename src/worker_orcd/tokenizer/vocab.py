@@ -8,7 +8,10 @@ stand for one byte.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Any
+
+import numpy as np
 
 from worker_orcd.tokenizer.errors import TokenizerError
 from worker_orcd.tokenizer.pretokenize import pre_type
@@ -60,8 +63,54 @@ def _merges(raw: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def _kind(value: Any) -> str:
+    return f"an array of {value.dtype}" if isinstance(value, np.ndarray) else type(value).__name__
+
+
+def _meta_str(meta: dict[str, Any], key: str) -> str | None:
+    """A string value or None; another type is an error, as in llama.cpp's typed get_key."""
+    value = meta.get(key)
+    if value is not None and not isinstance(value, str):
+        raise TokenizerError(f"{key} must be a string, got {_kind(value)}")
+    return value
+
+
+def _meta_strings(meta: dict[str, Any], key: str) -> list[str] | None:
+    value = meta.get(key)
+    if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise TokenizerError(f"{key} must be an array of strings, got {_kind(value)}")
+    return value
+
+
+def _meta_numbers(meta: dict[str, Any], key: str, integers: bool) -> list | None:
+    """A numeric array (numpy from a GGUF file, or a list) as a Python list, or None."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    want = (Integral,) if integers else (Integral, Real)
+    if isinstance(value, np.ndarray):
+        ok = value.ndim == 1 and (np.issubdtype(value.dtype, np.integer) or
+                                  (not integers and np.issubdtype(value.dtype, np.floating)))
+        value = value.tolist() if ok else value
+    else:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, want) and not isinstance(v, bool) for v in value)
+    if not ok:
+        raise TokenizerError(f"{key} must be an array of {'integers' if integers else 'numbers'}, got {_kind(value)}")
+    return list(value)
+
+
+def _meta_flag(meta: dict[str, Any], key: str, default: bool) -> bool:
+    value = meta.get(key, default)
+    if not isinstance(value, (bool, np.bool_)):
+        raise TokenizerError(f"{key} must be a bool, got {_kind(value)}")
+    return bool(value)
+
+
 def _token_id(meta: dict[str, Any], key: str, default: int | None, n: int) -> int | None:
+    """An id key; out of range falls back to the default, as llama.cpp does ("bad special token")."""
     value = meta.get(f"tokenizer.ggml.{key}")
+    if value is not None and (not isinstance(value, Integral) or isinstance(value, bool)):
+        raise TokenizerError(f"tokenizer.ggml.{key} must be an integer, got {_kind(value)}")
     if value is not None and 0 <= int(value) < n:
         return int(value)
     return default if default is not None and 0 <= default < n else None
@@ -73,31 +122,30 @@ def _first_with_text(text_to_id: dict[str, int], texts: tuple[str, ...]) -> int 
 
 def read_vocab(meta: dict[str, Any]) -> Vocab:
     """Read `tokenizer.ggml.*` metadata into a Vocab; raise TokenizerError naming what is missing or wrong."""
-    model = meta.get("tokenizer.ggml.model")
+    model = _meta_str(meta, "tokenizer.ggml.model")
     if model not in ("gpt2", "llama"):
         raise TokenizerError(f"tokenizer.ggml.model {model!r} is not supported (supported: 'gpt2', 'llama')")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not tokens:
+    tokens = _meta_strings(meta, "tokenizer.ggml.tokens")
+    if not tokens:
         raise TokenizerError("tokenizer.ggml.tokens is missing or empty")
     n = len(tokens)
-    tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
-    types = _int_list(meta, "tokenizer.ggml.token_type", n, NORMAL)
-    scores = [float(s) for s in meta.get("tokenizer.ggml.scores", [0.0] * n)][:n]
-    if len(scores) < n:
-        raise TokenizerError(f"tokenizer.ggml.scores has {len(scores)} entries for {n} tokens")
+    tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]  # as llama.cpp names empty tokens
+    types = _per_token(meta, "tokenizer.ggml.token_type", n, NORMAL, integers=True)
+    scores = [float(s) for s in _per_token(meta, "tokenizer.ggml.scores", n, 0.0, integers=False)]
 
-    pre = meta.get("tokenizer.ggml.pre")
+    pre = _meta_str(meta, "tokenizer.ggml.pre")
     if model == "gpt2":
-        if "tokenizer.ggml.merges" not in meta:
+        merges_raw = _meta_strings(meta, "tokenizer.ggml.merges")
+        if merges_raw is None:
             raise TokenizerError("tokenizer.ggml.merges is missing (needed by tokenizer.ggml.model 'gpt2')")
-        merges = _merges(meta["tokenizer.ggml.merges"])
+        merges = _merges(merges_raw)
         _, _, add_bos = pre_type(pre)
         bos, eos, unk, add_space_prefix = 11, 11, None, False
     else:
         merges, add_bos, bos, eos, unk, add_space_prefix = [], True, 1, 2, 0, True
-    add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", add_space_prefix))
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos))
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    add_space_prefix = _meta_flag(meta, "tokenizer.ggml.add_space_prefix", add_space_prefix)
+    add_bos = _meta_flag(meta, "tokenizer.ggml.add_bos_token", add_bos)
+    add_eos = _meta_flag(meta, "tokenizer.ggml.add_eos_token", False)
     bos = _token_id(meta, "bos_token_id", bos, n)
     eos = _token_id(meta, "eos_token_id", eos, n)
     unk = _token_id(meta, "unknown_token_id", unk, n)
@@ -112,14 +160,15 @@ def read_vocab(meta: dict[str, Any]) -> Vocab:
         bos_id=bos, eos_id=eos, unk_id=unk, add_bos=add_bos, add_eos=add_eos,
         add_space_prefix=add_space_prefix, eog_ids=eog,
         rstrip_ids=_phi3_rstrip(meta, tokens, types),
-        chat_template=meta.get("tokenizer.chat_template"),
+        chat_template=_meta_str(meta, "tokenizer.chat_template"),
     )
 
 
-def _int_list(meta: dict[str, Any], key: str, n: int, default: int) -> list[int]:
-    if key not in meta:
+def _per_token(meta: dict[str, Any], key: str, n: int, default: float, integers: bool) -> list:
+    """One number per token (longer arrays are cut, as llama.cpp reads only the first n)."""
+    values = _meta_numbers(meta, key, integers)
+    if values is None:
         return [default] * n
-    values = [int(v) for v in meta[key]]
     if len(values) < n:
         raise TokenizerError(f"{key} has {len(values)} entries for {n} tokens")
     return values[:n]
