@@ -2,7 +2,8 @@
 
 Each loop iteration: admit waiting requests into free slots, drop cancelled and timed-out ones,
 run ONE decode forward over every decoding sequence (one row each, so each weight is read once per
-step) and prefill one chunk of one waiting prompt. Requests join and leave between steps.
+step) and prefill one chunk of one waiting prompt. Requests join and leave between steps. A forward
+that raises (a CUDA OOM, a bug) is rerun one sequence at a time; only the sequences that fail alone end.
 
 Batching must not change results. Attention is per sequence; what could differ is the matmuls, whose
 rows are bitwise independent of each other in torch's packed CPU kernels as long as a call has at
@@ -448,7 +449,7 @@ class Scheduler:
 
 def error_code(error: BaseException) -> str:
     """The worker API's code for an exception raised by a forward."""
-    if isinstance(error, torch.OutOfMemoryError):  # torch.cuda.OutOfMemoryError is this class
+    if isinstance(error, torch.cuda.OutOfMemoryError):
         return "VRAM_OOM"
     if isinstance(error, RuntimeError) and "CUDA error" in str(error):
         return "CUDA_ERROR"
@@ -457,7 +458,7 @@ def error_code(error: BaseException) -> str:
 
 def _release_cached_memory(error: BaseException) -> None:
     """After an OOM, hand the failed forward's cached blocks back so a retry (or the next step) can use them."""
-    if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+    if isinstance(error, torch.cuda.OutOfMemoryError) and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
