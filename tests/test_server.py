@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import os
@@ -18,7 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from worker_orcd.server import ServeConfig, Worker, serve
+from tests.server_helpers import LiveServer, sse_events
+from worker_orcd.server import ServeConfig
 
 PROMPTS = [
     "The history of the printing press",
@@ -31,33 +31,6 @@ PROMPTS = [
     "The French Revolution began when",
 ]
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # greedy decoding keeps counting: a stream that does not end early
-
-
-class LiveServer:
-    """`serve()` in a thread with its own event loop; `uri` once the worker reports ready."""
-
-    def __init__(self, model, cfg: ServeConfig):
-        self.worker = Worker(model, cfg)
-        self.uri: str | None = None
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(serve(self.worker, self._on_ready)), daemon=True)
-
-    def _on_ready(self, uri: str) -> None:
-        self.uri = uri
-        self._ready.set()
-
-    def __enter__(self) -> LiveServer:
-        self._thread.start()
-        assert self._ready.wait(60), "the server did not become ready"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            httpx.post(self.uri + "/shutdown", timeout=10)
-        except httpx.TransportError:  # already shut down by the test
-            pass
-        self._thread.join(40)
-        assert not self._thread.is_alive(), "the server did not exit after /shutdown"
 
 
 @pytest.fixture(scope="module")
@@ -78,19 +51,6 @@ def server(model):
 def http(server):
     with httpx.Client(base_url=server.uri, timeout=120) as c:
         yield c
-
-
-def sse_events(resp: httpx.Response):
-    """(event name, data) per SSE event; each event's bytes must decode as UTF-8 on their own."""
-    buf = b""
-    for chunk in resp.iter_bytes():
-        buf += chunk
-        while b"\n\n" in buf:
-            raw, buf = buf.split(b"\n\n", 1)
-            text = raw.decode("utf-8")  # strict: a split multi-byte character fails here
-            name = next((ln[7:] for ln in text.split("\n") if ln.startswith("event: ")), None)
-            data = next(ln[6:] for ln in text.split("\n") if ln.startswith("data: "))
-            yield name, data if data == "[DONE]" else json.loads(data)
 
 
 def execute(http: httpx.Client, job_id: str, prompt: str, max_tokens: int, **kw) -> list[tuple[str, dict]]:

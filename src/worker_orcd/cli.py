@@ -227,6 +227,10 @@ def serve(
     mmap: Annotated[bool | None, typer.Option("--mmap/--no-mmap", help="CPU: keep weights in the file's memory map "
                                               "(default: only models over 1 GiB; a mapped file must not be "
                                               "truncated while serving)")] = None,
+    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", min=1,
+                                                help="larger request bodies get 413 unread")] = 2 * 2**20,
+    read_timeout_sec: Annotated[float, typer.Option("--read-timeout-sec", min=0.001,
+                                                    help="for a request's head, then its body: else 408")] = 30.0,
 ) -> None:
     """Serve the model over HTTP: the worker API and an OpenAI-compatible API."""
     import asyncio
@@ -240,7 +244,8 @@ def serve(
         device = f"cuda:{gpu_device}"
     cfg = ServeConfig(host=host, port=port, worker_id=worker_id, callback_url=callback_url, ctx=ctx,
                       max_batch=max_batch, max_tokens_in=max_tokens_in, max_tokens_out=max_tokens_out,
-                      inference_timeout_sec=inference_timeout_sec, kv_cache_size_mb=kv_cache_size_mb)
+                      inference_timeout_sec=inference_timeout_sec, kv_cache_size_mb=kv_cache_size_mb,
+                      max_body_bytes=max_body_bytes, read_timeout_sec=read_timeout_sec)
     m = _load(model, device, mmap)
     try:
         worker = Worker(m, cfg)

@@ -11,6 +11,7 @@ from fastapi.responses import Response
 
 from worker_orcd import __version__
 from worker_orcd.server import errors, openai_api, worker_api
+from worker_orcd.server.limits import BodyLimit
 from worker_orcd.server.worker import Worker, drain
 
 
@@ -44,6 +45,8 @@ def create_app(worker: Worker, exit_server: Callable[[], None] | None = None) ->
         worker.metrics.requests.labels(outcome=outcome).inc()
 
     errors.install(app, refused)
+    app.add_middleware(BodyLimit, max_bytes=worker.cfg.max_body_bytes, timeout_s=worker.cfg.read_timeout_sec,
+                       on_error=refused)
     app.include_router(worker_api.router)
     app.include_router(openai_api.router)
 

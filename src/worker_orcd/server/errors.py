@@ -24,10 +24,12 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class APIError(Exception):
+class APIError(HTTPException):
+    """An HTTPException, so FastAPI passes it through unchanged when raised while it parses a body."""
+
     def __init__(self, status: int, code: str, message: str, field: str | None = None,
                  retry_after: int | None = None):
-        super().__init__(message)
+        super().__init__(status, message)
         self.status, self.code, self.message, self.field, self.retry_after = status, code, message, field, retry_after
 
 
@@ -42,11 +44,13 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
 
 ERROR_RESPONSES = {
     status: {"model": ErrorBody, "description": what}
-    for status, what in [(400, "Invalid request"), (404, "Unknown model or job"), (413, "Prompt too long"),
-                         (422, "Invalid field"), (429, "All sequences busy"), (503, "Not ready or draining")]
+    for status, what in [(400, "Invalid request"), (404, "Unknown model or job"), (413, "Prompt or body too long"),
+                         (415, "Body is not JSON"), (422, "Invalid field"), (429, "All sequences busy"),
+                         (503, "Not ready or draining")]
 }
 
-_HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
+_HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 408: "REQUEST_TIMEOUT", 413: "PAYLOAD_TOO_LARGE",
+               415: "UNSUPPORTED_MEDIA_TYPE"}
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
@@ -89,7 +93,9 @@ def install(app: FastAPI, on_error: Callable[[int], None] = lambda status: None)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "INVALID_REQUEST"), str(exc.detail))
+        field = "body" if exc.status_code == 400 else None  # FastAPI could not read the body
+        return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "INVALID_REQUEST"), str(exc.detail),
+                              field)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

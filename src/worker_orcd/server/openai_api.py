@@ -7,15 +7,17 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from worker_orcd.engine.sampler import SamplingParams
 from worker_orcd.engine.scheduler import EndEvent, ErrorEvent, TokenEvent
 from worker_orcd.server import sse
 from worker_orcd.server.chat import ChatOutput, render_chat
 from worker_orcd.server.errors import ERROR_RESPONSES, APIError
+from worker_orcd.server.json_body import StrictJSONRoute
 from worker_orcd.server.schemas import (
     ChatRequest,
     ChatResponse,
@@ -31,7 +33,7 @@ from worker_orcd.server.schemas import (
 )
 from worker_orcd.server.worker import Stream, Worker, sampling_params
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], route_class=StrictJSONRoute)
 
 FINISH = {"eos": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 HTTP_STATUS = {"CANCELLED": 499, "INFERENCE_TIMEOUT": 504, "VRAM_OOM": 503}  # 500 stays for bugs
@@ -98,15 +100,16 @@ async def completions(body: CompletionRequest, request: Request):
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": w.model_id}
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(_completion_chunks(stream, head, usage), media_type="text/event-stream")
+        return sse.EventStream(_completion_chunks(stream, head, usage), stream.close)
     text, reason = [], None
-    async for ev in stream.events(request):
-        if isinstance(ev, TokenEvent):
-            text.append(ev.text)
-        elif isinstance(ev, EndEvent):
-            reason = FINISH[ev.finish_reason]
-        else:
-            _raise_for(ev)
+    async with aclosing(stream.events(request)) as events:
+        async for ev in events:
+            if isinstance(ev, TokenEvent):
+                text.append(ev.text)
+            elif isinstance(ev, EndEvent):
+                reason = FINISH[ev.finish_reason]
+            else:
+                _raise_for(ev)
     choice = {"index": 0, "text": "".join(text), "finish_reason": reason, "logprobs": None}
     return JSONResponse({**head, "choices": [choice], "usage": _usage(stream)})
 
@@ -144,16 +147,17 @@ async def chat_completions(body: ChatRequest, request: Request):
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         head["object"] = "chat.completion.chunk"
-        return StreamingResponse(_chat_chunks(stream, out, head, usage), media_type="text/event-stream")
+        return sse.EventStream(_chat_chunks(stream, out, head, usage), stream.close)
     reason = None
-    async for ev in stream.events(request):
-        if isinstance(ev, TokenEvent):
-            out.push(ev.text)
-        elif isinstance(ev, EndEvent):
-            out.finish()
-            reason = FINISH[ev.finish_reason]
-        else:
-            _raise_for(ev)
+    async with aclosing(stream.events(request)) as events:
+        async for ev in events:
+            if isinstance(ev, TokenEvent):
+                out.push(ev.text)
+            elif isinstance(ev, EndEvent):
+                out.finish()
+                reason = FINISH[ev.finish_reason]
+            else:
+                _raise_for(ev)
     reasoning, content = out.result()
     message = {"role": "assistant", "content": content}
     if reasoning is not None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import uvicorn
 
 from worker_orcd.server.app import create_app
+from worker_orcd.server.limits import guarded_protocol
 from worker_orcd.server.worker import Worker
 
 log = logging.getLogger("worker_orcd.server")
@@ -61,7 +62,7 @@ async def serve(worker: Worker, on_ready: Callable[[str], None] | None = None) -
 
     app = create_app(worker, exit_server)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, http=guarded_protocol(cfg.read_timeout_sec))
     server = _Server(config, worker)
     task = asyncio.create_task(server.serve())
     while not server.started:

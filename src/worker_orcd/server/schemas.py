@@ -11,7 +11,10 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 MaxTokens = Annotated[int, Field(ge=1)]
 Seed = Annotated[int, Field(ge=-(2**63), lt=2**64)]  # what torch.Generator.manual_seed takes
 TopK = Annotated[int, Field(ge=0)]
-StopList = Annotated[list[str], Field(max_length=16)]
+# a stop string is text the caller expects verbatim ("\n\n", "User:"); what may still grow into one is held
+# back from the stream, so a long one delays tokens; 16 x 512 characters cost ~6 us a token to match
+StopString = Annotated[str, Field(max_length=512)]
+StopList = Annotated[list[StopString], Field(max_length=16)]
 TokenId = Annotated[int, Field(ge=0)]
 TokenPrompt = Annotated[list[TokenId], Field(min_length=1)]
 OneTextPrompt = Annotated[list[str], Field(min_length=1, max_length=1)]  # n=1: a batch of one prompt
@@ -69,7 +72,7 @@ class SamplingFields(Strict):
     n: Annotated[int, Field(ge=1, le=1)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | StopList | None = None
+    stop: StopString | StopList | None = None
     seed: Seed | None = None
     user: str | None = None
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 SSE_RESPONSE = {200: {"description": "a text/event-stream of events", "content": {"text/event-stream": {}}}}
 
@@ -17,3 +21,18 @@ def data(payload: Any) -> str:
     """An unnamed event (OpenAI API): `data: {json}`, or `data: [DONE]` for a string."""
     body = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {body}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """A text/event-stream whose `on_close` runs however the response ends: finished, failed, or the client
+    gone before the first event (Starlette then never starts the body, so the body's own cleanup never runs)."""
+
+    def __init__(self, body: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(body, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()

@@ -56,6 +56,10 @@ class ServeConfig:
     prefill_chunk: int = 256
     max_waiting: int | None = None  # None: max_batch
     drain_timeout_sec: float = 25.0  # then running streams are cancelled: the process exits within 30 s
+    # 2 MiB holds a full 131,072-token context as JSON (text ~0.6 MiB, token ids ~1 MiB) and bounds what each
+    # connection buffers and parses; a larger body is refused (413) before it is read
+    max_body_bytes: int = 2 * 2**20
+    read_timeout_sec: float = 30.0  # for the request head, then again for the body (slow clients: 408)
 
 
 def kv_bytes_per_token(net) -> int:
@@ -190,6 +194,7 @@ class Stream:
         except ValueError as e:
             raise APIError(400, "INVALID_REQUEST", str(e)) from None
         self.stats = self.handle.stats
+        self.closed = False
 
     def _put(self, event: Event) -> None:
         try:
@@ -220,8 +225,15 @@ class Stream:
         finally:
             if watcher is not None:
                 watcher.cancel()
-            if not self.handle.done:  # the client went away: free the slot within one step
-                self.worker.scheduler.cancel(self.request.id)
+            self.close(outcome)
+
+    def close(self, outcome: str = "cancelled") -> None:
+        """Cancel the job if it still runs (the client went away: its slot frees within one step) and record
+        how it ended, once. Runs however the response ends, even if its events were never read."""
+        if not self.handle.done:
+            self.worker.scheduler.cancel(self.request.id)
+        if not self.closed:
+            self.closed = True
             self.worker.finished(self, outcome)
 
     async def _watch(self, client: StarletteRequest) -> None:

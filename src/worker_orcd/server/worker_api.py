@@ -8,15 +8,16 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from worker_orcd.engine.scheduler import EndEvent, ErrorEvent, TokenEvent
 from worker_orcd.server import sse
 from worker_orcd.server.errors import ERROR_RESPONSES, APIError, error_response
+from worker_orcd.server.json_body import StrictJSONRoute
 from worker_orcd.server.schemas import Accepted, CancelRequest, ExecuteRequest, Health
 from worker_orcd.server.worker import Stream, Worker, sampling_params
 
-router = APIRouter(tags=["worker"])
+router = APIRouter(tags=["worker"], route_class=StrictJSONRoute)
 
 RETRIABLE = {"INFERENCE_TIMEOUT": True, "CANCELLED": False, "INTERNAL": True, "VRAM_OOM": True, "CUDA_ERROR": False}
 
@@ -26,7 +27,7 @@ def _worker(request: Request) -> Worker:
 
 
 @router.post("/execute", responses={**sse.SSE_RESPONSE, **ERROR_RESPONSES})
-async def execute(body: ExecuteRequest, request: Request) -> StreamingResponse:
+async def execute(body: ExecuteRequest, request: Request) -> sse.EventStream:
     """Run one job; events: started, token*, metrics, end — or error."""
     w = _worker(request)
     if w.scheduler.active(body.job_id):
@@ -35,7 +36,7 @@ async def execute(body: ExecuteRequest, request: Request) -> StreamingResponse:
     max_tokens = w.check_lengths(len(ids), body.max_tokens, "prompt")
     params = sampling_params(body.temperature, body.top_p, body.top_k, body.seed)
     stream = w.submit(body.job_id, ids, max_tokens, params, body.stop, "execute")
-    return StreamingResponse(_execute_events(stream, w.model_id), media_type="text/event-stream")
+    return sse.EventStream(_execute_events(stream, w.model_id), stream.close)
 
 
 async def _execute_events(stream: Stream, model: str) -> AsyncIterator[str]:
