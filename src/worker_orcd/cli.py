@@ -35,15 +35,27 @@ ModelArg = Annotated[Path | None, typer.Argument(help="GGUF file (default: the p
 
 
 @app.command()
-def inspect(path: ModelArg = None) -> None:
+def inspect(
+    path: ModelArg = None,
+    check_values: Annotated[bool, typer.Option(
+        "--check-values", help="dequantize every tensor and count NaN/inf (exit 1 if any)")] = False,
+) -> None:
     """Metadata, tensor types and counts, total bytes and estimated VRAM for the weights."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
     from worker_orcd.gguf import GGUFError, open_gguf
-    from worker_orcd.inspect import human_bytes, model_facts
+    from worker_orcd.inspect import human_bytes, model_facts, scan_values, value_table
     from worker_orcd.packaged import ModelNotInstalled
 
     try:
         with open_gguf(_model_path(path)) as f:
             facts = model_facts(f)
+            counts = None
+            if check_values:
+                with Progress(TextColumn("scanning values"), BarColumn(), DownloadColumn(),
+                              console=Console(stderr=True), transient=True) as bar:
+                    task = bar.add_task("scan", total=None)
+                    counts = scan_values(f, lambda done, total: bar.update(task, completed=done, total=total))
     except (GGUFError, ModelNotInstalled) as e:
         _fail(str(e))
 
@@ -70,6 +82,11 @@ def inspect(path: ModelArg = None) -> None:
         f"estimated VRAM for weights (kept in their GGUF types): [b]{human_bytes(facts.weight_bytes)}[/b]; "
         f"KV cache (f16): {human_bytes(facts.kv_bytes_per_token)} per token"
     )
+    if counts is not None:
+        console.print(value_table(counts))
+        bad = [c.name for c in counts if c.bad]
+        if bad:
+            _fail(f"{len(bad)} tensors hold NaN or inf values: {', '.join(bad[:10])}")
 
 
 ModelOpt = Annotated[Path | None, typer.Option("--model", "-m", help="GGUF file (default: the packaged model)")]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES
+from rich.table import Table
 
 from worker_orcd.gguf import GGUFFile, TensorRef
 
@@ -58,9 +59,11 @@ def _scalar(v: object) -> object:
 
 
 def model_facts(f: GGUFFile) -> ModelFacts:
+    """What `inspect` shows. Metadata of an unexpected type (a string block count, per-layer head counts)
+    shows as it is and leaves the KV estimate at 0 rather than failing."""
     arch = f.architecture
     hp = {k: _scalar(f.get(f"{arch}.{k}")) for k in ARCH_KEYS if f"{arch}.{k}" in f.metadata}
-    tokens = f.get("tokenizer.ggml.tokens") or []
+    tokens = f.get("tokenizer.ggml.tokens")
     counts: Counter[str] = Counter()
     nbytes: Counter[str] = Counter()
     params = 0
@@ -76,7 +79,7 @@ def model_facts(f: GGUFFile) -> ModelFacts:
         hyperparameters=hp,
         tokenizer_model=f.get("tokenizer.ggml.model"),
         tokenizer_pre=f.get("tokenizer.ggml.pre"),
-        vocab_size=len(tokens),
+        vocab_size=len(tokens) if isinstance(tokens, (list, np.ndarray)) else 0,
         tensor_count=len(f.tensors),
         types={k: (counts[k], nbytes[k]) for k in sorted(counts, key=lambda k: -nbytes[k])},
         weight_bytes=sum(nbytes.values()),
@@ -86,14 +89,40 @@ def model_facts(f: GGUFFile) -> ModelFacts:
     return facts
 
 
+def _int(v: object) -> int | None:
+    return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) else None
+
+
+def _per_layer(v: object, layers: int) -> list[int] | None:
+    """A head count for each layer: a number for all of them, or an integer array of one per layer."""
+    if isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in "iu" and len(v) == layers:
+        return [int(x) for x in v]
+    n = _int(v)
+    return None if n is None else [n] * layers
+
+
 def _kv_bytes_per_token(f: GGUFFile, arch: str) -> int:
-    layers = f.get(f"{arch}.block_count") or 0
-    heads = f.get(f"{arch}.attention.head_count") or 0
-    kv_heads = f.get(f"{arch}.attention.head_count_kv") or heads
-    embd = f.get(f"{arch}.embedding_length") or 0
-    head_k = f.get(f"{arch}.attention.key_length") or (embd // heads if heads else 0)
-    head_v = f.get(f"{arch}.attention.value_length") or head_k
-    return int(layers * _scalar(kv_heads) * (head_k + head_v) * 2)
+    """f16 K and V for every layer (per-layer head counts summed); 0 when the metadata does not say."""
+    layers = _int(f.get(f"{arch}.block_count")) or 0
+    heads = f.get(f"{arch}.attention.head_count")
+    kv_heads = f.get(f"{arch}.attention.head_count_kv", heads)
+    embd = _int(f.get(f"{arch}.embedding_length")) or 0
+    key_len = _int(f.get(f"{arch}.attention.key_length"))
+    value_len = _int(f.get(f"{arch}.attention.value_length"))
+    if layers <= 0:
+        return 0
+    if _int(heads) is not None and _int(kv_heads) is not None:  # the usual case: no per-layer list
+        return layers * _layer_kv_bytes(_int(heads), _int(kv_heads), embd, key_len, value_len)
+    per_layer = _per_layer(heads, layers), _per_layer(kv_heads, layers)
+    if per_layer[0] is None or per_layer[1] is None:
+        return 0
+    return sum(_layer_kv_bytes(h, kv, embd, key_len, value_len) for h, kv in zip(*per_layer))
+
+
+def _layer_kv_bytes(heads: int, kv_heads: int, embd: int, key_len: int | None, value_len: int | None) -> int:
+    head_k = key_len or (embd // heads if heads > 0 else 0)
+    head_v = value_len or head_k
+    return max(kv_heads * (head_k + head_v) * 2, 0)
 
 
 def human_bytes(n: float) -> str:
@@ -155,3 +184,18 @@ def _scan_tensor(f: GGUFFile, ref: TensorRef) -> ValueCounts:
         counts.nan += int(torch.isnan(values).sum())
         counts.inf += int(torch.isinf(values).sum())
     return counts
+
+
+def value_table(counts: list[ValueCounts], limit: int = 50) -> Table:
+    """The tensors with NaN or inf (the first `limit`), and those of types the scan cannot decode."""
+    bad = [c for c in counts if c.bad]
+    unchecked = [c for c in counts if not c.checked]
+    table = Table(title=f"NaN/inf scan: {len(counts)} tensors, {len(bad)} with NaN or inf, "
+                        f"{len(unchecked)} not checked")
+    for column in ("tensor", "type", "elements", "NaN", "inf"):
+        table.add_column(column, justify="left" if column in ("tensor", "type") else "right")
+    for c in bad[:limit]:
+        table.add_row(c.name, c.type_name, str(c.elements), str(c.nan), str(c.inf))
+    for c in unchecked[:limit]:
+        table.add_row(c.name, c.type_name, str(c.elements), "not checked", "")
+    return table
