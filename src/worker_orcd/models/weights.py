@@ -37,7 +37,7 @@ class Weights:
             raw = f.tensor_bytes(name)
             if len(ref.shape) == 1:  # norms, biases, rope factors: small, used in float32
                 q = QuantTensor.from_bytes(raw, ref.ggml_type, ref.shape, device="cpu")
-                self._t[name] = q.dequantize().to(device)
+                self._t[name] = _finite(f.path, name, q.dequantize()).to(device)
             elif self.mapped:
                 self._t[name] = _mapped(raw, ref.ggml_type, ref.shape)
             else:
@@ -73,6 +73,15 @@ class Weights:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes if isinstance(t, QuantTensor) else t.numel() * t.element_size() for t in self._t.values())
+
+
+def _finite(path: str, name: str, v: torch.Tensor) -> torch.Tensor:
+    """A NaN or inf in a norm or bias reaches every activation: refuse the file, naming the tensor. Cheap for
+    vectors, which are dequantized here anyway; `worker-orcd inspect --check-values` scans the matrices too."""
+    if not bool(torch.isfinite(v).all()):
+        nan, inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+        raise GGUFError(path, f"tensor {name} holds {nan} NaN and {inf} inf values", f"tensor {name}")
+    return v
 
 
 def _mapped(raw: np.ndarray, ggml_type, shape: tuple[int, ...]) -> QuantTensor:
