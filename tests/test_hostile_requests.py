@@ -119,6 +119,13 @@ def test_body_over_limit_by_content_length_is_413_unread(server, still_serving):
     still_serving()
 
 
+def test_client_that_sends_all_of_a_big_body_reads_the_413(http, still_serving):
+    # the server answers at once and lingers, discarding the rest: no reset wipes the answer (httpx reads late)
+    for size in [2 * MAX_BODY, 32 * MAX_BODY]:
+        assert_error(post_raw(http, "/v1/completions", b"x" * size), 413, "body", "PAYLOAD_TOO_LARGE")
+    still_serving()
+
+
 def test_chunked_body_over_limit_is_413(server, still_serving):
     sock = connect(server)
     sock.sendall(request_head("/v1/completions", chunked=True))
@@ -141,9 +148,23 @@ def test_chunked_body_over_limit_is_413(server, still_serving):
 
 
 def test_body_under_limit_is_read(http, still_serving):
-    r = http.post("/tokenize", json={"prompt": "word " * (MAX_BODY // 6)})
-    assert r.status_code == 200 and r.json()["count"] > 10000
-    assert_error(http.post("/tokenize", json={"prompt": "word " * (MAX_BODY // 5)}), 413, "body")
+    r = http.post("/tokenize", json={"prompt": "word " * 2000})
+    assert r.status_code == 200 and r.json()["count"] > 2000
+    assert_error(http.post("/tokenize", json={"prompt": "word " * (MAX_BODY // 5)}), 413, "body", "PAYLOAD_TOO_LARGE")
+    still_serving()
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/tokenize", {"prompt": "word " * (MAX_BODY // 6)}, "prompt"),
+    ("/execute", {"job_id": "long", "prompt": "word " * (MAX_BODY // 6)}, "prompt"),
+    ("/v1/completions", {"model": M, "prompt": "word " * (MAX_BODY // 6)}, "prompt"),
+    ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": "word " * (MAX_BODY // 6)}]},
+     "messages"),
+])
+def test_prompt_far_over_the_context_is_413_untokenized(http, still_serving, path, body, field):
+    # tokenizing holds the GIL (~1.4 s a MiB), stalling every stream: refused from its byte count alone
+    err = assert_error(http.post(path, json=body), 413, field, "PROMPT_TOO_LONG")
+    assert "bytes, so at least" in err["message"]
     still_serving()
 
 

@@ -25,6 +25,7 @@ def render_chat(worker, messages: list[Message], reasoning_effort: str | None) -
                                        add_generation_prompt=True, **kw)
     except Exception as e:  # a template may raise on a conversation it does not accept (roles out of order)
         raise APIError(400, "INVALID_REQUEST", f"the chat template rejected the messages: {e}", "messages") from None
+    worker.check_prompt_bytes(text, "messages", ignore_whitespace=True)
     ids = tok.tokenize(text, add_special=False, parse_special=True)
     if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
         ids = [tok.bos_id] + ids

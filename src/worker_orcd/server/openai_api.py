@@ -93,7 +93,7 @@ async def completions(body: CompletionRequest, request: Request):
                            "prompt")
         ids = list(prompt)
     else:
-        ids = await asyncio.to_thread(w.tokenizer.tokenize, prompt, add_special=True)
+        ids = await w.tokenize(prompt, "prompt")
     max_tokens = w.check_lengths(len(ids), body.max_tokens or 16, "prompt")
     rid = f"cmpl-{uuid.uuid4().hex}"
     stream = w.submit(rid, ids, max_tokens, _params(body), _stops(body.stop), "completion")
@@ -198,7 +198,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     if body.messages is not None:
         ids = await asyncio.to_thread(render_chat, w, body.messages, None)
     else:
-        ids = await asyncio.to_thread(w.tokenizer.tokenize, body.prompt, add_special=body.add_special_tokens)
+        ids = await w.tokenize(body.prompt, "prompt", add_special=body.add_special_tokens)
     return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=w.ctx)
 
 

@@ -25,7 +25,8 @@ def data(payload: Any) -> str:
 
 class EventStream(StreamingResponse):
     """A text/event-stream whose `on_close` runs however the response ends: finished, failed, or the client
-    gone before the first event (Starlette then never starts the body, so the body's own cleanup never runs)."""
+    gone before the first event (under ASGI 2.4 Starlette stops at the first failed send, before the body
+    starts, so the body's own cleanup would never run and the job would decode on for nobody)."""
 
     def __init__(self, body: AsyncIterator[str], on_close: Callable[[], None]):
         super().__init__(body, media_type="text/event-stream")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -32,7 +31,7 @@ async def execute(body: ExecuteRequest, request: Request) -> sse.EventStream:
     w = _worker(request)
     if w.scheduler.active(body.job_id):
         raise APIError(400, "INVALID_REQUEST", f"job_id {body.job_id!r} is already running", "job_id")
-    ids = await asyncio.to_thread(w.tokenizer.tokenize, body.prompt, add_special=True)
+    ids = await w.tokenize(body.prompt, "prompt")
     max_tokens = w.check_lengths(len(ids), body.max_tokens, "prompt")
     params = sampling_params(body.temperature, body.top_p, body.top_k, body.seed)
     stream = w.submit(body.job_id, ids, max_tokens, params, body.stop, "execute")
