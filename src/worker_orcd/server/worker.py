@@ -31,10 +31,10 @@ from worker_orcd.server.metrics import Metrics
 log = logging.getLogger("worker_orcd.server")
 
 KV_DTYPE = torch.float32
+_WHITESPACE = re.compile(r"\s+")
 GREEDY_BELOW = 1e-5  # as vLLM: a smaller temperature is greedy (dividing by it overflows the logits)
 
 
-_WHITESPACE = re.compile(r"\s+")
 MIN_TOP_P = 1e-6  # below float32's range top_p rounds to 0 and filters out every token; this keeps only the top one
 
 
