@@ -73,7 +73,9 @@ def _scalar_type(value: Any) -> GGUFValueType:
         return GGUFValueType.STRING
     if isinstance(value, float):
         return GGUFValueType.FLOAT32
-    return GGUFValueType.UINT32 if 0 <= value < 2**32 else GGUFValueType.INT64
+    if 0 <= value < 2**32:
+        return GGUFValueType.UINT32
+    return GGUFValueType.UINT64 if value >= 0 else GGUFValueType.INT64
 
 
 def _value(value: Any, vtype: GGUFValueType | None) -> bytes:

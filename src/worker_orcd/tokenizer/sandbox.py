@@ -74,8 +74,11 @@ def _budget() -> _Budget:
     return budget if budget is not None else _Budget(RenderLimits())  # outside a render: compile time
 
 
+_SIZED = (str, bytes, list, tuple, dict)
+
+
 def _charge(value: Any, what: str) -> Any:
-    if isinstance(value, (str, bytes, list, tuple, dict)):
+    if isinstance(value, _SIZED):
         _budget().check(len(value), what)
     return value
 
@@ -93,20 +96,20 @@ def _check_int_bits(bits: int, what: str) -> None:
         raise TemplateLimitError(f"{what} would have about {bits} bits (limit {MAX_INT_BITS})")
 
 
-def _check_binop(operator: str, left: Any, right: Any) -> None:
+def _check_binop(budget: _Budget, operator: str, left: Any, right: Any) -> None:
+    """Refuse `left operator right` before it runs if its result would be too big ('+' is checked after:
+    it is at most twice its operands)."""
     seqs = (str, bytes, list, tuple)
     if operator == "*" and isinstance(left, seqs) and isinstance(right, int):
-        _budget().check(len(left) * max(right, 0), "a repeated sequence")
+        budget.check(len(left) * max(right, 0), "a repeated sequence")
     elif operator == "*" and isinstance(right, seqs) and isinstance(left, int):
-        _budget().check(len(right) * max(left, 0), "a repeated sequence")
+        budget.check(len(right) * max(left, 0), "a repeated sequence")
     elif operator == "*" and isinstance(left, int) and isinstance(right, int):
         _check_int_bits(left.bit_length() + right.bit_length(), "a product")
     elif operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
         _check_int_bits(max(left.bit_length(), 1) * right, "a power")
-    elif operator == "+" and isinstance(left, seqs) and isinstance(right, seqs):
-        _budget().check(len(left) + len(right), "a concatenation")
     elif operator == "%" and isinstance(left, (str, bytes)):
-        _budget().check(_printf_size(left, right), "a %-formatted string")
+        budget.check(_printf_size(left, right), "a %-formatted string")
 
 
 # a printf conversion: mapping key, flags, width, precision, length modifier, type
@@ -243,6 +246,7 @@ def _guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     """`func` behind a size check; pass_context keeps jinja2 from running it at compile time."""
     passes = getattr(getattr(func, "jinja_pass_arg", None), "name", None)
     estimate = _FILTER_SIZES.get(name)
+    what = f"the result of filter {name!r}"
 
     @jinja2.pass_context
     def guarded(context: Context, value: Any, *args: Any, **kwargs: Any) -> Any:
@@ -253,10 +257,16 @@ def _guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
                 size = estimate(value, *args, **kwargs)
             except (TypeError, ValueError):
                 size = 0  # wrong arguments: the filter itself says so
-            _budget().check(size, f"the result of filter {name!r}")
-        first = {"context": (context,), "eval_context": (context.eval_ctx,),
-                 "environment": (context.environment,)}.get(passes, ())
-        return _charge(func(*first, value, *args, **kwargs), f"the result of filter {name!r}")
+            _budget().check(size, what)
+        if passes == "context":
+            args = (context, value, *args)
+        elif passes == "eval_context":
+            args = (context.eval_ctx, value, *args)
+        elif passes == "environment":
+            args = (context.environment, value, *args)
+        else:
+            args = (value, *args)
+        return _charge(func(*args, **kwargs), what)
 
     return guarded
 
@@ -295,8 +305,13 @@ class GuardedEnvironment(ImmutableSandboxedEnvironment):
         self.filters[name] = _guard_filter(name, func)
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
-        _check_binop(operator, left, right)
-        return _charge(super().call_binop(context, operator, left, right), f"the result of {operator!r}")
+        budget = _budget()
+        if operator != "+":
+            _check_binop(budget, operator, left, right)
+        result = self.binop_table[operator](left, right)
+        if isinstance(result, _SIZED):
+            budget.check(len(result), "a concatenation" if operator == "+" else "an operator's result")
+        return result
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         args = _check_method(__obj, args, kwargs)
