@@ -82,14 +82,35 @@ class Int4Linear:
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
+def _have_mkldnn_linear() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 class Bf16Linear:
+    """Dense bf16 weight through oneDNN, reordered once at load into its blocked layout (2x faster than
+    F.linear, which reorders on every call; the results are the same bits).
+
+    oneDNN's one-row kernel accumulates differently from its many-row kernel once K >= ~1,536, so a single
+    row is computed as two equal rows: a decode row then gets the same bits alone or in any batch."""
+
     def __init__(self, weight: torch.Tensor):
         self.out_features = weight.shape[0]
-        self.weight = weight.to(torch.bfloat16).contiguous()
-        self.nbytes = self.weight.numel() * 2
+        w = weight.to(torch.bfloat16).contiguous()
+        self.nbytes = w.numel() * 2
+        self.prepacked = _have_mkldnn_linear()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(w, 2) if self.prepacked else w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        rows = x2.shape[0]
+        if rows == 1:
+            x2 = x2.expand(2, -1)
+        x2 = x2.contiguous()
+        if self.prepacked:
+            y = torch.ops.mkldnn._linear_pointwise(x2, self.weight, None, "none", [], "")
+        else:
+            y = torch.nn.functional.linear(x2, self.weight)
+        return y[:rows].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 def pack_for_cpu(raw: torch.Tensor, ggml_type: T, shape: tuple[int, ...]) -> Int4Linear | Bf16Linear | None:
