@@ -7,7 +7,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from worker_orcd.kernels.triton_quant import pack_mxfp4, pack_q8_0, quant_matmul, split_k
+from worker_orcd.kernels.triton_quant import pack_mxfp4, pack_q8_0, quant_matmul, split_k, unpack
 from worker_orcd.quant import QuantTensor, dequantize
 from worker_orcd.quant.gpu_matmul import gpu_matmul, packed
 
@@ -71,6 +71,20 @@ def test_pack_keeps_bytes():
         p = PACK[kind](random_blocks(kind, 6, 64), 6, 64)
         assert p.codes.numel() * 4 == 6 * 64 * per_weight
         assert p.nbytes == 6 * 64 // 32 * (34 if kind == T.Q8_0 else 17)
+
+
+@pytest.mark.parametrize("kind", [T.Q8_0, T.MXFP4])
+def test_unpack_returns_the_exact_blocks(kind):
+    """Packing is lossless: the blocks come back bit for bit, whole, by row range and by gathered rows."""
+    raw = random_blocks(kind, 37, 96)
+    if kind == T.MXFP4:
+        raw.reshape(37, 3, 17)[:5, :, 0] = torch.tensor([0, 1, 127, 254, 255], dtype=torch.uint8)[:, None]
+    p = PACK[kind](raw, 37, 96)
+    assert torch.equal(unpack(p), raw)
+    assert torch.equal(unpack(p, chunk_rows=5), raw)
+    assert torch.equal(unpack(p.rows(10, 20)), raw[10:20])
+    ids = torch.tensor([3, 36, 3, 0])
+    assert torch.equal(unpack(p.take(ids)), raw[ids])
 
 
 def test_gpu_matmul_entry_caches_and_falls_back():

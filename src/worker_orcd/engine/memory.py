@@ -15,12 +15,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from gguf import GGMLQuantizationType as T
 
 from worker_orcd.gguf import GGUFFile
 
-# Formats the CUDA kernels repack once into their own layout, kept beside the raw blocks (quant/gpu_matmul.py).
-GPU_PACKED_TYPES = {T.Q8_0, T.MXFP4}
 MARGIN_BYTES = 256 * 2**20  # allocator fragmentation, kernel scratch, cuBLAS workspace
 
 
@@ -87,17 +84,11 @@ def kv_bytes_per_token(f: GGUFFile, dtype_bytes: int = 4) -> int:
     return layers * kv_heads * (head_k + head_v) * dtype_bytes
 
 
-def weight_bytes(f: GGUFFile, device_type: str) -> int:
-    """Bytes the loaded tensors take on a device of `device_type` ('cuda' or 'cpu')."""
-    total = 0
-    for ref in f.tensors.values():
-        if len(ref.shape) == 1:
-            total += ref.n_elements * 4  # vectors are expanded to float32 at load
-        else:
-            total += ref.nbytes
-            if device_type == "cuda" and ref.ggml_type in GPU_PACKED_TYPES:
-                total += ref.nbytes
-    return total
+def weight_bytes(f: GGUFFile) -> int:
+    """Bytes the loaded tensors take: matrices in their block format (on CUDA, the kernels' repacking of
+    the same size replaces the blocks), vectors expanded to float32. The CPU's packed copies for its own
+    kernels (int4pack, bf16) are made on first use and not counted."""
+    return sum(ref.n_elements * 4 if len(ref.shape) == 1 else ref.nbytes for ref in f.tensors.values())
 
 
 def workspace_bytes(f: GGUFFile, ctx: int, slots: int, prefill_chunk: int) -> int:
@@ -114,9 +105,9 @@ def workspace_bytes(f: GGUFFile, ctx: int, slots: int, prefill_chunk: int) -> in
     return activations + scores + logits + MARGIN_BYTES
 
 
-def estimate(f: GGUFFile, device_type: str, ctx: int, slots: int, kv_dtype_bytes: int = 4,
+def estimate(f: GGUFFile, ctx: int, slots: int, kv_dtype_bytes: int = 4,
              prefill_chunk: int = 256) -> MemoryEstimate:
-    return MemoryEstimate(weights=weight_bytes(f, device_type),
+    return MemoryEstimate(weights=weight_bytes(f),
                           kv_cache=kv_bytes_per_token(f, kv_dtype_bytes) * ctx * slots,
                           workspace=workspace_bytes(f, ctx, slots, prefill_chunk))
 

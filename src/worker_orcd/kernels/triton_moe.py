@@ -178,10 +178,7 @@ def moe_down(h, ids, w, down, down_b, cfg=None) -> torch.Tensor:
 
 def expert_rows(w: QuantTensor, e: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Expert e of a stacked [E, rows, cols] tensor, dequantized: [rows, cols]."""
-    from worker_orcd.quant import dequantize
-
-    n_exp, rows, cols = w.shape
-    return dequantize(w.raw.reshape(n_exp, rows, -1)[e], w.ggml_type, (rows, cols)).to(dtype)
+    return w.stacked(e).dequantize(dtype)
 
 
 def moe_reference(

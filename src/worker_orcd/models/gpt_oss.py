@@ -116,9 +116,7 @@ class GptOssLayer:
 
 def expert(w: QuantTensor, e: int) -> QuantTensor:
     """Expert e's matrix out of a stacked [experts, rows, cols] tensor, still in its block format."""
-    n_exp, rows, cols = w.shape
-    raw = w.raw.reshape(n_exp, rows, -1)[e]
-    return QuantTensor.from_bytes(raw, w.ggml_type, (rows, cols), device=raw.device)
+    return w.stacked(e)
 
 
 class GptOssModel:

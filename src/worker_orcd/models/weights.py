@@ -12,6 +12,7 @@ import torch
 from worker_orcd.gguf import GGUFError, GGUFFile
 from worker_orcd.quant import QuantTensor
 from worker_orcd.quant.formats import row_bytes
+from worker_orcd.quant.packed import PackedWeight
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 # CPU models with more tensor bytes than this stay memory-mapped by default (a copy would double what a
@@ -40,6 +41,8 @@ class Weights:
                 self._t[name] = _finite(f.path, name, q.dequantize()).to(device)
             elif self.mapped:
                 self._t[name] = _mapped(raw, ref.ggml_type, ref.shape)
+            elif device.type == "cuda":  # the kernels' layout replaces the blocks: one copy in VRAM
+                self._t[name] = QuantTensor.from_bytes(raw, ref.ggml_type, ref.shape, device=device).pack_resident()
             else:
                 self._t[name] = QuantTensor.from_bytes(raw, ref.ggml_type, ref.shape, device=device)
             done += ref.nbytes
@@ -100,8 +103,13 @@ def fuse_rows(*ws: QuantTensor) -> QuantTensor | None:
     """One matrix holding the rows of several (same format, same width), so one matmul serves them all."""
     if len({w.ggml_type for w in ws}) != 1 or len({w.shape[1] for w in ws}) != 1 or any(len(w.shape) != 2 for w in ws):
         return None
-    raw = torch.cat([w.raw for w in ws])
-    return QuantTensor(raw, ws[0].ggml_type, (sum(w.shape[0] for w in ws), ws[0].shape[1]))
+    shape = (sum(w.shape[0] for w in ws), ws[0].shape[1])
+    if all(w._raw is None for w in ws):  # packed-only (CUDA): packing is row by row, so rows concatenate
+        p = ws[0].packed
+        fused = PackedWeight(p.kind, torch.cat([w.packed.codes for w in ws]), torch.cat([w.packed.scales for w in ws]),
+                             shape[0], p.k)
+        return QuantTensor(None, ws[0].ggml_type, shape, fused)
+    return QuantTensor(torch.cat([w.raw for w in ws]), ws[0].ggml_type, shape)
 
 
 def fuse_bias(*bs: torch.Tensor | None) -> torch.Tensor | None:

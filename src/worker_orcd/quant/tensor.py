@@ -11,6 +11,7 @@ import torch
 from gguf import GGMLQuantizationType as GGMLType
 
 from worker_orcd.quant.formats import dequantize, row_bytes, tensor_bytes
+from worker_orcd.quant.packed import PackedWeight, pack, unpack
 
 MatmulKernel = Callable[["QuantTensor", torch.Tensor], torch.Tensor]
 
@@ -19,20 +20,45 @@ MATMUL_KERNELS: dict[str, MatmulKernel] = {}
 
 
 class QuantTensor:
-    """Raw blocks resident on a device: uint8 [rows, bytes_per_row], rows as in the file (row-major)."""
+    """Blocks resident on a device: the ggml bytes uint8 [rows, bytes_per_row] (rows as in the file), or only
+    their lossless repacking for the GPU kernels (`packed`, quant/packed.py) once `pack_resident` dropped them."""
 
-    def __init__(self, raw: torch.Tensor, ggml_type: GGMLType, shape: tuple[int, ...]):
+    def __init__(self, raw: torch.Tensor | None, ggml_type: GGMLType, shape: tuple[int, ...],
+                 packed: PackedWeight | None = None):
         shape = tuple(int(d) for d in shape)
         per_row = row_bytes(ggml_type, shape)
         rows = math.prod(shape[:-1])
-        if raw.dtype != torch.uint8 or tuple(raw.shape) != (rows, per_row):
+        if raw is None and (packed is None or packed.codes.shape[0] != rows):
+            raise ValueError(f"a QuantTensor without raw blocks needs a packed weight of {rows} rows")
+        if raw is not None and (raw.dtype != torch.uint8 or tuple(raw.shape) != (rows, per_row)):
             raise ValueError(
                 f"{GGMLType(ggml_type).name} tensor of shape {shape} needs uint8 raw [{rows}, {per_row}], "
                 f"got {raw.dtype} {list(raw.shape)}"
             )
-        self.raw = raw
+        self._raw = raw
+        self.packed = packed
         self.ggml_type = GGMLType(ggml_type)
         self.shape = shape
+
+    @property
+    def raw(self) -> torch.Tensor:
+        """The ggml blocks (rebuilt from `packed`, bit for bit, when only that is resident)."""
+        return self._raw if self._raw is not None else unpack(self.packed)
+
+    def pack_resident(self) -> QuantTensor:
+        """Keep only the GPU kernels' layout (same bytes as the blocks): one copy of the weight in VRAM."""
+        if self.packed is None:
+            self.packed = pack(self._raw, self.ggml_type, self.shape)
+        if self.packed is not None:
+            self._raw = None
+        return self
+
+    def stacked(self, i: int) -> QuantTensor:
+        """Matrix i of a stacked [n, rows, cols] tensor (an expert), as a view of the same storage."""
+        n, rows, cols = self.shape
+        if self._raw is None:
+            return QuantTensor(None, self.ggml_type, (rows, cols), self.packed.rows(i * rows, (i + 1) * rows))
+        return QuantTensor(self._raw[i * rows : (i + 1) * rows], self.ggml_type, (rows, cols))
 
     @classmethod
     def from_bytes(
@@ -60,11 +86,11 @@ class QuantTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.raw.numel()
+        return tensor_bytes(self.ggml_type, self.shape)
 
     @property
     def device(self) -> torch.device:
-        return self.raw.device
+        return self._raw.device if self._raw is not None else self.packed.codes.device
 
     def to(self, device: torch.device | str) -> QuantTensor:
         return QuantTensor(self.raw.to(device), self.ggml_type, self.shape)
@@ -78,7 +104,7 @@ class QuantTensor:
         self._need_2d("matmul")
         if x.shape[-1] != self.shape[1]:
             raise ValueError(f"matmul: x has {x.shape[-1]} features, weight {self.shape} has {self.shape[1]}")
-        return MATMUL_KERNELS.get(self.raw.device.type, dequantize_matmul)(self, x)
+        return MATMUL_KERNELS.get(self.device.type, dequantize_matmul)(self, x)
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (any shape) of a 2-D tensor -> float32 [*ids.shape, cols]; only those rows expand."""
@@ -91,7 +117,8 @@ class QuantTensor:
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.shape[0]:
                 raise ValueError(f"embedding ids must be in [0, {self.shape[0]}), got {lo}..{hi}")
-        rows = self.raw[ids.reshape(-1).to(self.raw.device, torch.int64)]
+        flat = ids.reshape(-1).to(self.device, torch.int64)
+        rows = self._raw[flat] if self._raw is not None else unpack(self.packed.take(flat))
         out = dequantize(rows, self.ggml_type, (rows.shape[0], self.shape[1]))
         return out.reshape(*ids.shape, self.shape[1])
 
@@ -100,7 +127,7 @@ class QuantTensor:
             raise ValueError(f"{op} needs a 2-D tensor, this {self.ggml_type.name} has shape {self.shape}")
 
     def __repr__(self) -> str:
-        return f"QuantTensor({self.ggml_type.name}, shape={self.shape}, device={self.raw.device})"
+        return f"QuantTensor({self.ggml_type.name}, shape={self.shape}, device={self.device})"
 
 
 def _from_numpy(data: np.ndarray, device: torch.device) -> torch.Tensor:
