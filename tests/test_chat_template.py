@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models
 
+from worker_orcd.packaged import default_model_path
 from worker_orcd.tokenizer import TokenizerError, load_tokenizer
 from worker_orcd.tokenizer.chat import render_chat_template
 from worker_orcd.tokenizer.harmony import HarmonyParser, ToolCall, parse_header
@@ -91,6 +93,50 @@ def test_template_helpers():
         render_chat_template("{{ ''.__class__.__mro__[1].__subclasses__() }}", [])
     with pytest.raises(TokenizerError, match="does not parse"):
         render_chat_template("{% if %}", [])
+
+
+BENIGN_TEMPLATES = [
+    "{% for m in messages %}{{ '<|' + m.role + '|>' ~ m.content|trim ~ '\\n' }}{% endfor %}",
+    "{{ messages|map(attribute='role')|join(', ') }} {{ messages|length * 2 }} {{ 2 ** 10 }}",
+    "{{ '%05d|%-4s' % (42, 'ab') }} {{ '%(a)s' % {'a': 1} }}",
+    "{{ '{:>8}|{}'.format('x', 3) }} {{ 'a-b'.replace('-', '+') }} {{ 'x'.center(7) }} {{ 'ab' * 3 }}",
+    "{% macro row(m) %}[{{ m.role|upper }}]{% endmacro %}{% for m in messages %}{{ row(m) }}{% endfor %}",
+    "{% set block %}{% for m in messages %}{{ loop.index }}{% endfor %}{% endset %}{{ block|length }}:{{ block }}",
+    "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + m.content|length %}{% endfor %}"
+    "{{ ns.n }}",
+    "{{ messages[::-1]|map(attribute='content')|list }} {{ (range(5)|list)[1:3] }} {{ 'abc'[::-1] }}",
+    "{{ messages|tojson }} {{ 'a\tb'.expandtabs(4) }} {{ '%s'|format('y') }} {{ ('w ' * 2)|wordwrap(3) }}",
+    "{% autoescape true %}{{ '<b>' ~ messages[0].content }}{% endautoescape %} {{ '<i>' ~ 1 }}",
+    "{{ [1, 2] + [3] }} {{ 7 * 6 }} {{ 1.5 * 2 }} {{ -3 ** 2 }} {{ 'abc' % () if false else 'z' }}",
+    "{% for b in range(7)|batch(3, 0) %}{{ b }}{% endfor %} {% for s in range(7)|slice(2) %}{{ s }}{% endfor %}",
+    "{{ 'line\nline'|indent(2, true) }} {{ 'long text here'|truncate(9, true) }} {{ 'x'|center(5) }}",
+]
+
+
+@pytest.mark.parametrize("template", BENIGN_TEMPLATES)
+def test_limits_do_not_change_what_templates_render(template):
+    # the guarded sandbox renders what jinja2's ImmutableSandboxedEnvironment renders, filters and `~` included
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from worker_orcd.tokenizer.chat import _tojson
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = _tojson  # HF's, as ours
+    messages = [{"role": "user", "content": " Hi <there> "}, {"role": "assistant", "content": "Hello."}]
+    want = env.from_string(template).render(messages=messages, tools=None, add_generation_prompt=True)
+    assert render_chat_template(template, messages) == want
+
+
+def test_normal_rendering_stays_fast(record_property):
+    tok = load_tokenizer(default_model_path())
+    messages = CONVERSATION * 4
+    tok.apply_chat_template(messages)
+    start = time.perf_counter()
+    for _ in range(50):
+        tok.apply_chat_template(messages)
+    per_render = (time.perf_counter() - start) / 50
+    record_property("render_us", round(per_render * 1e6))
+    assert per_render < 0.02
 
 
 def test_no_template_is_an_error():
