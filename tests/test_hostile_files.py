@@ -312,6 +312,29 @@ def test_a_runaway_render_does_not_stop_other_threads_rendering():
     assert all(results[f"ok{i}"] == "".join(map(str, range(2000))) for i in range(4))
 
 
+def test_the_time_limit_holds_in_a_forked_child():
+    import os
+
+    loop = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
+    with pytest.raises(TokenizerError):
+        _render(loop, RenderLimits(timeout_s=0.1))  # the watchdog thread now runs in this process
+    pid = os.fork()
+    if pid == 0:  # the child inherits no threads: its renders need a watchdog of their own
+        try:
+            _render(loop, RenderLimits(timeout_s=0.1))
+        except TokenizerError:
+            os._exit(0)
+        os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+
+
+def test_joining_an_attribute_of_big_messages_is_not_refused():
+    messages = [{"role": "user", "content": "x" * 100_000}] * 100  # 10 M characters of content in all
+    out = render_chat_template("{{ messages|join(', ', attribute='role') }}", messages)
+    assert out == ", ".join(["user"] * 100)
+
+
 def test_unsafe_attribute_access_in_constant_folding_does_not_break_compiling():
     # jinja2 folds constants at compile time; an unsafe access there must surface at render, as an error
     with pytest.raises(TokenizerError, match="unsafe"):

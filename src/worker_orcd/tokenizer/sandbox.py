@@ -15,6 +15,7 @@ Filters are marked pass_context so they never run at compile time (constant fold
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import string
 import threading
@@ -205,8 +206,10 @@ def _indent_filter(s: Any, width: Any = 4, *_: Any, **__: Any) -> int:
     return len(text) + (text.count("\n") + 1) * max(per_line, 0)
 
 
-def _join_filter(value: Any, d: Any = "", *_: Any, **__: Any) -> int:
-    return sum(_text_len(x) for x in value) + _text_len(d) * max(len(value) - 1, 0)
+def _join_filter(value: Any, d: Any = "", attribute: Any = None) -> int:
+    # with `attribute` the items' own text is what joins (checked after); the separator is repeated all the same
+    items = 0 if attribute is not None else sum(_text_len(x) for x in value)
+    return items + _text_len(d) * max(len(value) - 1, 0)
 
 
 def _replace_filter(s: Any, old: Any = "", new: Any = "", count: Any = None) -> int:
@@ -372,6 +375,10 @@ class _Watchdog:
     """
 
     def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # a forked child has no watchdog thread
+
+    def _reset(self) -> None:
         self._cond = threading.Condition()
         self._watches: set[_Watch] = set()
         self._thread: threading.Thread | None = None
