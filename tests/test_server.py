@@ -233,9 +233,9 @@ def test_kv_budget_bounds_the_batch(model):
 
     per_seq = kv_bytes_per_token(model.net) * 512
     cfg = ServeConfig(ctx=512, max_batch=8, kv_cache_size_mb=(3 * per_seq) // 2**20 + 1)
-    assert plan_kv(model.net, model.config.context_length, cfg) == (512, 3)
+    assert plan_kv(kv_bytes_per_token(model.net), model.config.context_length, cfg) == (512, 3)
     with pytest.raises(ValueError, match="--kv-cache-size-mb"):
-        plan_kv(model.net, model.config.context_length, ServeConfig(ctx=512, kv_cache_size_mb=1))
+        plan_kv(kv_bytes_per_token(model.net), model.config.context_length, ServeConfig(ctx=512, kv_cache_size_mb=1))
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -380,7 +380,9 @@ def test_cli_serve_callback_and_sigterm_drain(smollm2_path, tmp_path):
         while httpx.get(uri + "/ready").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.05)
         health = httpx.get(uri + "/health").json()
-        assert call["vram_bytes"] == health["vram_bytes"] == expected_cpu_bytes(smollm2_path, ctx=256, slots=2)
+        assert call["vram_bytes"] == health["vram_bytes"]
+        # weights as stored + the KV cache, plus the small tables a model derives (RoPE frequencies)
+        assert 0 <= health["vram_bytes"] - expected_cpu_bytes(smollm2_path, ctx=256, slots=2) <= 4096
         out_line = proc.stdout.readline() + proc.stdout.readline()
         assert uri in out_line and "curl" in out_line
 

@@ -215,14 +215,40 @@ def tokenize(
 
 
 def _parse_size(text: str) -> int:
-    """'8GiB', '8G', '512MB', '1073741824' -> bytes (K/M/G/T are powers of 1024)."""
-    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    """'20GiB', '8G', '512MB', '1073741824' -> bytes (K/M/G/T are powers of 1024)."""
+    from worker_orcd.engine.memory import parse_size
+
     try:
-        return int(float(num) * units[unit])
-    except ValueError:
-        raise typer.BadParameter(f"not a size: {text!r} (try 8GiB or 512M)") from None
+        return parse_size(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _check_memory(model: Path | None, device: str, cfg, limit: int | None) -> None:
+    """Refuse before any weight is copied when weights + KV cache + workspace exceed --vram-limit or the free
+    VRAM (estimated from the GGUF header; engine/memory.py)."""
+    import logging
+
+    from worker_orcd.api import resolve_device
+    from worker_orcd.engine import memory
+    from worker_orcd.gguf import GGUFError, open_gguf
+    from worker_orcd.models.hparams import HParams
+    from worker_orcd.packaged import ModelNotInstalled, default_model_path
+    from worker_orcd.server.worker import KV_DTYPE, plan_kv
+
+    try:
+        path = model or default_model_path()
+        dev = resolve_device(device)
+        with open_gguf(path) as f:
+            kv_per_token = memory.kv_bytes_per_token(f, KV_DTYPE.itemsize)
+            ctx, slots = plan_kv(kv_per_token, HParams(f).int("context_length"), cfg)
+            need = memory.estimate(f, ctx, slots, KV_DTYPE.itemsize, cfg.prefill_chunk)
+        memory.check_fits(need, dev, limit)
+    except (GGUFError, ModelNotInstalled, RuntimeError, ValueError) as e:
+        _fail(str(e))
+    logging.getLogger("worker_orcd.server").info(
+        "memory on %s: weights %s + KV cache %s (%d x %d tokens) + workspace %s = %s", dev, memory.human(need.weights),
+        memory.human(need.kv_cache), slots, ctx, memory.human(need.workspace), memory.human(need.total))
 
 
 @app.command()
@@ -263,14 +289,12 @@ def serve(
                       max_batch=max_batch, max_tokens_in=max_tokens_in, max_tokens_out=max_tokens_out,
                       inference_timeout_sec=inference_timeout_sec, kv_cache_size_mb=kv_cache_size_mb,
                       max_body_bytes=max_body_bytes, read_timeout_sec=read_timeout_sec)
+    _check_memory(model, device, cfg, _parse_size(vram_limit) if vram_limit is not None else None)
     m = _load(model, device, mmap)
     try:
         worker = Worker(m, cfg)
     except ValueError as e:
         _fail(str(e))
-    if vram_limit is not None and worker.vram_bytes > _parse_size(vram_limit):
-        _fail(f"not enough VRAM on {m.device}: {worker.vram_bytes} bytes required, {_parse_size(vram_limit)} "
-              f"available (--vram-limit)")
 
     def on_ready(uri: str) -> None:
         print(f"ready: {worker.model_id} on {m.device} at {uri}", flush=True)

@@ -54,7 +54,7 @@ class Health(BaseModel):
     architecture: str
     quant: str
     device: str
-    vram_resident: bool
+    vram_resident: bool  # every tensor of the model is on `device` (checked once, after load)
 
 
 # -- OpenAI-compatible API --------------------------------------------------------------------------

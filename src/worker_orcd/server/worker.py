@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from starlette.requests import Request as StarletteRequest
 
+from worker_orcd.engine.memory import residency
 from worker_orcd.engine.sampler import SamplingParams
 from worker_orcd.engine.scheduler import (
     Draining,
@@ -69,15 +70,15 @@ def kv_bytes_per_token(net) -> int:
     return kv.nbytes
 
 
-def plan_kv(net, model_ctx: int, cfg: ServeConfig) -> tuple[int, int]:
+def plan_kv(kv_per_token: int, model_ctx: int, cfg: ServeConfig) -> tuple[int, int]:
     """(ctx, slots): the context per sequence and how many sequences fit the KV budget."""
     ctx = min(cfg.ctx or min(model_ctx, 4096), model_ctx)
     slots = cfg.max_batch
     if cfg.kv_cache_size_mb is not None:
-        fit = cfg.kv_cache_size_mb * 2**20 // (kv_bytes_per_token(net) * ctx)
+        fit = cfg.kv_cache_size_mb * 2**20 // (kv_per_token * ctx)
         if fit < 1:
             raise ValueError(f"--kv-cache-size-mb {cfg.kv_cache_size_mb} holds less than one sequence of {ctx} "
-                             f"tokens ({kv_bytes_per_token(net) * ctx / 2**20:.1f} MiB)")
+                             f"tokens ({kv_per_token * ctx / 2**20:.1f} MiB)")
         slots = min(slots, fit)
     return ctx, slots
 
@@ -103,13 +104,15 @@ class Worker:
         self.cfg = cfg
         self.model_id = model.path.name.removesuffix(".gguf")
         self.architecture = str(getattr(model.config, "architecture", "unknown"))
-        ctx, slots = plan_kv(model.net, model.config.context_length, cfg)
+        ctx, slots = plan_kv(kv_bytes_per_token(model.net), model.config.context_length, cfg)
         self.scheduler = Scheduler(model.net, model.tokenizer, slots, ctx, cfg.prefill_chunk, cfg.max_waiting,
                                    KV_DTYPE)
         self.ctx = ctx
         self.max_tokens_in = min(cfg.max_tokens_in or ctx - 1, ctx - 1)
         self.max_piece_bytes = max(len(self.tokenizer.piece(i)) for i in range(self.tokenizer.vocab_size))
-        weights, self.quant = weight_facts(model.path)
+        _, self.quant = weight_facts(model.path)
+        # every tensor the model holds is on its device (no silent host fallback), and what they take
+        self.vram_resident, weights = residency(model.net, model.device)
         self.vram_bytes = weights + self.scheduler.kv.nbytes
         if model.device.type == "cuda":
             self.vram_bytes = torch.cuda.memory_allocated(model.device)

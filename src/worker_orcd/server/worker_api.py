@@ -71,7 +71,8 @@ async def health(request: Request) -> Health:
     w = _worker(request)
     return Health(status=w.status, model=w.model_id, vram_bytes=w.vram_bytes,
                   uptime_seconds=round(time.monotonic() - w.started, 3),
-                  architecture=w.architecture, quant=w.quant, device=str(w.model.device), vram_resident=True)
+                  architecture=w.architecture, quant=w.quant, device=str(w.model.device),
+                  vram_resident=w.vram_resident)
 
 
 @router.get("/ready", responses={200: {"description": "ready"}, 503: ERROR_RESPONSES[503]})
