@@ -223,6 +223,9 @@ def test_templates_that_run_for_ever_stop_at_the_time_limit(template):
     assert elapsed < 2.0
 
 
+BIG = "{% set big = 'x' * 4000000 %}"
+
+
 @pytest.mark.parametrize("template, message", [
     ("{{ 'a' * 10**10 }}", "repeated sequence"),
     ("{{ 'a' * 10000000000 }}", "repeated sequence"),
@@ -252,12 +255,28 @@ def test_templates_that_run_for_ever_stop_at_the_time_limit(template):
      "built more than"),
     ("{% macro m() %}{{ 'x' * 3000000 }}{{ 'x' * 3000000 }}{% endmacro %}{{ m() }}", "block's output"),
     ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "output is longer"),
+    # a list of references to one big string is cheap to build and huge as text
+    (BIG + "{{ [big] * 4000000 }}", "an output value"),
+    (BIG + "{{ [big]|batch(4000000, big)|list }}", "an output value"),
+    (BIG + "{{ 'a' ~ ([big] * 1000) }}", "~ concatenation"),
+    (BIG + "{{ ([big] * 1000)|upper }}", "filter 'upper'"),
+    (BIG + "{{ ([big] * 1000)|tojson }}", "filter 'tojson'"),
+    (BIG + "{{ '%s' % ([big] * 1000,) }}", "%-formatted"),
+    (BIG + "{{ '{}'.format([big] * 1000) }}", "formatted string"),
+    (BIG + "{% set ns = namespace(l=[big] * 1000) %}{{ ns }}", "an output value"),
+    (BIG + "{{ ([[big]] * 1000)|join }}", "filter 'join'"),
+    ("{{ (10 ** 4000)|round(-1000000000) }}", "round precision"),  # computes 10**(10**9) in C
+    ("{{ ([[1]] * 100000)|sum(start=[]) }}", "sum with a start of type list"),  # quadratic copying in C
 ], ids=lambda v: v if len(v) < 30 else v[:30])
 def test_templates_that_blow_up_are_refused_before_allocating(template, message):
     # a long time limit: the size checks must stop these, not the clock (tracemalloc slows them down)
     err, elapsed, peak = _measured(lambda: _render(template, RenderLimits(timeout_s=30)))
     assert isinstance(err, TokenizerError) and message in str(err), err
     assert peak < 400 << 20, peak  # a few values at the 4 Mi-character limit, never gigabytes
+
+
+def test_a_namespace_holding_itself_prints():
+    assert _render("{% set ns = namespace() %}{% set ns.me = ns %}{{ ns }}") == "<Namespace {'me': <Namespace {...}>}>"
 
 
 def test_deep_recursion_is_a_clean_error():

@@ -7,7 +7,9 @@ running for ever or from building a string of many gigabytes. `GuardedEnvironmen
 - size: every operation that can build a big value in one C call (`* ** % +`, `~`, joins, string
   methods and filters that pad, repeat, replace or join) is estimated before it runs and refused over
   `max_chars`; what it built is charged to a per-render budget, so recursion that keeps many big
-  values alive stops as well; the output is counted as it is generated;
+  values alive stops as well; a value about to become text (`{{ x }}`, `~`, formatting, string filters)
+  is bounded first, containers walked, since a list of many references to one big string is cheap to
+  build and huge to print; the output is counted as it is generated;
 - internals: an unsafe attribute (`''.__class__`) is an error at once, not an undefined that prints ''.
 Filters are marked pass_context so they never run at compile time (constant folding), outside the limits.
 """
@@ -29,9 +31,11 @@ from jinja2 import nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.utils import Namespace
 
 MAX_INT_BITS = 1 << 16  # ints a template may build with * and ** (~19,700 digits)
 MAX_JSON_INDENT = 64
+MAX_ROUND_DIGITS = 20_000  # about the digits of the largest int allowed
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,8 @@ class _Budget:
 
     def check(self, n: int, what: str) -> None:
         if n > self.limits.max_chars:
-            raise TemplateLimitError(f"{what} would be {n} long (limit {self.limits.max_chars})")
+            limit = self.limits.max_chars
+            raise TemplateLimitError(f"{what} is estimated at {n} characters, over the limit of {limit}")
         self.used += n
         if self.used > self.limits.budget_chars:
             raise TemplateLimitError(f"the template built more than {self.limits.budget_chars} characters")
@@ -85,7 +90,32 @@ def _charge(value: Any, what: str) -> Any:
 
 
 def _text_len(x: Any) -> int:
-    return len(x) if isinstance(x, (str, bytes)) else len(str(x))
+    """A bound on len(str(x)) that never builds str(x): a list of a million references to one big string
+    is cheap to make and a terabyte to print."""
+    return len(x) if isinstance(x, (str, bytes)) else _text_bound(x, _budget().limits.max_chars)
+
+
+def _text_bound(x: Any, limit: int) -> int:
+    """Walks containers (and jinja2 namespaces) adding up their items; stops once past `limit`."""
+    total, stack, seen = 0, [x], set()
+    while stack and total <= limit:
+        v = stack.pop()
+        if isinstance(v, (str, bytes)):
+            total += len(v) + 2
+        elif isinstance(v, bool) or v is None:
+            total += 5
+        elif isinstance(v, int):
+            total += v.bit_length() * 30103 // 100000 + 2
+        elif isinstance(v, (list, tuple, set, frozenset, dict, Namespace)):
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            items = v._Namespace__attrs if isinstance(v, Namespace) else v  # what its repr prints
+            stack.extend(items.items() if isinstance(items, dict) else items)
+            total += 2 * len(items) + 2
+        else:
+            total += 64  # floats, Undefined, loop and macro objects: short reprs
+    return total
 
 
 def _int(x: Any, default: int = 0) -> int:
@@ -230,6 +260,18 @@ def _count_filter(value: Any, count: Any = 0, *_: Any, **__: Any) -> int:
     return max(_int(count), 0)  # slice(slots) and batch(linecount) build that many items
 
 
+def _round_filter(value: Any, precision: Any = 0, *_: Any) -> int:
+    if isinstance(precision, int) and abs(precision) > MAX_ROUND_DIGITS:  # round(10**4000, -10**9) never ends
+        raise TemplateLimitError(f"round precision {precision} is over the limit of {MAX_ROUND_DIGITS}")
+    return 0
+
+
+def _sum_filter(value: Any, attribute: Any = None, start: Any = 0) -> int:
+    if not isinstance(start, (int, float)):  # summing sequences copies them once per item, in C
+        raise TemplateLimitError(f"sum with a start of type {type(start).__name__} is not allowed")
+    return 0
+
+
 def _tojson_filter(value: Any, indent: Any = None, *_: Any, **__: Any) -> int:
     if isinstance(indent, int) and indent > MAX_JSON_INDENT:
         raise TemplateLimitError(f"tojson indent {indent} is over the limit of {MAX_JSON_INDENT}")
@@ -241,8 +283,12 @@ def _tojson_filter(value: Any, indent: Any = None, *_: Any, **__: Any) -> int:
 _FILTER_SIZES: dict[str, Callable[..., int]] = {
     "center": _center_filter, "indent": _indent_filter, "join": _join_filter, "replace": _replace_filter,
     "format": _format_filter, "wordwrap": _wordwrap_filter, "slice": _count_filter, "batch": _count_filter,
-    "tojson": _tojson_filter,
+    "tojson": _tojson_filter, "round": _round_filter, "sum": _sum_filter,
 }
+# filters that turn their value into text first: a container's text is bounded before they run
+_STRINGIFYING = frozenset({"string", "pprint", "tojson", "escape", "e", "forceescape", "urlencode", "urlize", "upper",
+                           "lower", "title", "capitalize", "trim", "striptags", "wordcount", "truncate", "center",
+                           "indent", "replace", "format", "wordwrap", "safe", "xmlattr"})
 
 
 def _guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
@@ -251,8 +297,12 @@ def _guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     estimate = _FILTER_SIZES.get(name)
     what = f"the result of filter {name!r}"
 
+    stringifies = name in _STRINGIFYING
+
     @jinja2.pass_context
     def guarded(context: Context, value: Any, *args: Any, **kwargs: Any) -> Any:
+        if stringifies and not isinstance(value, str):
+            _budget().check(_text_len(value), what)
         if estimate is not None:
             if name == "join" and not isinstance(value, (str, bytes)):
                 value = list(value)
@@ -275,6 +325,13 @@ def _guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # -- the environment -----------------------------------------------------------------------------
+
+def _finalize(value: Any) -> Any:
+    """Every `{{ value }}` before it becomes text."""
+    if not isinstance(value, str):
+        _budget().check(_text_len(value), "an output value")
+    return value
+
 
 class _CodeGenerator(CodeGenerator):
     """Compiles `a ~ b` through the environment, so its size is checked before the join."""
@@ -300,7 +357,7 @@ class GuardedEnvironment(ImmutableSandboxedEnvironment):
     code_generator_class = _CodeGenerator
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(finalize=_finalize, **kwargs)
         self.filters = {name: _guard_filter(name, f) for name, f in self.filters.items()}
         self.globals.pop("lipsum", None)  # lorem ipsum of n paragraphs: no chat template needs it
 
