@@ -35,6 +35,9 @@ TEMPLATE_SNIPPETS = [
     "{{ strftime_now('%Y') }}", "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
     "{{ tools|tojson }}", "{{ messages|map(attribute='content')|join('\\n') }}", "{% break %}", "{{",
     "{% endfor %}", "{{ 1 + 'a' }}", "{{ messages[1000] }}", "{{ (range(10)|list)[::-1] }}",
+    "{% set b = 'x' * 4000000 %}{{ [b] * 4000000 }}", "{{ (10 ** 4000)|round(-1000000000) }}",
+    "{{ ([[1]] * 100000)|sum(start=[]) }}", "{% set ns = namespace() %}{% set ns.me = ns %}{{ ns }}",
+    "{{ messages|map(attribute='content')|map('upper')|list }}", "{{ '%s' % (messages,) }}",
 ]
 
 
