@@ -16,7 +16,7 @@ from gguf import GGUFValueType
 from typer.testing import CliRunner
 
 from fuzz.mutate import write_vocab_gguf
-from fuzz.targets import CLEAN_ERRORS, check_gguf, check_tokenizer
+from fuzz.targets import check_gguf, check_tokenizer
 from worker_orcd.gguf import GGUFError, open_gguf
 from worker_orcd.inspect import model_facts, scan_values
 from worker_orcd.tokenizer import Tokenizer, TokenizerError
@@ -42,7 +42,7 @@ def _measured(fn) -> tuple[BaseException | None, float, int]:
     try:
         fn()
         err = None
-    except BaseException as e:  # noqa: BLE001 - the test inspects whatever came out
+    except BaseException as e:  # the test looks at whatever came out
         err = e
     elapsed = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1]
@@ -467,6 +467,3 @@ def test_fuzz_findings_replay_cleanly(path):
     check_gguf(path)
     check_tokenizer(path)
 
-
-def test_clean_errors_are_what_the_fuzzers_accept():
-    assert CLEAN_ERRORS == (GGUFError, TokenizerError)
