@@ -92,13 +92,18 @@ def _attention_reference(q, k, v, q_pos, window, scale, sinks=None):
 
 
 @pytest.mark.parametrize("window,sinks", [(None, False), (3, False), (None, True), (4, True)])
-def test_attention_gqa_against_loops(window, sinks):
-    T, H, Hkv, L, D = 4, 6, 2, 9, 8
+# prefill (fused kernels), a decode row, L not a multiple of 16
+@pytest.mark.parametrize("T,L", [(4, 9), (1, 9), (7, 37)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_attention_gqa_against_loops(window, sinks, T, L, device):
+    H, Hkv, D = 6, 2, 8
     q, k, v = torch.randn(T, H, D), torch.randn(Hkv, L, D), torch.randn(Hkv, L, D)
-    q_pos = torch.tensor([5, 6, 7, 8])
-    sink = torch.randn(H) if sinks else None
+    q_pos = torch.arange(L - T, L)
+    sink = torch.randn(H) * 3 if sinks else None  # some sinks outweigh every key
     mask = attention_mask(q_pos, torch.arange(L), window)
-    out = attention(q, k, v, mask, 0.3, sinks=sink)
+    out = torch.full((T, H, D), float("nan"))
+    to = (lambda t: t.to(device) if t is not None else None)  # noqa: E731
+    out[:] = attention(to(q), to(k), to(v), to(mask), 0.3, sinks=to(sink)).cpu()
     assert rel_err(out, _attention_reference(q, k, v, q_pos, window, 0.3, sink)) < 1e-5
 
 

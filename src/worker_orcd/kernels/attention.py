@@ -35,8 +35,12 @@ def attention(
     gmask = mask.repeat(G, 1) if mask is not None else None
     # SDPA for prefill and on GPU (one kernel); for a single CPU decode row its dispatch costs ~250 us,
     # ten times the three small ops below.
-    if sinks is None and softcap is None and (T > 1 or q.is_cuda):
-        out = F.scaled_dot_product_attention(qg.to(k.dtype), k, v, attn_mask=gmask, scale=scale)
+    if softcap is None and (T > 1 or q.is_cuda):
+        if sinks is None:
+            out = F.scaled_dot_product_attention(qg.to(k.dtype), k, v, attn_mask=gmask, scale=scale)
+        else:
+            sink = sinks.float().reshape(Hkv, G, 1).expand(Hkv, G, T).reshape(Hkv, G * T)
+            out = fused_attention_with_sinks(qg.to(k.dtype), k, v, gmask, scale, sink)
     else:
         scores = (qg.float() @ k.float().transpose(-1, -2)) * scale  # [Hkv, G*T, L]
         if softcap is not None:
@@ -52,6 +56,33 @@ def attention(
             probs = probs[..., :-1]
         out = probs @ v.float()
     return out.reshape(Hkv, G, T, -1).permute(2, 0, 1, 3).reshape(T, H, -1).to(q.dtype)
+
+
+def fused_attention_with_sinks(
+    q: torch.Tensor,  # [Hkv, M, hd]
+    k: torch.Tensor,  # [Hkv, L, hd]
+    v: torch.Tensor,  # [Hkv, L, hdv]
+    mask: torch.Tensor | None,  # [M, L] bool
+    scale: float,
+    sink: torch.Tensor,  # [Hkv, M] float32: each query row's sink logit
+) -> torch.Tensor:
+    """Attention whose softmax denominator also holds exp(sink), from a fused kernel that never materializes
+    the [M, L] scores: with o and lse = logsumexp of the row's scores from the kernel,
+    o_sink = o * e^lse / (e^lse + e^sink) = o * sigmoid(lse - sink). [Hkv, M, hdv]"""
+    M, L = q.shape[1], k.shape[1]
+    bias = None
+    if mask is not None:  # an additive mask; rows padded to 16 columns as the CUDA kernel wants, then viewed back
+        bias = torch.zeros(M, -(-L // 16) * 16, dtype=q.dtype, device=q.device)
+        bias[:, :L].masked_fill_(~mask, float("-inf"))
+        bias = bias[:, :L].expand(1, k.shape[0], M, L)
+    if q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q[None], k[None], v[None], bias, True, scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[None], k[None], v[None], attn_mask=bias, scale=scale)
+    lse = lse[0, :, :M].float()  # the CUDA kernel pads its rows
+    return out[0] * torch.sigmoid(lse - sink)[..., None].to(out.dtype)
 
 
 @dataclass
