@@ -180,3 +180,29 @@ def test_generate_on_cuda_uses_graphs_and_matches_cpu(tmp_path, monkeypatch):
     cpu = list(worker_orcd.load(path, device="cpu").generate(ids, max_tokens=16))
     gpu = list(worker_orcd.load(path, device="cuda").generate(ids, max_tokens=16))
     assert gpu == cpu
+
+
+@pytest.mark.gpu
+def test_scheduler_on_cuda_decodes_through_bucketed_graphs(tmp_path):
+    """Decode-only steps replay one graph set per batch bucket; padding rows use the scratch slot and
+    change nothing: each sequence's greedy tokens stay those of its eager run."""
+    from worker_orcd.engine.scheduler import Request, Scheduler, TokenEvent
+
+    class Tok:
+        eog_ids: list[int] = []
+
+        def stream_decoder(self, continuation: bool = False):
+            return type("D", (), {"push": lambda self, t: "", "flush": lambda self: ""})()
+
+    _, net = load(tmp_path, "gpt-oss", "MXFP4", "cuda")
+    runs = {}
+    for graphs in (False, True):
+        s = Scheduler(net, Tok(), max_batch=4, ctx=64, prefill_chunk=32, graphs=graphs).start()
+        try:
+            handles = [s.submit(Request(f"r{i}", prompt_ids(net.cfg.vocab_size, 6 + i, i), 12)) for i in range(3)]
+            runs[graphs] = [[e.token for e in h if isinstance(e, TokenEvent)] for h in handles]
+            if graphs:
+                assert set(s._decoder.decoders) & {1, 2, 4}
+        finally:
+            s.stop()
+    assert runs[True] == runs[False]

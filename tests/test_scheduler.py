@@ -191,3 +191,31 @@ def test_long_prefill_does_not_stall_running_stream(sched):
     assert len(during) >= 4, f"only {len(during)} tokens of the running stream while the long prompt prefilled"
     sched.cancel("run")
     done.wait(5)
+
+
+def test_bucketed_static_decode_batch_of_8_equals_alone(net):
+    """The CUDA-graph decode path (models' static `decode`, batches padded to a bucket with a scratch slot),
+    run eagerly on CPU: the same greedy tokens alone as in a batch, and the eager forward's logits."""
+    from worker_orcd.engine.cuda_graphs import BucketedDecoder
+    from worker_orcd.engine.kv_cache import SeqSpan
+
+    static = Scheduler(net, IdTokenizer(), max_batch=8, ctx=256, prefill_chunk=64, graphs=True).start()
+    try:
+        assert static.kv.k[0].shape[0] == 9 and static._decoder is not None  # 8 slots and the scratch one
+        reqs = [Request(f"g{i}", prompt(i, 20 + 3 * i), 12) for i in range(5)]  # 5 rows pad to a bucket of 8
+        alone = [tokens_of(static.submit(r))[0] for r in reqs]
+        together = [static.submit(Request(r.id + "b", r.prompt_ids, r.max_tokens)) for r in reqs]
+        assert [tokens_of(h)[0] for h in together] == alone
+        assert set(static._decoder.decoders) >= {1, 8}
+    finally:
+        static.stop()
+    kv = net.new_kv_cache(64, 9)
+    prompts = [prompt(i, 10 + i) for i in range(5)]
+    for slot, p in enumerate(prompts):
+        net.forward(torch.tensor(p), torch.arange(len(p)), kv, [SeqSpan(slot, 0, len(p))], torch.tensor([len(p) - 1]))
+    rows, positions = [p[-1] for p in prompts], [len(p) for p in prompts]
+    got = BucketedDecoder(net, kv, scratch_slot=8, capture=False).step(rows, positions, list(range(5))).clone()
+    want = net.forward(torch.tensor(rows), torch.tensor(positions), kv, [SeqSpan(s, s, s + 1) for s in range(5)])
+    # the head's output is bf16 (2^-8 relative steps): hidden states a few ulps apart round to neighbouring values
+    assert got.shape == want.shape and float((got - want).norm() / want.norm()) < 1e-2
+    assert torch.equal(got.argmax(-1), want.argmax(-1))

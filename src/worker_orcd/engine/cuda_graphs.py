@@ -30,10 +30,11 @@ class GraphedDecoder:
     """Batch-`batch_size` decode over `kv` through CUDA graphs. One row per sequence; each row's slot is
     an input, so any `batch_size` of the cache's slots can decode together."""
 
-    def __init__(self, model, kv: KVCache, batch_size: int = 1):
-        if model.device.type != "cuda":
+    def __init__(self, model, kv: KVCache, batch_size: int = 1, capture: bool = True):
+        """capture=False runs the same static step eagerly (any device): what CPU tests check."""
+        if capture and model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a model on CUDA, this one is on {model.device}")
-        self.model, self.kv, self.batch_size = model, kv, batch_size
+        self.model, self.kv, self.batch_size, self.capture = model, kv, batch_size, capture
         # tokens, positions, slots in one buffer: one host-to-device copy per step
         self.inputs = torch.zeros(3, batch_size, dtype=torch.long, device=model.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -54,6 +55,9 @@ class GraphedDecoder:
             self.inputs[0].copy_(tokens.reshape(-1))
         else:
             self.inputs.copy_(torch.tensor([[int(t) for t in tokens], positions, slots]), non_blocking=True)
+        if not self.capture:
+            tokens, positions, slots = self.inputs
+            return self.model.decode(tokens, positions, slots, self.kv, length)
         if length not in self.graphs:
             self.graphs[length] = self._capture(length)
         graph, logits = self.graphs[length]
@@ -73,3 +77,26 @@ class GraphedDecoder:
         with torch.cuda.graph(graph):
             logits = self.model.decode(tokens, positions, slots, self.kv, length)
         return graph, logits
+
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class BucketedDecoder:
+    """Decode steps for any number of sequences: rows are padded to the next batch bucket (one graph set per
+    bucket), the padding rows decoding position 0 of a scratch KV slot that no sequence owns."""
+
+    def __init__(self, model, kv: KVCache, scratch_slot: int, capture: bool = True):
+        self.model, self.kv, self.scratch, self.capture = model, kv, scratch_slot, capture
+        self.decoders: dict[int, GraphedDecoder] = {}
+
+    def step(self, tokens: Sequence[int], positions: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
+        """Logits [len(tokens), vocab] (a view of the bucket's output buffer: valid until the next step)."""
+        n = len(tokens)
+        size = next((b for b in BATCH_BUCKETS if b >= n), n)
+        pad = size - n
+        if size not in self.decoders:
+            self.decoders[size] = GraphedDecoder(self.model, self.kv, size, self.capture)
+        logits = self.decoders[size].step([*tokens, *[0] * pad], [*positions, *[0] * pad],
+                                          [*slots, *[self.scratch] * pad])
+        return logits[:n]

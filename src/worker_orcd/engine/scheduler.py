@@ -16,6 +16,7 @@ tokens in any company (tests/test_scheduler.py checks a batch of 8 and the logit
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from worker_orcd.engine.cuda_graphs import BucketedDecoder
 from worker_orcd.engine.kv_cache import KVCache, SeqSpan
 from worker_orcd.engine.sampler import Sampler, SamplingParams
 from worker_orcd.engine.stop import StopMatcher
@@ -151,7 +153,8 @@ class _Seq:
 
 class Scheduler:
     def __init__(self, net, tokenizer, max_batch: int = 8, ctx: int = 2048, prefill_chunk: int = 256,
-                 max_waiting: int | None = None, kv_dtype: torch.dtype = torch.float32, mix_rows: int = 16):
+                 max_waiting: int | None = None, kv_dtype: torch.dtype = torch.float32, mix_rows: int = 16,
+                 graphs: bool | None = None):
         if max_batch < 1 or ctx < 2 or prefill_chunk < 1:
             raise ValueError(f"need max_batch >= 1, ctx >= 2, prefill_chunk >= 1; got {max_batch}, {ctx}, "
                              f"{prefill_chunk}")
@@ -163,7 +166,14 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.mix_rows = mix_rows  # a prefill chunk joins the decode forward while the rows stay within this
         self.max_waiting = max_batch if max_waiting is None else max_waiting
-        self.kv: KVCache = net.new_kv_cache(ctx, max_batch, dtype=kv_dtype)
+        # CUDA graphs for decode-only steps where the model has a static decode step (opt-in until validated
+        # on a GPU, as in generate.py); they need one scratch slot for the rows that pad a batch bucket
+        self.graphs = graphs if graphs is not None else (
+            torch.device(getattr(net, "device", "cpu")).type == "cuda" and hasattr(net, "decode")
+            and os.environ.get("WORKER_ORCD_CUDA_GRAPHS") == "1")
+        self.kv: KVCache = net.new_kv_cache(ctx, max_batch + int(self.graphs), dtype=kv_dtype)
+        self._decoder = BucketedDecoder(net, self.kv, max_batch, capture=net.device.type == "cuda") \
+            if self.graphs else None
         self._free = list(range(max_batch - 1, -1, -1))  # pop() hands out slot 0 first
         self._running: list[_Seq] = []
         self._waiting: deque[Handle] = deque()
@@ -387,6 +397,8 @@ class Scheduler:
         positions = [s.kv_len for s in decoding]
         spans = [SeqSpan(s.slot, i, i + 1) for i, s in enumerate(decoding)]
         rows = list(range(len(decoding)))  # which rows need logits
+        if prefill is None and self._decoder is not None:
+            return self._decoder.step(tokens, positions, [s.slot for s in decoding])
         if prefill is not None:
             prompt = prefill.handle.request.prompt_ids
             start, n = prefill.prefilled, len(tokens)
