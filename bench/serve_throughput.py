@@ -21,17 +21,9 @@ import sys
 import time
 
 import httpx
+from soak import PROMPTS as SOAK_PROMPTS  # bench/ is on sys.path when this runs as a script
 
-PROMPTS = [
-    "The history of the printing press",
-    "Photosynthesis is the process by which",
-    "My favourite recipe for bread is",
-    "The tallest mountains in the world",
-    "In computer science, a hash table",
-    "The rules of chess say that",
-    "A short poem about autumn:",
-    "The French Revolution began when",
-]
+PROMPTS = SOAK_PROMPTS[:8]
 
 
 def free_port() -> int:

@@ -10,6 +10,17 @@ import httpx
 
 from worker_orcd.server import ServeConfig, Worker, serve
 
+PROMPTS = [
+    "The history of the printing press",
+    "Photosynthesis is the process by which",
+    "My favourite recipe for bread is",
+    "The tallest mountains in the world",
+    "In computer science, a hash table",
+    "The rules of chess say that",
+    "A short poem about autumn:",
+    "The French Revolution began when",
+]
+
 
 class LiveServer:
     """`serve()` in a thread with its own event loop; `uri` once the worker reports ready."""

@@ -17,18 +17,11 @@ import httpx
 import pytest
 import torch
 
+from tests.server_helpers import PROMPTS as SERVER_PROMPTS
 from worker_orcd.engine.sampler import SamplingParams
 from worker_orcd.engine.scheduler import EndEvent, ErrorEvent, Request, Scheduler, TokenEvent
 
-PROMPTS = [
-    "The history of the printing press",
-    "Photosynthesis is the process by which",
-    "My favourite recipe for bread is",
-    "The tallest mountains in the world",
-    "In computer science, a hash table",
-    "The rules of chess say that",
-    "A short poem about autumn:",
-]
+PROMPTS = SERVER_PROMPTS[:7]
 LONG = "Tell me everything about the long and winding history of the city of Rome, from its founding by " \
        "Romulus to the fall of the western empire, in great detail please"  # longer than every PROMPT
 

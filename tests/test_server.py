@@ -17,19 +17,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from tests.server_helpers import LiveServer, sse_events
+from tests.server_helpers import PROMPTS, LiveServer, sse_events
 from worker_orcd.server import ServeConfig
 
-PROMPTS = [
-    "The history of the printing press",
-    "Photosynthesis is the process by which",
-    "My favourite recipe for bread is",
-    "The tallest mountains in the world",
-    "In computer science, a hash table",
-    "The rules of chess say that",
-    "A short poem about autumn:",
-    "The French Revolution began when",
-]
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # greedy decoding keeps counting: a stream that does not end early
 
 
