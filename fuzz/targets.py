@@ -25,7 +25,7 @@ TEXTS = ["Hello world", " the  end\n\n", "é 日本語 ✓ \U0001f600", "<|im_st
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <|im_end|>"},
             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
 # Rendering limits for fuzzing: a template that runs away is refused quickly.
-FUZZ_LIMITS = RenderLimits(timeout_s=0.25, max_chars=1 << 20)
+FUZZ_LIMITS = RenderLimits(timeout_s=0.25, max_chars=1 << 20, budget_bytes=32 << 20)
 
 
 class Scratch:

@@ -252,7 +252,7 @@ BIG = "{% set big = 'x' * 4000000 %}"
     ("{% set ns = namespace(s='a') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
      "concatenation"),
     ("{% macro f(s, n) %}{% if n %}{{ f(s ~ 'x', n - 1) }}{% endif %}{% endmacro %}{{ f('y' * 4000000, 900) }}",
-     "built more than"),
+     "bytes of values"),
     ("{% macro m() %}{{ 'x' * 3000000 }}{{ 'x' * 3000000 }}{% endmacro %}{{ m() }}", "block's output"),
     ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "output is longer"),
     # a list of references to one big string is cheap to build and huge as text

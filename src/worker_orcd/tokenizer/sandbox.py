@@ -6,8 +6,8 @@ running for ever or from building a string of many gigabytes. `GuardedEnvironmen
   passes (PyThreadState_SetAsyncExc). It lands between bytecodes, so loops that output nothing stop too;
 - size: every operation that can build a big value in one C call (`* ** % +`, `~`, joins, string
   methods and filters that pad, repeat, replace or join) is estimated before it runs and refused over
-  `max_chars`; what it built is charged to a per-render budget, so recursion that keeps many big
-  values alive stops as well; a value about to become text (`{{ x }}`, `~`, formatting, string filters)
+  `max_chars`; the memory of what it built is charged to a per-render budget, so recursion that keeps
+  many big values alive stops as well; a value about to become text (`{{ x }}`, `~`, formatting, string filters)
   is bounded first, containers walked, since a list of many references to one big string is cheap to
   build and huge to print; the output is counted as it is generated;
 - internals: an unsafe attribute (`''.__class__`) is an error at once, not an undefined that prints ''.
@@ -20,6 +20,7 @@ import ctypes
 import os
 import re
 import string
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -42,7 +43,7 @@ MAX_ROUND_DIGITS = 20_000  # about the digits of the largest int allowed
 class RenderLimits:
     timeout_s: float = 2.0
     max_chars: int = 4 << 20  # the largest value and the largest output
-    budget_chars: int = 256 << 20  # all values one render builds, together
+    budget_bytes: int = 256 << 20  # the memory of all values one render builds, together
 
 
 class TemplateLimitError(SecurityError):
@@ -57,19 +58,25 @@ class RenderTimeout(BaseException):
 # -- size ----------------------------------------------------------------------------------------
 
 class _Budget:
-    """The limits of the render running on this thread and the characters it has built so far."""
+    """The limits of the render running on this thread and the memory of the values it has built."""
 
     def __init__(self, limits: RenderLimits) -> None:
         self.limits = limits
         self.used = 0
 
     def check(self, n: int, what: str) -> None:
+        """A value about to be built, n characters (or items) long."""
         if n > self.limits.max_chars:
             limit = self.limits.max_chars
             raise TemplateLimitError(f"{what} is estimated at {n} characters, over the limit of {limit}")
-        self.used += n
-        if self.used > self.limits.budget_chars:
-            raise TemplateLimitError(f"the template built more than {self.limits.budget_chars} characters")
+
+    def charge(self, value: Any, what: str) -> None:
+        """A value just built: its length is checked, its memory counted (a list of references costs 8 bytes
+        an item, which its length does not say)."""
+        self.check(len(value), what)
+        self.used += sys.getsizeof(value)
+        if self.used > self.limits.budget_bytes:
+            raise TemplateLimitError(f"the template built more than {self.limits.budget_bytes} bytes of values")
 
 
 _local = threading.local()
@@ -85,7 +92,7 @@ _SIZED = (str, bytes, list, tuple, dict)
 
 def _charge(value: Any, what: str) -> Any:
     if isinstance(value, _SIZED):
-        _budget().check(len(value), what)
+        _budget().charge(value, what)
     return value
 
 
@@ -370,7 +377,7 @@ class GuardedEnvironment(ImmutableSandboxedEnvironment):
             _check_binop(budget, operator, left, right)
         result = self.binop_table[operator](left, right)
         if isinstance(result, _SIZED):
-            budget.check(len(result), "a concatenation" if operator == "+" else "an operator's result")
+            budget.charge(result, "a concatenation" if operator == "+" else "an operator's result")
         return result
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
@@ -402,7 +409,7 @@ class GuardedEnvironment(ImmutableSandboxedEnvironment):
         """Joins a block's output (macros, {% set %} blocks, filter blocks) after checking its size."""
         parts = list(parts)
         _budget().check(sum(len(p) for p in parts), "a block's output")
-        return "".join(parts)
+        return _charge("".join(parts), "a block's output")
 
     def checked_join(self, join: Callable[[Iterable[Any]], str], values: tuple) -> str:
         _budget().check(sum(_text_len(v) for v in values), "a ~ concatenation")
