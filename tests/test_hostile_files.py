@@ -265,6 +265,9 @@ BIG = "{% set big = 'x' * 4000000 %}"
     (BIG + "{{ '{}'.format([big] * 1000) }}", "formatted string"),
     (BIG + "{% set ns = namespace(l=[big] * 1000) %}{{ ns }}", "an output value"),
     (BIG + "{{ ([[big]] * 1000)|join }}", "filter 'join'"),
+    # fuzz finding 6: lists of references held alive by recursion, 32 MB each; counted as memory now
+    ("{% macro f(n) %}{% if n %}{% set l = [n] * 4000000 %}{{ f(n - 1) }}{{ l|length }}{% endif %}{% endmacro %}"
+     "{{ f(100) }}", "bytes of values"),
     ("{{ (10 ** 4000)|round(-1000000000) }}", "round precision"),  # computes 10**(10**9) in C
     ("{{ ([[1]] * 100000)|sum(start=[]) }}", "sum with a start of type list"),  # quadratic copying in C
 ], ids=lambda v: v if len(v) < 30 else v[:30])
