@@ -9,7 +9,8 @@ streams (every stream one row of the same step, each in its own KV slot, 512-tok
 VRAM for one 8k-token sequence. Ceilings: decode = copy bandwidth / weight bytes read per step (the
 DESIGN.md speed model; at batch B the routed experts are counted once per distinct expert, at most all
 of them); prefill = the GPU's dense bf16 tensor-core rate / (2 x active parameters per token).
-Decode runs through CUDA graphs (engine/cuda_graphs.py) unless --no-graphs.
+Decode runs through CUDA graphs (engine/cuda_graphs.py) unless --no-graphs. `--device cpu` with a tiny
+--model is a smoke run of this script itself (graphs then run eagerly, VRAM figures read 0).
 """
 
 from __future__ import annotations
@@ -59,17 +60,27 @@ def expert_bytes(f) -> int:
     return sum(t.nbytes for name, t in f.tensors.items() if "_exps." in name)
 
 
-def timed(fn, sync: bool = True) -> float:
-    torch.cuda.synchronize()
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> float:
+    sync()
     start = time.perf_counter()
     fn()
-    if sync:
-        torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - start
 
 
+def vram_gib(peak: bool = False) -> float:
+    if not torch.cuda.is_available():
+        return 0.0
+    return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**30
+
+
 def prefill(net, kv, n: int, slot: int = 0, seed: int = 0) -> torch.Tensor:
-    ids = torch.randint(0, 30000, (n,), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, min(30000, net.cfg.vocab_size), (n,), generator=torch.Generator().manual_seed(seed))
     return net.forward(ids, torch.arange(n), kv, seqs=[SeqSpan(slot, 0, n)], logit_rows=torch.tensor([n - 1]))
 
 
@@ -80,7 +91,7 @@ def decode_rate(net, kv, batch: int, prompt: int, new: int, graphs: bool) -> flo
     slots = list(range(batch))
     tokens = torch.zeros(batch, dtype=torch.long, device=net.device)
     if graphs:
-        dec = GraphedDecoder(net, kv, batch_size=batch)
+        dec = GraphedDecoder(net, kv, batch_size=batch, capture=net.device.type == "cuda")
         step = lambda tok, pos: dec.step(tok, [pos] * batch, slots)  # noqa: E731
     else:
         seqs = [SeqSpan(s, s, s + 1) for s in slots]
@@ -102,25 +113,27 @@ def main() -> None:
     ap.add_argument("--streams", default="4,16,64")
     ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--long", type=int, default=8192, help="the one long sequence whose peak VRAM is measured")
     a = ap.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device(a.device)
     path = a.model or synthetic_path(a.dense)
     new = 16 if a.quick else 128
     rows: list[tuple[str, str, str]] = []
 
-    bw = copy_bandwidth()
-    name = torch.cuda.get_device_name()
+    bw = copy_bandwidth() if dev.type == "cuda" else 10e9  # CPU smoke runs: a nominal figure
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     rows.append(("copy bandwidth (read+write)", f"{bw / 1e12:.2f} TB/s", ""))
-    torch.cuda.reset_peak_memory_stats()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with open_gguf(path) as f:
         net = build_model(f, dev)
         per_token, active, experts = bytes_per_token(f), active_params(f), expert_bytes(f)
         n_exp = f.get(f"{f.architecture}.expert_count") or 1
         used = f.get(f"{f.architecture}.expert_used_count") or 1
-    torch.cuda.synchronize()
-    rows.append(("load", f"{time.perf_counter() - start:.1f} s",
-                 f"weights {torch.cuda.memory_allocated() / 2**30:.2f} GiB"))
+    sync()
+    rows.append(("load", f"{time.perf_counter() - start:.1f} s", f"weights {vram_gib():.2f} GiB"))
 
     kv = net.new_kv_cache(2048 + 8, max(int(s) for s in a.streams.split(",")))
     ceiling1 = bw / per_token
@@ -142,14 +155,16 @@ def main() -> None:
         rows.append((f"decode, {b} streams", f"{rate:,.0f} tok/s", f"{rate / ceiling:.0%} of {ceiling:,.0f}"))
 
     del kv
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    kv8k = net.new_kv_cache(8192 + 8, 1)
-    for start_pos in range(0, 8192, 2048):  # an 8k-token sequence, prefilled in 2k chunks
-        ids = torch.randint(0, 30000, (2048,))
-        net.forward(ids, torch.arange(start_pos, start_pos + 2048), kv8k, logit_rows=torch.tensor([2047]))
-    torch.cuda.synchronize()
-    rows.append(("peak VRAM, one 8k sequence", f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", "target 16 GiB"))
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    kv_long = net.new_kv_cache(a.long + 8, 1)
+    for start_pos in range(0, a.long, 2048):  # one long sequence, prefilled in 2k chunks
+        n = min(2048, a.long - start_pos)
+        ids = torch.randint(0, min(30000, net.cfg.vocab_size), (n,))
+        net.forward(ids, torch.arange(start_pos, start_pos + n), kv_long, logit_rows=torch.tensor([n - 1]))
+    sync()
+    rows.append((f"peak VRAM, one {a.long}-token sequence", f"{vram_gib(peak=True):.2f} GiB", "target 16 GiB"))
 
     print(f"device: {name}, torch {torch.__version__}; model {path.name}; "
           f"{'CUDA graphs' if a.graphs else 'eager'} decode")
