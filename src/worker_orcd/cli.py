@@ -43,8 +43,9 @@ def inspect(
     """Metadata, tensor types and counts, total bytes and estimated VRAM for the weights."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
+    from worker_orcd.engine.memory import human_bytes
     from worker_orcd.gguf import GGUFError, open_gguf
-    from worker_orcd.inspect import human_bytes, model_facts, scan_values, value_table
+    from worker_orcd.inspect import model_facts, scan_values, value_table
     from worker_orcd.packaged import ModelNotInstalled
 
     try:
@@ -246,9 +247,10 @@ def _check_memory(model: Path | None, device: str, cfg, limit: int | None) -> No
         memory.check_fits(need, dev, limit)
     except (GGUFError, ModelNotInstalled, RuntimeError, ValueError) as e:
         _fail(str(e))
+    h = memory.human_bytes
     logging.getLogger("worker_orcd.server").info(
-        "memory on %s: weights %s + KV cache %s (%d x %d tokens) + workspace %s = %s", dev, memory.human(need.weights),
-        memory.human(need.kv_cache), slots, ctx, memory.human(need.workspace), memory.human(need.total))
+        "memory on %s: weights %s + KV cache %s (%d x %d tokens) + workspace %s = %s", dev, h(need.weights),
+        h(need.kv_cache), slots, ctx, h(need.workspace), h(need.total))
 
 
 @app.command()

@@ -10,6 +10,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from rich.table import Table
 
+from worker_orcd.engine.memory import kv_bytes_per_token
 from worker_orcd.gguf import GGUFFile, TensorRef
 
 # Hyperparameters worth showing, as '<arch>.<suffix>' keys.
@@ -83,54 +84,13 @@ def model_facts(f: GGUFFile) -> ModelFacts:
         tensor_count=len(f.tensors),
         types={k: (counts[k], nbytes[k]) for k in sorted(counts, key=lambda k: -nbytes[k])},
         weight_bytes=sum(nbytes.values()),
-        kv_bytes_per_token=_kv_bytes_per_token(f, arch),
+        kv_bytes_per_token=kv_bytes_per_token(f, dtype_bytes=2),
         parameters=params,
     )
     return facts
 
 
-def _int(v: object) -> int | None:
-    return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) else None
 
-
-def _per_layer(v: object, layers: int) -> list[int] | None:
-    """A head count for each layer: a number for all of them, or an integer array of one per layer."""
-    if isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in "iu" and len(v) == layers:
-        return [int(x) for x in v]
-    n = _int(v)
-    return None if n is None else [n] * layers
-
-
-def _kv_bytes_per_token(f: GGUFFile, arch: str) -> int:
-    """f16 K and V for every layer (per-layer head counts summed); 0 when the metadata does not say."""
-    layers = _int(f.get(f"{arch}.block_count")) or 0
-    heads = f.get(f"{arch}.attention.head_count")
-    kv_heads = f.get(f"{arch}.attention.head_count_kv", heads)
-    embd = _int(f.get(f"{arch}.embedding_length")) or 0
-    key_len = _int(f.get(f"{arch}.attention.key_length"))
-    value_len = _int(f.get(f"{arch}.attention.value_length"))
-    if layers <= 0:
-        return 0
-    if _int(heads) is not None and _int(kv_heads) is not None:  # the usual case: no per-layer list
-        return layers * _layer_kv_bytes(_int(heads), _int(kv_heads), embd, key_len, value_len)
-    per_layer = _per_layer(heads, layers), _per_layer(kv_heads, layers)
-    if per_layer[0] is None or per_layer[1] is None:
-        return 0
-    return sum(_layer_kv_bytes(h, kv, embd, key_len, value_len) for h, kv in zip(*per_layer))
-
-
-def _layer_kv_bytes(heads: int, kv_heads: int, embd: int, key_len: int | None, value_len: int | None) -> int:
-    head_k = key_len or (embd // heads if heads > 0 else 0)
-    head_v = value_len or head_k
-    return max(kv_heads * (head_k + head_v) * 2, 0)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
 
 
 # -- NaN/inf scan ----------------------------------------------------------------------------

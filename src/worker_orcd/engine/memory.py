@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from worker_orcd.gguf import GGUFFile
@@ -26,8 +27,8 @@ class InsufficientMemory(RuntimeError):
 
     def __init__(self, required: int, available: int, device: str, why: str):
         self.required, self.available, self.device = required, available, device
-        super().__init__(f"not enough memory on {device}: {required} bytes required ({human(required)}), "
-                         f"{available} bytes available ({human(available)}, {why})")
+        super().__init__(f"not enough memory on {device}: {required} bytes required ({human_bytes(required)}), "
+                         f"{available} bytes available ({human_bytes(available)}, {why})")
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,9 @@ class MemoryEstimate:
         return self.weights + self.kv_cache + self.workspace
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
@@ -63,25 +64,50 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def _meta_int(f: GGUFFile, key: str, default: int = 0) -> int:
+def _int(v: object) -> int | None:
+    return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) else None
+
+
+def _per_layer(v: object, layers: int) -> list[int] | None:
+    """A head count for each layer: a number for all of them, or an integer array of one per layer."""
+    if isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in "iu" and len(v) == layers:
+        return [int(x) for x in v]
+    n = _int(v)
+    return None if n is None else [n] * layers
+
+
+def _count(f: GGUFFile, key: str) -> int:
+    """An integer hyperparameter (the largest entry of a per-layer array); 0 when absent or not an integer."""
     v = f.get(key)
-    if v is None:
-        return default
-    if hasattr(v, "flat"):  # per-layer arrays: the largest entry bounds the memory
-        return int(max(v.flat)) if v.size else default
-    return int(v)
+    if isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in "iu" and v.size:
+        return max(int(v.max()), 0)
+    return max(_int(v) or 0, 0)
 
 
 def kv_bytes_per_token(f: GGUFFile, dtype_bytes: int = 4) -> int:
-    """K and V bytes one token takes in every layer (sliding-window layers keep full-length buffers)."""
+    """K and V bytes one token takes in every layer (per-layer head counts summed; sliding-window layers keep
+    full-length buffers); 0 when the metadata does not say. Hostile metadata gives 0, never an exception."""
     arch = f.architecture
-    layers = _meta_int(f, f"{arch}.block_count")
-    heads = _meta_int(f, f"{arch}.attention.head_count")
-    kv_heads = _meta_int(f, f"{arch}.attention.head_count_kv", heads)
-    embd = _meta_int(f, f"{arch}.embedding_length")
-    head_k = _meta_int(f, f"{arch}.attention.key_length", embd // heads if heads else 0)
-    head_v = _meta_int(f, f"{arch}.attention.value_length", head_k)
-    return layers * kv_heads * (head_k + head_v) * dtype_bytes
+    layers = _int(f.get(f"{arch}.block_count")) or 0
+    heads = f.get(f"{arch}.attention.head_count")
+    kv_heads = f.get(f"{arch}.attention.head_count_kv", heads)
+    embd = _int(f.get(f"{arch}.embedding_length")) or 0
+    key_len = _int(f.get(f"{arch}.attention.key_length"))
+    value_len = _int(f.get(f"{arch}.attention.value_length"))
+    if layers <= 0:
+        return 0
+    if _int(heads) is not None and _int(kv_heads) is not None:  # the usual case: no per-layer list
+        return layers * _layer_kv_bytes(_int(heads), _int(kv_heads), embd, key_len, value_len) * dtype_bytes
+    per_layer = _per_layer(heads, layers), _per_layer(kv_heads, layers)
+    if per_layer[0] is None or per_layer[1] is None:
+        return 0
+    return sum(_layer_kv_bytes(h, kv, embd, key_len, value_len) for h, kv in zip(*per_layer)) * dtype_bytes
+
+
+def _layer_kv_bytes(heads: int, kv_heads: int, embd: int, key_len: int | None, value_len: int | None) -> int:
+    head_k = key_len or (embd // heads if heads > 0 else 0)
+    head_v = value_len or head_k
+    return max(kv_heads * (head_k + head_v), 0)
 
 
 def weight_bytes(f: GGUFFile) -> int:
@@ -93,11 +119,11 @@ def weight_bytes(f: GGUFFile) -> int:
 
 def workspace_bytes(f: GGUFFile, ctx: int, slots: int, prefill_chunk: int) -> int:
     arch = f.architecture
-    embd = _meta_int(f, f"{arch}.embedding_length")
-    ff = _meta_int(f, f"{arch}.feed_forward_length")
-    ff = max(ff, _meta_int(f, f"{arch}.expert_feed_forward_length") * max(1, _meta_int(f, f"{arch}.expert_used_count")))
-    heads = _meta_int(f, f"{arch}.attention.head_count")
-    vocab = len(f.get("tokenizer.ggml.tokens") or []) or _meta_int(f, f"{arch}.vocab_size")
+    embd = _count(f, f"{arch}.embedding_length")
+    ff = _count(f, f"{arch}.feed_forward_length")
+    ff = max(ff, _count(f, f"{arch}.expert_feed_forward_length") * max(1, _count(f, f"{arch}.expert_used_count")))
+    heads = _count(f, f"{arch}.attention.head_count")
+    vocab = len(f.get("tokenizer.ggml.tokens") or []) or _count(f, f"{arch}.vocab_size")
     rows = prefill_chunk + slots
     activations = rows * (8 * embd + 3 * ff) * 4
     scores = heads * rows * ctx * 4  # attention scores when a kernel materializes them
