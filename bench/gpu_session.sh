@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Everything issue 8 measures, in as few device calls as possible (each call may run 10 minutes).
+#
+# The device machine has torch, triton and transformers but no gguf or pytest: the pure-Python wheels in
+# .whl/ (gitignored; `pip download --no-deps -d .whl gguf pytest pluggy iniconfig`) travel with the
+# working tree. With the device tool:  run(command="bash bench/gpu_session.sh tests", carry=[".whl"])
+# then  run(command="bash bench/gpu_session.sh bench", carry=[".whl"]).
+#
+#   tests   every @pytest.mark.gpu test (kernels, models against transformers, CUDA graphs, the scheduler on
+#           graphs, sink attention on CUDA), then the CPU-side suites that touch CUDA code paths
+#   bench   the synthetic GPT-OSS-20B (built if missing, ~40 s), bench/gpu.py with CUDA graphs, then eager
+# Logs go to $OUT (the device tool brings them back) or /tmp/gpu-session.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
+export PYTHONPATH=/tmp/site:src:. TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/gpu-session}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+
+case "${1:-tests}" in
+  tests)
+    python3 -m pytest -p no:cacheprovider -m gpu -q -rs tests 2>&1 | tee "$out/gpu-tests.log" | tail -40
+    ;;
+  bench)
+    model=/tmp/gpt-oss-20b-synthetic-q8_0.gguf
+    [[ -f $model ]] || python3 bench/make_synthetic.py "$model" | tee "$out/make-synthetic.txt"
+    WORKER_ORCD_CUDA_GRAPHS=1 timeout 400 python3 bench/gpu.py --model "$model" 2>&1 | tee "$out/gpu-graphs.txt" | tail -14
+    timeout 150 python3 bench/gpu.py --model "$model" --no-graphs --quick --streams 4 2>&1 | tee "$out/gpu-eager.txt" | tail -14
+    ;;
+  *)
+    echo "usage: bench/gpu_session.sh tests|bench" >&2
+    exit 2
+    ;;
+esac
