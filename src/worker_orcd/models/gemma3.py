@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from worker_orcd.engine.kv_cache import KVCache, SeqSpan, single_sequence
+from worker_orcd.engine.kv_cache import KVCache, SeqSpan
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import geglu
-from worker_orcd.kernels.attention import cached_attention, plan_attention
+from worker_orcd.kernels.attention import cached_attention
 from worker_orcd.kernels.norm import rms_norm
 from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq
+from worker_orcd.models.common import batch_inputs, window_plans
 from worker_orcd.models.hparams import HParams
 from worker_orcd.models.weights import Weights, linear
 from worker_orcd.quant import QuantTensor
@@ -141,12 +142,8 @@ class Gemma3Model:
     ) -> torch.Tensor:
         c = self.cfg
         T = tokens.shape[0]
-        tokens, positions = tokens.to(self.device), positions.to(self.device)
-        seqs = seqs or single_sequence(T)
-        plans = {  # keyed by is_global
-            False: plan_attention(positions, seqs, c.sliding_window, kv.max_len),
-            True: plan_attention(positions, seqs, None, kv.max_len),
-        }
+        tokens, positions, seqs = batch_inputs(tokens, positions, seqs, self.device)
+        plans = window_plans(positions, seqs, c.sliding_window, kv.max_len)
         rope = {
             False: cos_sin(self.rope_local, positions, self.freq_local),
             True: cos_sin(self.rope_global, positions, self.freq_global),
@@ -161,7 +158,7 @@ class Gemma3Model:
             v = linear(h, layer.wv).reshape(T, c.n_kv_heads, c.head_dim)
             q = apply_rope(q, cos, sin, c.head_dim, neox=True)
             k = apply_rope(k, cos, sin, c.head_dim, neox=True)
-            out = cached_attention(q, k, v, kv, i, plans[is_global], self.scale)
+            out = cached_attention(q, k, v, kv, i, plans[not is_global], self.scale)
             x = x + rms_norm(linear(out.reshape(T, -1), layer.wo), layer.post_attn_norm, c.norm_eps)
             h = rms_norm(x, layer.ffn_norm, c.norm_eps)
             y = linear(geglu(linear(h, layer.w_gate), linear(h, layer.w_up)), layer.w_down)

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from worker_orcd.engine.kv_cache import KVCache, SeqSpan, single_sequence
+from worker_orcd.engine.kv_cache import KVCache, SeqSpan
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import gelu
 from worker_orcd.kernels.attention import cached_attention, plan_attention
 from worker_orcd.kernels.embedding import absolute_position_embedding
 from worker_orcd.kernels.norm import layer_norm
+from worker_orcd.models.common import batch_inputs
 from worker_orcd.models.hparams import HParams
 from worker_orcd.models.weights import Weights, linear
 from worker_orcd.quant import QuantTensor
@@ -111,8 +112,7 @@ class GPT2Model:
     ) -> torch.Tensor:
         c = self.cfg
         T = tokens.shape[0]
-        tokens, positions = tokens.to(self.device), positions.to(self.device)
-        seqs = seqs or single_sequence(T)
+        tokens, positions, seqs = batch_inputs(tokens, positions, seqs, self.device)
         plan = plan_attention(positions, seqs, None, kv.max_len)
         x = absolute_position_embedding(self.tok_embd.embedding(tokens), self.pos_embd, positions)
         for i, layer in enumerate(self.layers):

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from worker_orcd.engine.kv_cache import KVCache, SeqSpan, single_sequence
+from worker_orcd.engine.kv_cache import KVCache, SeqSpan
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import clamped_swiglu
-from worker_orcd.kernels.attention import cached_attention, decode_mask, plan_attention, static_decode_attention
+from worker_orcd.kernels.attention import cached_attention, decode_mask, static_decode_attention
 from worker_orcd.kernels.norm import rms_norm
 from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq, yarn_attn_factor
+from worker_orcd.models.common import batch_inputs, window_plans
 from worker_orcd.models.hparams import HParams
 from worker_orcd.models.weights import Weights, linear
 from worker_orcd.quant import GGMLType, QuantTensor
@@ -215,12 +216,8 @@ class GptOssModel:
     ) -> torch.Tensor:
         c = self.cfg
         T = tokens.shape[0]
-        tokens, positions = tokens.to(self.device), positions.to(self.device)
-        seqs = seqs or single_sequence(T)
-        plans = {  # keyed by is_sliding
-            True: plan_attention(positions, seqs, c.sliding_window, kv.max_len),
-            False: plan_attention(positions, seqs, None, kv.max_len),
-        }
+        tokens, positions, seqs = batch_inputs(tokens, positions, seqs, self.device)
+        plans = window_plans(positions, seqs, c.sliding_window, kv.max_len)
         cos, sin = cos_sin(self.rope, positions, self.freq)
         x = self.tok_embd.embedding(tokens)
         for i, layer in enumerate(self.layers):

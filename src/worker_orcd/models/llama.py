@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from worker_orcd.engine.kv_cache import KVCache, SeqSpan, single_sequence
+from worker_orcd.engine.kv_cache import KVCache, SeqSpan
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import swiglu
 from worker_orcd.kernels.attention import cached_attention, decode_mask, plan_attention, static_decode_attention
 from worker_orcd.kernels.norm import rms_norm
 from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq
+from worker_orcd.models.common import batch_inputs
 from worker_orcd.models.hparams import HParams
 from worker_orcd.models.weights import Weights, fuse_bias, fuse_rows, linear
 from worker_orcd.quant import QuantTensor
@@ -188,8 +189,7 @@ class LlamaModel:
         logit_rows: torch.Tensor | None = None,  # which of the T rows need logits (None: all)
     ) -> torch.Tensor:
         c = self.cfg
-        tokens, positions = tokens.to(self.device), positions.to(self.device)
-        seqs = seqs or single_sequence(tokens.shape[0])
+        tokens, positions, seqs = batch_inputs(tokens, positions, seqs, self.device)
         plan = plan_attention(positions, seqs, None, kv.max_len)
         cos, sin = cos_sin(self.rope, positions, self.freq)
         x = self.tok_embd.embedding(tokens)  # [T, D]
