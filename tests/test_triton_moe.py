@@ -6,7 +6,7 @@ from gguf import GGMLQuantizationType as T
 
 from tests.test_triton_quant import random_blocks, rel_err
 from worker_orcd.kernels.activations import clamped_swiglu
-from worker_orcd.kernels.triton_moe import moe_mxfp4, moe_reference
+from worker_orcd.kernels.triton_moe import group_pairs, moe_grouped, moe_mxfp4, moe_reference
 from worker_orcd.quant import QuantTensor
 from worker_orcd.quant.mxfp4 import quantize_mxfp4
 
@@ -77,3 +77,50 @@ def test_refuses_non_mxfp4_experts():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_moe_gpu_gpt_oss_20b(T_, dtype, tol):
     check(E=32, F=2880, D=2880, T_=T_, k=4, dtype=dtype, tol=tol, device="cuda")
+
+
+def check_grouped(E, F, D, T_, k, tol, device="cpu"):
+    g, gb, u, ub, d, db = experts(E, F, D, device)
+    x = torch.randn(T_, D, device=device) * 0.5
+    ids, w = routes(T_, E, k, device)
+    got = moe_grouped(x, ids, w, g, gb, u, ub, d, db)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert rel_err(got, moe_reference(x, ids, w, g, gb, u, ub, d, db)) < tol
+    return x, ids, w, (g, gb, u, ub, d, db), got
+
+
+def test_group_pairs_tiles_hold_one_expert_each():
+    ids = torch.tensor([[3, 1], [1, 0], [3, 1], [2, 1]])  # expert 1: 4 pairs, 3: 2, 0 and 2: 1
+    pairs, tile_expert = group_pairs(ids, 5, group=2)
+    flat = ids.reshape(-1)
+    assert tile_expert.shape[0] == 4 + 5  # ceil(8 / 2) + min(5, 8)
+    seen = []
+    for t, e in enumerate(tile_expert.tolist()):
+        tile = [p for p in pairs[2 * t : 2 * t + 2].tolist() if p >= 0]
+        if e >= 5:
+            assert tile == []
+            continue
+        assert tile and all(int(flat[p]) == e for p in tile)
+        seen += tile
+    assert sorted(seen) == list(range(8))
+
+
+@pytest.mark.parametrize("T_,k", [(1, 2), (5, 2)])
+def test_moe_grouped_interpreted(T_, k):
+    check_grouped(E=4, F=64, D=96, T_=T_, k=k, tol=1e-5)  # D: 3 blocks, steps of 4 -> masked tail
+
+
+def test_moe_grouped_rows_do_not_depend_on_the_batch():
+    """A token's output is the same bits alone and among others (tiles are one expert, fixed shape)."""
+    x, ids, w, ws, got = check_grouped(E=4, F=64, D=64, T_=6, k=2, tol=1e-5)
+    for t in (0, 4):
+        alone = moe_grouped(x[t : t + 1], ids[t : t + 1], w[t : t + 1], *ws)
+        assert torch.equal(alone[0], got[t])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T_", [1, 16, 200])
+def test_moe_grouped_gpu_gpt_oss_20b(T_):
+    x, ids, w, ws, got = check_grouped(E=32, F=2880, D=2880, T_=T_, k=4, tol=1e-2, device="cuda")
+    alone = moe_grouped(x[:1], ids[:1], w[:1], *ws)
+    assert torch.equal(alone[0], got[0])

@@ -1,8 +1,24 @@
-"""A preallocated KV cache: per layer, K and V buffers [slots, kv_heads, max_len, head_dim]."""
+"""The KV cache: one paged pool per layer, K and V [blocks, kv_heads, block_size, head_dim].
+
+Position p of the sequence held in slot s lives in block `table[s][p // block_size]` at offset
+`p % block_size`. Blocks are handed out on demand by the host-side BlockManager (engine/block_manager.py),
+so a short sequence holds few blocks and the pool is sized by tokens, not by slots x context.
+On CPU the default block is the whole context (one block per slot: reads are views, no gathers);
+on CUDA blocks are 16 positions and the attention kernel follows each sequence's block table.
+"""
 
 from __future__ import annotations
 
 import torch
+
+from worker_orcd.engine.block_manager import BlockManager
+
+GPU_BLOCK_SIZE = 16
+
+
+def kv_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 K/V on CUDA (the kernels accumulate in float32); float32 on CPU, where it is exact and fastest."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 class KVCache:
@@ -16,27 +32,75 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         head_dim_v: int | None = None,
+        block_size: int | None = None,
+        n_blocks: int | None = None,
     ):
+        """A pool for `n_slots` sequences of up to `max_len` positions each; `n_blocks` (default: enough for
+        every slot to reach max_len) bounds how many positions all of them hold together."""
+        device = torch.device(device)
         self.max_len = max_len
         self.n_slots = n_slots
-        shape_k = (n_slots, n_kv_heads, max_len, head_dim)
-        shape_v = (n_slots, n_kv_heads, max_len, head_dim_v or head_dim)
+        self.block_size = block_size or (GPU_BLOCK_SIZE if device.type == "cuda" else max_len)
+        self.max_blocks = -(-max_len // self.block_size)  # per sequence
+        n_blocks = n_blocks or n_slots * self.max_blocks
+        self.blocks = BlockManager(n_blocks, self.block_size)
+        shape_k = (n_blocks, n_kv_heads, self.block_size, head_dim)
+        shape_v = (n_blocks, n_kv_heads, self.block_size, head_dim_v or head_dim)
         self.k = [torch.zeros(shape_k, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape_v, dtype=dtype, device=device) for _ in range(n_layers)]
+        # every slot's block table on the device (what the attention kernels read); unused entries are 0
+        self.tables = torch.zeros(n_slots, self.max_blocks, dtype=torch.int32, device=device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def write_rows(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+    def prepare(self, slot: int, length: int) -> None:
+        """Make sure slot's blocks cover positions 0..length-1 (raises KVCacheFull when the pool is out)."""
+        if length > self.max_len:
+            raise ValueError(f"position {length - 1} is past the KV cache length {self.max_len}")
+        if not 0 <= slot < self.n_slots:
+            raise ValueError(f"KV slot {slot} is not in [0, {self.n_slots})")
+        have = len(self.blocks.table(slot))
+        new = self.blocks.ensure(slot, length)
+        if new:
+            self.tables[slot, have : have + len(new)] = torch.tensor(new, dtype=torch.int32)
+
+    def release(self, slot: int) -> None:
+        """The slot's blocks go back to the pool (its sequence ended)."""
+        self.blocks.release(slot)
+
+    def locate(self, slots: list[int], positions: list[int]) -> tuple[list[int], list[int]]:
+        """(block, offset) of each (slot, position), host lists; the blocks must be prepared."""
+        bs = self.block_size
+        tables = {s: self.blocks.table(s) for s in set(slots)}
+        return [tables[s][p // bs] for s, p in zip(slots, positions)], [p % bs for p in positions]
+
+    def write_rows(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor) -> None:
-        """Store k, v [T, kv_heads, head_dim]: row t goes to slot slots[t] at position positions[t]."""
-        self.k[layer][slots, :, positions] = k.to(self.k[layer].dtype)
-        self.v[layer][slots, :, positions] = v.to(self.v[layer].dtype)
+        """Store k, v [T, kv_heads, head_dim]: row t goes to block blocks[t] at offset offsets[t]."""
+        self.k[layer][blocks, :, offsets] = k.to(self.k[layer].dtype)
+        self.v[layer][blocks, :, offsets] = v.to(self.v[layer].dtype)
 
     def read(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [kv_heads, length, head_dim] for positions 0..length-1 of `slot` (views, no copy)."""
-        return self.k[layer][slot, :, :length], self.v[layer][slot, :, :length]
+        """K, V [kv_heads, length, head_dim] for positions 0..length-1 of `slot`: views when they lie in one
+        block, else the slot's blocks concatenated."""
+        table = self.blocks.table(slot)
+        n = -(-length // self.block_size)
+        if n == 1:
+            return self.k[layer][table[0], :, :length], self.v[layer][table[0], :, :length]
+        idx = torch.tensor(table[:n], device=self.device)
+        k = self.k[layer][idx].transpose(0, 1).flatten(1, 2)  # [Hkv, n * block_size, hd]
+        v = self.v[layer][idx].transpose(0, 1).flatten(1, 2)
+        return k[:, :length], v[:, :length]
 
 
 class SeqSpan:

@@ -97,32 +97,96 @@ class SeqAttention:
 
 
 @dataclass
+class KernelTiles:
+    """The paged attention kernel's inputs for one forward (device tensors), shared by every layer."""
+
+    row_slot: torch.Tensor  # [T] int32
+    positions: torch.Tensor  # [T] int32
+    groups: list[tuple[torch.Tensor, torch.Tensor, int]]  # (tile_row, tile_len, block_q) per launch
+    splits: tuple[int, int]  # decode tiles' key segments (triton_attention.decode_splits)
+
+
+@dataclass
 class AttentionPlan:
     """What every layer of one forward needs to attend, worked out once for the whole batch."""
 
-    slots: torch.Tensor  # [T] the KV slot of each row
-    positions: torch.Tensor  # [T]
-    seqs: list[SeqAttention]
+    blocks: torch.Tensor  # [T] the KV block each new row is written to
+    offsets: torch.Tensor  # [T] and its offset in that block
+    seqs: list[SeqAttention]  # per sequence (the torch path); masks only where it needs them
+    window: int | None = None
+    tiles: KernelTiles | None = None  # set where the Triton kernel attends (CUDA)
 
 
-def plan_attention(positions: torch.Tensor, seqs, window: int | None, max_len: int) -> AttentionPlan:
-    """Per-sequence lengths and masks for `seqs` (engine.kv_cache.SeqSpan), shared by all layers."""
+PREFILL_TILE = 16  # query rows of one sequence per program of the paged kernel
+
+
+def plan_attention(positions: torch.Tensor, seqs, window: int | None, kv, kernel: bool | None = None) -> AttentionPlan:
+    """Blocks for every sequence in `seqs` (engine.kv_cache.SeqSpan) prepared in `kv`, where each new row
+    goes, and per-sequence lengths (and masks for the torch path). kernel=None: the Triton kernel on CUDA."""
+    return window_variants(positions, seqs, kv, (window,), kernel)[window]
+
+
+def window_variants(positions: torch.Tensor, seqs, kv, windows, kernel: bool | None = None) -> dict:
+    """{window: AttentionPlan} for each window in `windows` (None: full attention), sharing one preparation."""
     pos_list = positions.tolist()  # one host sync per forward, not per layer
-    slots = torch.empty(len(pos_list), dtype=torch.long)
-    plans = []
+    kernel = kv.device.type == "cuda" if kernel is None else kernel
+    row_slot = [0] * len(pos_list)
+    lengths = []
     for s in seqs:
-        last = max(pos_list[s.start : s.end])
-        if last >= max_len:
-            raise ValueError(f"position {last} is past the KV cache length {max_len}")
-        slots[s.start : s.end] = s.slot
-        length = last + 1
-        if s.end - s.start == 1 and (window is None or length <= window):
+        length = max(pos_list[s.start : s.end]) + 1
+        kv.prepare(s.slot, length)
+        row_slot[s.start : s.end] = [s.slot] * (s.end - s.start)
+        lengths.append(length)
+    blocks, offsets = kv.locate(row_slot, pos_list)
+    dev = kv.device
+    where = torch.tensor([blocks, offsets], dtype=torch.long).to(dev)
+    tiles = _kernel_tiles(pos_list, row_slot, seqs, kv) if kernel else None
+    plans = {}
+    for window in windows:
+        per_seq = []
+        for s, length in zip(seqs, lengths):
             mask = None
-        else:
-            k_pos = torch.arange(length, device=positions.device)
-            mask = attention_mask(positions[s.start : s.end], k_pos, window)
-        plans.append(SeqAttention(s.start, s.end, s.slot, length, mask))
-    return AttentionPlan(slots.to(positions.device), positions, plans)
+            if not kernel and (s.end - s.start > 1 or (window is not None and length > window)):
+                k_pos = torch.arange(length, device=positions.device)
+                mask = attention_mask(positions[s.start : s.end], k_pos, window).to(dev)
+            per_seq.append(SeqAttention(s.start, s.end, s.slot, length, mask))
+        plans[window] = AttentionPlan(where[0], where[1], per_seq, window, tiles)
+    return plans
+
+
+def _kernel_tiles(pos_list: list[int], row_slot: list[int], seqs, kv) -> KernelTiles:
+    """One-row sequences become decode tiles, longer spans tiles of PREFILL_TILE rows (two launches)."""
+    from worker_orcd.kernels.triton_attention import decode_splits
+
+    decode_rows, prefill_rows, prefill_lens = [], [], []
+    for s in seqs:
+        if s.end - s.start == 1:
+            decode_rows.append(s.start)
+        for r in range(s.start, s.end, PREFILL_TILE) if s.end - s.start > 1 else ():
+            prefill_rows.append(r)
+            prefill_lens.append(min(PREFILL_TILE, s.end - r))
+    meta = torch.tensor(row_slot + pos_list + decode_rows + prefill_rows + prefill_lens, dtype=torch.int32)
+    meta = meta.to(kv.device)
+    T, nd, npf = len(pos_list), len(decode_rows), len(prefill_rows)
+    groups = []
+    if nd:
+        groups.append((meta[2 * T : 2 * T + nd], torch.ones(nd, dtype=torch.int32, device=kv.device), 1))
+    if npf:
+        groups.append((meta[2 * T + nd : 2 * T + nd + npf], meta[2 * T + nd + npf :], PREFILL_TILE))
+    return KernelTiles(meta[:T], meta[T : 2 * T], groups, decode_splits(kv.max_len))
+
+
+def decode_plans(kv, slots: torch.Tensor, positions: torch.Tensor, windows) -> dict:
+    """{window: AttentionPlan} for one new row per sequence, from device tensors alone (no host sync), so a
+    CUDA graph can hold it; the blocks must be prepared (kv.prepare) before each step."""
+    from worker_orcd.kernels.triton_attention import decode_splits
+
+    bs = kv.block_size
+    blocks = kv.tables[slots, torch.div(positions, bs, rounding_mode="floor")].long()
+    B = slots.shape[0]
+    rows = torch.arange(B, dtype=torch.int32, device=slots.device)
+    tiles = KernelTiles(slots.int(), positions.int(), [(rows, torch.ones_like(rows), 1)], decode_splits(kv.max_len))
+    return {w: AttentionPlan(blocks, positions % bs, [], w, tiles) for w in windows}
 
 
 def cached_attention(
@@ -136,11 +200,20 @@ def cached_attention(
     sinks: torch.Tensor | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Store every row's new K/V in its sequence's cache slot, then attend each sequence over what its
-    slot holds: [T, H, hdv]. Each sequence is computed on its own, so batching never changes its result."""
-    kv.write_rows(layer, plan.slots, plan.positions, k, v)
+    """Store every row's new K/V in its sequence's blocks, then attend each sequence over what it holds:
+    [T, H, hdv]. Each sequence is computed on its own, so batching never changes its result."""
+    kv.write_rows(layer, plan.blocks, plan.offsets, k, v)
     T, H, _ = q.shape
     out = q.new_empty(T, H, v.shape[-1])
+    if plan.tiles is not None:
+        from worker_orcd.kernels.triton_attention import paged_attention
+
+        t = plan.tiles
+        for tile_row, tile_len, block_q in t.groups:
+            paged_attention(q, kv.k[layer], kv.v[layer], kv.tables, t.row_slot, t.positions, tile_row, tile_len,
+                            block_q, scale, sinks=sinks, softcap=softcap, window=plan.window, splits=t.splits,
+                            out=out)
+        return out
     lean = q.device.type == "cpu" and q.dtype == kv.k[layer].dtype and sinks is None and softcap is None
     q_scaled = None
     for s in plan.seqs:
@@ -154,48 +227,3 @@ def cached_attention(
         else:
             out[s.start : s.end] = attention(q[s.start : s.end], K, V, s.mask, scale, sinks=sinks, softcap=softcap)
     return out
-
-
-def decode_mask(positions: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
-    """[B, length] bool for one new token per row at `positions` [B], built on the device (no host sync):
-    with every sequence's keys at cache positions 0..length-1, later positions (stale or unwritten) are hidden."""
-    return attention_mask(positions, torch.arange(length, device=positions.device), window)
-
-
-def static_decode_attention(
-    q: torch.Tensor,  # [B, H, hd] (already rotated), one new token per sequence
-    k: torch.Tensor,  # [B, Hkv, hd] (already rotated)
-    v: torch.Tensor,  # [B, Hkv, hdv]
-    kv,  # engine.kv_cache.KVCache
-    layer: int,
-    slots: torch.Tensor,  # [B] each row's KV slot, on the device
-    positions: torch.Tensor,  # [B] on the device
-    mask: torch.Tensor,  # [B, length] from decode_mask
-    scale: float,
-    sinks: torch.Tensor | None = None,  # [H]
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """Decode attention whose shapes depend only on (B, length), never on the positions' values, so a CUDA
-    graph can hold it: write the new K/V, then attend over the first `length` cache positions of each slot.
-    Returns [B, H, hdv]."""
-    kv.write_rows(layer, slots, positions, k, v)
-    length = mask.shape[1]
-    K = kv.k[layer][slots, :, :length].float()  # [B, Hkv, L, hd] (a gather: slots live on the device)
-    V = kv.v[layer][slots, :, :length].float()
-    B, H, hd = q.shape
-    Hkv = K.shape[1]
-    G = H // Hkv
-    qg = q.float().reshape(B, Hkv, G, hd)
-    scores = torch.einsum("bkgd,bkld->bkgl", qg, K) * scale
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    if sinks is not None:
-        # The sink is one extra column per head: it takes probability mass, then is dropped.
-        sink_col = sinks.float().reshape(1, Hkv, G, 1).expand(B, Hkv, G, 1)
-        scores = torch.cat([scores, sink_col], dim=-1)
-    probs = torch.softmax(scores, dim=-1)
-    if sinks is not None:
-        probs = probs[..., :-1]
-    out = torch.einsum("bkgl,bkld->bkgd", probs, V)
-    return out.reshape(B, H, -1).to(q.dtype)

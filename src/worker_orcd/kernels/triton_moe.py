@@ -18,7 +18,15 @@ import triton
 import triton.language as tl
 
 from worker_orcd.kernels.activations import clamped_swiglu
-from worker_orcd.kernels.triton_quant import INTERPRET, PackedWeight, _mxfp4_gemv_tile, split_k, sum_partials_kernel
+from worker_orcd.kernels.triton_quant import (
+    INTERPRET,
+    PackedWeight,
+    _e8m0,
+    _mx_pair,
+    _mxfp4_gemv_tile,
+    split_k,
+    sum_partials_kernel,
+)
 from worker_orcd.quant.tensor import QuantTensor
 
 SWIGLU_LIMIT = 7.0
@@ -205,4 +213,142 @@ def moe_reference(
             u = expert_rows(up, e, dtype) @ xt + up_b[e].to(dtype)
             h = clamped_swiglu(g, u, limit, alpha)
             y[t] += top_w[t, j].to(dtype) * (expert_rows(down, e, dtype) @ h + down_b[e].to(dtype))
+    return y
+
+
+# ---------------------------------------------------------------- grouped MoE: tokens sorted by expert, tl.dot tiles
+# Every (token, slot) pair goes to a tile of GROUP_M pairs of one expert; a program multiplies its tile by
+# a BN-row slice of that expert's MXFP4 matrix, decoded in registers. Routing never leaves the device, any
+# number of tokens takes the same path, and a pair's result depends only on its token and its expert (the
+# tile shape is fixed), so batching never changes it.
+
+GROUP_M = 16
+
+
+@triton.jit
+def _moe_tile_kernel(
+    x_ptr, pair_ptr, tile_expert_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, b_ptr, b2_ptr, rw_ptr, y_ptr,
+    N, K, E, stride_x, K_SLOTS, limit, alpha,
+    GATE_UP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """GATE_UP: y[p, n] = clamped_swiglu(gate_e[n] . x[p // K_SLOTS] + bg, up_e[n] . x[p // K_SLOTS] + bu);
+    else: y[p, n] = rw[p] * (down_e[n] . x[p] + bd). Rows p are the tile's pairs (-1: padding)."""
+    tile = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + tile)
+    if e >= E:
+        return
+    m = tl.arange(0, BM)
+    pair = tl.load(pair_ptr + tile * BM + m)
+    ok_m = pair >= 0
+    pair = tl.where(ok_m, pair, 0)
+    xrow = pair // K_SLOTS if GATE_UP else pair
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    n_in = tl.minimum(n, N - 1)
+    wrow = (e * N + n_in).to(tl.int64)
+    nblk = K // 32
+    dot_t = tl.float32 if DOT_F32 else tl.bfloat16
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc2 = tl.zeros([BM, BN], dtype=tl.float32)
+    kk = tl.arange(0, NB * 4)  # a step's words: block kk // 4, word kk % 4
+    blk_of = kk // 4
+    word_of = kk % 4
+    for kb in range(0, nblk, NB):
+        blk = kb + blk_of
+        ok = (blk < nblk)[None, :]
+        w_off = wrow[:, None] * (nblk * 4) + (blk * 4 + word_of)[None, :]
+        s_off = wrow[:, None] * nblk + blk[None, :]
+        x_base = x_ptr + xrow[:, None] * stride_x + (blk * 32 + word_of)[None, :]
+        w = tl.load(w_ptr + w_off, mask=ok, other=0).to(tl.uint32, bitcast=True)
+        s = _e8m0(tl.load(s_ptr + s_off, mask=ok, other=0)) * 16384.0
+        if GATE_UP:
+            w2 = tl.load(w2_ptr + w_off, mask=ok, other=0).to(tl.uint32, bitcast=True)
+            s2 = _e8m0(tl.load(s2_ptr + s_off, mask=ok, other=0)) * 16384.0
+        for p in tl.static_range(4):
+            xa = tl.load(x_base + 8 * p, mask=ok, other=0.0).to(dot_t)
+            xb = tl.load(x_base + 8 * p + 4, mask=ok, other=0.0).to(dot_t)
+            lo, hi = _mx_pair(w, p)
+            acc = tl.dot(xa, tl.trans((lo * s).to(dot_t)), acc)
+            acc = tl.dot(xb, tl.trans((hi * s).to(dot_t)), acc)
+            if GATE_UP:
+                lo2, hi2 = _mx_pair(w2, p)
+                acc2 = tl.dot(xa, tl.trans((lo2 * s2).to(dot_t)), acc2)
+                acc2 = tl.dot(xb, tl.trans((hi2 * s2).to(dot_t)), acc2)
+    bias = tl.load(b_ptr + e * N + n_in)[None, :]
+    if GATE_UP:
+        g = tl.minimum(acc + bias, limit)
+        u = tl.minimum(tl.maximum(acc2 + tl.load(b2_ptr + e * N + n_in)[None, :], -limit), limit)
+        y = (u + 1.0) * g * tl.sigmoid(alpha * g)
+    else:
+        y = (acc + bias) * tl.load(rw_ptr + pair)[:, None]
+    out = y_ptr + pair[:, None].to(tl.int64) * N + n[None, :]
+    tl.store(out, y.to(y_ptr.dtype.element_ty), mask=ok_m[:, None] & (n < N)[None, :])
+
+
+def group_pairs(top_ids: torch.Tensor, n_experts: int, group: int = GROUP_M) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs p = t * k + slot sorted by expert into tiles of `group` pairs of one expert, on the device with
+    no host sync: (pairs [tiles * group] int32, -1 pads each expert's last tile; tile_expert [tiles] int32,
+    n_experts past the used tiles). tiles = ceil(P / group) + min(E, P) bounds what any routing needs."""
+    flat = top_ids.reshape(-1).long()
+    P = flat.numel()
+    n_tiles = -(-P // group) + min(n_experts, P)
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    tiles_per = (counts + group - 1) // group
+    tile_end = torch.cumsum(tiles_per, 0)
+    order = torch.argsort(flat, stable=True)
+    sorted_e = flat[order]
+    rank = torch.arange(P, device=flat.device) - (torch.cumsum(counts, 0) - counts)[sorted_e]
+    dest = (tile_end - tiles_per)[sorted_e] * group + rank
+    pairs = torch.full((n_tiles * group,), -1, dtype=torch.int32, device=flat.device)
+    pairs[dest] = order.to(torch.int32)
+    tiles = torch.arange(n_tiles, device=flat.device)
+    tile_expert = torch.searchsorted(tile_end, tiles, right=True).to(torch.int32)
+    return pairs, tile_expert
+
+
+def grouped_config() -> dict:
+    if INTERPRET:
+        return {"BN": 16, "NB": 4, "num_warps": 1, "num_stages": 1}
+    return {"BN": 64, "NB": 4, "num_warps": 4, "num_stages": 3}
+
+
+def moe_grouped(
+    x: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_w: torch.Tensor,
+    gate: QuantTensor,
+    gate_b: torch.Tensor,
+    up: QuantTensor,
+    up_b: torch.Tensor,
+    down: QuantTensor,
+    down_b: torch.Tensor,
+    limit: float = SWIGLU_LIMIT,
+    alpha: float = SWIGLU_ALPHA,
+    cfg: dict | None = None,
+) -> torch.Tensor:
+    """The MoE of moe_reference for any number of tokens: x [T, D], top_ids/top_w [T, k] -> y [T, D] float32."""
+    T, D = x.shape
+    k = top_ids.shape[1]
+    E, F, _ = gate.shape
+    gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
+    c = dict(cfg or grouped_config())
+    BN, NB = c.pop("BN"), c.pop("NB")
+    pairs, tile_expert = group_pairs(top_ids, E)
+    n_tiles = tile_expert.shape[0]
+    dot_dtype = torch.float32 if INTERPRET else torch.bfloat16
+    xin = x.to(dot_dtype).contiguous()
+    h = torch.empty(T * k, F, dtype=dot_dtype, device=x.device)
+    _moe_tile_kernel[(triton.cdiv(F, BN), n_tiles)](
+        xin, pairs, tile_expert, gp.codes, gp.scales, upk.codes, upk.scales, gate_b.float().contiguous(),
+        up_b.float().contiguous(), top_w, h, F, D, E, xin.stride(0), k, limit, alpha,
+        GATE_UP=True, BM=GROUP_M, BN=BN, NB=NB, DOT_F32=INTERPRET, **c,
+    )  # fmt: skip
+    part = torch.empty(T * k, D, dtype=torch.float32, device=x.device)
+    rw = top_w.reshape(-1).float().contiguous()
+    _moe_tile_kernel[(triton.cdiv(D, BN), n_tiles)](
+        h, pairs, tile_expert, dp.codes, dp.scales, dp.codes, dp.scales, down_b.float().contiguous(),
+        down_b, rw, part, D, F, E, h.stride(0), k, limit, alpha,
+        GATE_UP=False, BM=GROUP_M, BN=BN, NB=NB, DOT_F32=INTERPRET, **c,
+    )  # fmt: skip
+    y = torch.empty(T, D, dtype=torch.float32, device=x.device)
+    sum_partials_kernel[(T, triton.cdiv(D, 1024))](part, y, D, k * D, D, R=k, BJ=1024)  # slots in order
     return y

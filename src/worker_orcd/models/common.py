@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from worker_orcd.engine.kv_cache import SeqSpan, single_sequence
-from worker_orcd.kernels.attention import AttentionPlan, plan_attention
+from worker_orcd.kernels.attention import AttentionPlan, decode_plans, window_variants
 
 
 def batch_inputs(tokens: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSpan] | None,
@@ -14,8 +14,11 @@ def batch_inputs(tokens: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSp
     return tokens.to(device), positions.to(device), seqs or single_sequence(tokens.shape[0])
 
 
-def window_plans(positions: torch.Tensor, seqs: list[SeqSpan], window: int, max_len: int) -> dict[bool, AttentionPlan]:
-    """{True: the plan for sliding-window layers, False: for full-attention layers}, each made once per forward."""
-    return {True: plan_attention(positions, seqs, window, max_len),
-            False: plan_attention(positions, seqs, None, max_len)}
+def window_plans(positions: torch.Tensor, seqs: list[SeqSpan], window: int | None, kv) -> dict[int | None, AttentionPlan]:
+    """{window: plan for sliding-window layers, None: plan for full-attention layers}, made once per forward."""
+    return window_variants(positions, seqs, kv, (window, None) if window is not None else (None,))
 
+
+def static_plans(kv, slots: torch.Tensor, positions: torch.Tensor, window: int | None) -> dict[int | None, AttentionPlan]:
+    """The same plans for a decode step of one row per sequence, from device tensors (no host sync)."""
+    return decode_plans(kv, slots, positions, (window, None) if window is not None else (None,))

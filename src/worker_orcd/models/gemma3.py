@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker_orcd.engine.kv_cache import KVCache, SeqSpan
+from worker_orcd.engine.kv_cache import KVCache, SeqSpan, kv_dtype
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import geglu
 from worker_orcd.kernels.attention import cached_attention
@@ -127,9 +127,11 @@ class Gemma3Model:
         self.scale = hd**-0.5
         self.embed_scale = D**0.5
 
-    def new_kv_cache(self, max_len: int, n_slots: int = 1, dtype: torch.dtype = torch.float32) -> KVCache:
+    def new_kv_cache(self, max_len: int, n_slots: int = 1, dtype: torch.dtype | None = None,
+                     n_blocks: int | None = None) -> KVCache:
         c = self.cfg
-        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, n_slots, dtype, self.device)
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, n_slots, dtype or kv_dtype(self.device),
+                       self.device, n_blocks=n_blocks)
 
     @torch.inference_mode()
     def forward(
@@ -143,7 +145,7 @@ class Gemma3Model:
         c = self.cfg
         T = tokens.shape[0]
         tokens, positions, seqs = batch_inputs(tokens, positions, seqs, self.device)
-        plans = window_plans(positions, seqs, c.sliding_window, kv.max_len)
+        plans = window_plans(positions, seqs, c.sliding_window, kv)
         rope = {
             False: cos_sin(self.rope_local, positions, self.freq_local),
             True: cos_sin(self.rope_global, positions, self.freq_global),
@@ -158,11 +160,11 @@ class Gemma3Model:
             v = linear(h, layer.wv).reshape(T, c.n_kv_heads, c.head_dim)
             q = apply_rope(q, cos, sin, c.head_dim, neox=True)
             k = apply_rope(k, cos, sin, c.head_dim, neox=True)
-            out = cached_attention(q, k, v, kv, i, plans[not is_global], self.scale)
+            out = cached_attention(q, k, v, kv, i, plans[None if is_global else c.sliding_window], self.scale)
             x = x + rms_norm(linear(out.reshape(T, -1), layer.wo), layer.post_attn_norm, c.norm_eps)
             h = rms_norm(x, layer.ffn_norm, c.norm_eps)
             y = linear(geglu(linear(h, layer.w_gate), linear(h, layer.w_up)), layer.w_down)
             x = x + rms_norm(y, layer.post_ffn_norm, c.norm_eps)
         if logit_rows is not None:
             x = x[logit_rows]
-        return linear(rms_norm(x, self.output_norm, c.norm_eps), self.output).float()
+        return linear(rms_norm(x, self.output_norm, c.norm_eps), self.output, out_dtype=torch.float32).float()

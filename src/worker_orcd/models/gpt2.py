@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker_orcd.engine.kv_cache import KVCache, SeqSpan
+from worker_orcd.engine.kv_cache import KVCache, SeqSpan, kv_dtype
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import gelu
 from worker_orcd.kernels.attention import cached_attention, plan_attention
@@ -97,9 +97,11 @@ class GPT2Model:
             ))
         self.scale = cfg.head_dim**-0.5
 
-    def new_kv_cache(self, max_len: int, n_slots: int = 1, dtype: torch.dtype = torch.float32) -> KVCache:
+    def new_kv_cache(self, max_len: int, n_slots: int = 1, dtype: torch.dtype | None = None,
+                     n_blocks: int | None = None) -> KVCache:
         c = self.cfg
-        return KVCache(c.n_layers, c.n_heads, c.head_dim, max_len, n_slots, dtype, self.device)
+        return KVCache(c.n_layers, c.n_heads, c.head_dim, max_len, n_slots, dtype or kv_dtype(self.device),
+                       self.device, n_blocks=n_blocks)
 
     @torch.inference_mode()
     def forward(
@@ -113,7 +115,7 @@ class GPT2Model:
         c = self.cfg
         T = tokens.shape[0]
         tokens, positions, seqs = batch_inputs(tokens, positions, seqs, self.device)
-        plan = plan_attention(positions, seqs, None, kv.max_len)
+        plan = plan_attention(positions, seqs, None, kv)
         x = absolute_position_embedding(self.tok_embd.embedding(tokens), self.pos_embd, positions)
         for i, layer in enumerate(self.layers):
             h = layer_norm(x, layer.ln1_w, layer.ln1_b, c.norm_eps)
@@ -124,4 +126,4 @@ class GPT2Model:
             x = x + linear(gelu(linear(h, layer.w_up, layer.b_up), approximate=c.gelu_tanh), layer.w_down, layer.b_down)
         if logit_rows is not None:
             x = x[logit_rows]
-        return linear(layer_norm(x, self.ln_f_w, self.ln_f_b, c.norm_eps), self.output).float()
+        return linear(layer_norm(x, self.ln_f_w, self.ln_f_b, c.norm_eps), self.output, out_dtype=torch.float32).float()

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from worker_orcd.engine.kv_cache import KVCache, SeqSpan
+from worker_orcd.engine.kv_cache import KVCache, SeqSpan, kv_dtype
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import clamped_swiglu
-from worker_orcd.kernels.attention import cached_attention, decode_mask, static_decode_attention
+from worker_orcd.kernels.attention import cached_attention
 from worker_orcd.kernels.norm import rms_norm
 from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq, yarn_attn_factor
-from worker_orcd.models.common import batch_inputs, window_plans
+from worker_orcd.models.common import batch_inputs, static_plans, window_plans
 from worker_orcd.models.hparams import HParams
 from worker_orcd.models.weights import Weights, linear
 from worker_orcd.quant import GGMLType, QuantTensor
@@ -26,7 +26,6 @@ from worker_orcd.quant import GGMLType, QuantTensor
 ARCHITECTURES = ("gpt-oss",)
 SWIGLU_LIMIT = 7.0
 SWIGLU_ALPHA = 1.702
-FUSED_MOE_MAX_TOKENS = 8  # decode-sized inputs take the fused Triton MoE on CUDA; prefill loops over experts
 
 
 @dataclass(frozen=True)
@@ -153,9 +152,11 @@ class GptOssModel:
         self.freq = inv_freq(self.rope, self.device)
         self.scale = hd**-0.5
 
-    def new_kv_cache(self, max_len: int, n_slots: int = 1, dtype: torch.dtype = torch.float32) -> KVCache:
+    def new_kv_cache(self, max_len: int, n_slots: int = 1, dtype: torch.dtype | None = None,
+                     n_blocks: int | None = None) -> KVCache:
         c = self.cfg
-        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, n_slots, dtype, self.device)
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, n_slots, dtype or kv_dtype(self.device),
+                       self.device, n_blocks=n_blocks)
 
     def _rotated_qkv(
         self, layer: GptOssLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -167,21 +168,18 @@ class GptOssModel:
         v = linear(h, layer.wv, layer.bv).reshape(T, c.n_kv_heads, c.head_dim)
         return apply_rope(q, cos, sin, c.head_dim, True), apply_rope(k, cos, sin, c.head_dim, True), v
 
-    def moe(self, layer: GptOssLayer, h: torch.Tensor, static: bool = False) -> torch.Tensor:
-        """Route each token to its top-k experts; softmax over the k chosen logits; weighted sum. [T, D]
-
-        static: no host sync (CUDA graphs), so without the fused kernel every expert runs on every token."""
+    def moe(self, layer: GptOssLayer, h: torch.Tensor) -> torch.Tensor:
+        """Route each token to its top-k experts; softmax over the k chosen logits; weighted sum. [T, D]"""
         k = self.cfg.n_experts_used
         logits = linear(h, layer.router, layer.router_b)  # [T, E]
-        top_logits, top_ids = torch.topk(logits, k, dim=-1)  # [T, k]
-        weights = torch.softmax(top_logits.float(), dim=-1)
-        if h.is_cuda and h.shape[0] <= FUSED_MOE_MAX_TOKENS and layer.gate.ggml_type == GGMLType.MXFP4:
-            from worker_orcd.kernels.triton_moe import moe_mxfp4
+        top_logits, top_ids = torch.topk(logits.float(), k, dim=-1)  # [T, k]
+        weights = torch.softmax(top_logits, dim=-1)
+        if h.is_cuda and layer.gate.ggml_type == GGMLType.MXFP4:
+            from worker_orcd.kernels.triton_moe import moe_grouped
 
-            return moe_mxfp4(h, top_ids, weights, layer.gate, layer.gate_b, layer.up, layer.up_b, layer.down,
-                             layer.down_b, limit=SWIGLU_LIMIT, alpha=SWIGLU_ALPHA)
-        if static:
-            return self._moe_every_expert(layer, h, top_ids, weights)
+            # routing stays on the device: tokens sorted by expert, one grouped launch per matrix
+            return moe_grouped(h, top_ids, weights, layer.gate, layer.gate_b, layer.up, layer.up_b, layer.down,
+                               layer.down_b, limit=SWIGLU_LIMIT, alpha=SWIGLU_ALPHA)
         out = torch.zeros_like(h, dtype=torch.float32)
         for e in torch.unique(top_ids).tolist():
             rows, slot = torch.nonzero(top_ids == e, as_tuple=True)
@@ -190,20 +188,7 @@ class GptOssModel:
             u = linear(x, expert(layer.up, e), layer.up_b[e])
             y = linear(clamped_swiglu(g, u, SWIGLU_LIMIT, SWIGLU_ALPHA), expert(layer.down, e), layer.down_b[e])
             out.index_add_(0, rows, y.float() * weights[rows, slot, None])
-        return out.to(h.dtype)
-
-    def _moe_every_expert(self, layer: GptOssLayer, h: torch.Tensor, top_ids: torch.Tensor,
-                          weights: torch.Tensor) -> torch.Tensor:
-        """Every expert on every token, weighted by a dense [T, E] routing matrix (zero off the top-k):
-        shapes independent of the routing, at E/k times the work. [T, D]"""
-        dense = torch.zeros(h.shape[0], self.cfg.n_experts, device=h.device).scatter(1, top_ids, weights)
-        out = torch.zeros_like(h, dtype=torch.float32)
-        for e in range(self.cfg.n_experts):
-            g = linear(h, expert(layer.gate, e), layer.gate_b[e])
-            u = linear(h, expert(layer.up, e), layer.up_b[e])
-            y = linear(clamped_swiglu(g, u, SWIGLU_LIMIT, SWIGLU_ALPHA), expert(layer.down, e), layer.down_b[e])
-            out += y.float() * dense[:, e, None]
-        return out.to(h.dtype)
+        return out
 
     @torch.inference_mode()
     def forward(
@@ -214,46 +199,32 @@ class GptOssModel:
         seqs: list[SeqSpan] | None = None,
         logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        tokens, positions, seqs = batch_inputs(tokens, positions, seqs, self.device)
+        plans = window_plans(positions, seqs, self.cfg.sliding_window, kv)
+        return self._run(tokens, positions, kv, plans, logit_rows)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        """One new token per sequence (slots [B], all on the device), never syncing with the host, so
+        engine/cuda_graphs.py can capture it; every slot's blocks must be prepared. [B, vocab] float32."""
+        return self._run(tokens, positions, kv, static_plans(kv, slots, positions, self.cfg.sliding_window), None)
+
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KVCache, plans: dict,
+             logit_rows: torch.Tensor | None) -> torch.Tensor:
         c = self.cfg
         T = tokens.shape[0]
-        tokens, positions, seqs = batch_inputs(tokens, positions, seqs, self.device)
-        plans = window_plans(positions, seqs, c.sliding_window, kv.max_len)
         cos, sin = cos_sin(self.rope, positions, self.freq)
         x = self.tok_embd.embedding(tokens)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, c.norm_eps)
             q, k, v = self._rotated_qkv(layer, h, cos, sin)
-            out = cached_attention(q, k, v, kv, i, plans[c.is_sliding(i)], self.scale, sinks=layer.sinks)
+            plan = plans[c.sliding_window if c.is_sliding(i) else None]
+            out = cached_attention(q, k, v, kv, i, plan, self.scale, sinks=layer.sinks)
             x = x + linear(out.reshape(T, -1), layer.wo, layer.bo)
             x = x + self.moe(layer, rms_norm(x, layer.ffn_norm, c.norm_eps))
         if logit_rows is not None:
             x = x[logit_rows]
-        return linear(rms_norm(x, self.output_norm, c.norm_eps), self.output).float()
-
-    @torch.inference_mode()
-    def decode(
-        self,
-        tokens: torch.Tensor,  # [B] one new token per sequence, on the device
-        positions: torch.Tensor,  # [B] on the device
-        slots: torch.Tensor,  # [B] each sequence's KV slot, on the device
-        kv: KVCache,
-        length: int,  # every row attends over cache positions 0..length-1 (masked past its own position)
-    ) -> torch.Tensor:
-        """One decode step whose shapes depend only on (B, length) and that never syncs with the host, so
-        engine/cuda_graphs.py can capture it. [B, vocab] float32."""
-        c = self.cfg
-        B = tokens.shape[0]
-        masks = {True: decode_mask(positions, length, c.sliding_window), False: decode_mask(positions, length, None)}
-        cos, sin = cos_sin(self.rope, positions, self.freq)
-        x = self.tok_embd.embedding(tokens)
-        for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.attn_norm, c.norm_eps)
-            q, k, v = self._rotated_qkv(layer, h, cos, sin)
-            out = static_decode_attention(q, k, v, kv, i, slots, positions, masks[c.is_sliding(i)], self.scale,
-                                          sinks=layer.sinks)
-            x = x + linear(out.reshape(B, -1), layer.wo, layer.bo)
-            x = x + self.moe(layer, rms_norm(x, layer.ffn_norm, c.norm_eps), static=True)
-        return linear(rms_norm(x, self.output_norm, c.norm_eps), self.output).float()
+        return linear(rms_norm(x, self.output_norm, c.norm_eps), self.output, out_dtype=torch.float32).float()
 
 
 def _dense(t: QuantTensor | torch.Tensor) -> torch.Tensor:

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from worker_orcd.engine.kv_cache import KVCache, SeqSpan
+from worker_orcd.engine.kv_cache import KVCache, SeqSpan, kv_dtype
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import swiglu
-from worker_orcd.kernels.attention import cached_attention, decode_mask, plan_attention, static_decode_attention
+from worker_orcd.kernels.attention import cached_attention
 from worker_orcd.kernels.norm import rms_norm
 from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq
-from worker_orcd.models.common import batch_inputs
+from worker_orcd.models.common import batch_inputs, static_plans, window_plans
 from worker_orcd.models.hparams import HParams
 from worker_orcd.models.weights import Weights, fuse_bias, fuse_rows, linear
 from worker_orcd.quant import QuantTensor
@@ -150,9 +150,11 @@ class LlamaModel:
             attn_factor=cfg.rope_attn_factor,
         )
 
-    def new_kv_cache(self, max_len: int, n_slots: int = 1, dtype: torch.dtype = torch.float32) -> KVCache:
+    def new_kv_cache(self, max_len: int, n_slots: int = 1, dtype: torch.dtype | None = None,
+                     n_blocks: int | None = None) -> KVCache:
         c = self.cfg
-        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, n_slots, dtype, self.device)
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, n_slots, dtype or kv_dtype(self.device),
+                       self.device, n_blocks=n_blocks)
 
     def _qkv(self, layer: LlamaLayer, h: torch.Tensor) -> torch.Tensor:
         """q|k|v heads side by side: [T, H + 2*Hkv, head_dim]."""
@@ -188,9 +190,18 @@ class LlamaModel:
         seqs: list[SeqSpan] | None = None,
         logit_rows: torch.Tensor | None = None,  # which of the T rows need logits (None: all)
     ) -> torch.Tensor:
-        c = self.cfg
         tokens, positions, seqs = batch_inputs(tokens, positions, seqs, self.device)
-        plan = plan_attention(positions, seqs, None, kv.max_len)
+        return self._run(tokens, positions, kv, window_plans(positions, seqs, None, kv)[None], logit_rows)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        """One new token per sequence (slots [B], all on the device), never syncing with the host, so
+        engine/cuda_graphs.py can capture it; every slot's blocks must be prepared. [B, vocab] float32."""
+        return self._run(tokens, positions, kv, static_plans(kv, slots, positions, None)[None], None)
+
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KVCache, plan,
+             logit_rows: torch.Tensor | None) -> torch.Tensor:
+        c = self.cfg
         cos, sin = cos_sin(self.rope, positions, self.freq)
         x = self.tok_embd.embedding(tokens)  # [T, D]
         for i, layer in enumerate(self.layers):
@@ -200,26 +211,4 @@ class LlamaModel:
             x = x + self._ffn(layer, rms_norm(x, layer.ffn_norm, c.norm_eps))
         if logit_rows is not None:
             x = x[logit_rows]
-        return linear(rms_norm(x, self.output_norm, c.norm_eps), self.output).float()
-
-    @torch.inference_mode()
-    def decode(
-        self,
-        tokens: torch.Tensor,  # [B] one new token per sequence, on the device
-        positions: torch.Tensor,  # [B] on the device
-        slots: torch.Tensor,  # [B] each sequence's KV slot, on the device
-        kv: KVCache,
-        length: int,  # every row attends over cache positions 0..length-1 (masked past its own position)
-    ) -> torch.Tensor:
-        """One decode step whose shapes depend only on (B, length) and that never syncs with the host, so
-        engine/cuda_graphs.py can capture it. [B, vocab] float32."""
-        c = self.cfg
-        mask = decode_mask(positions, length, None)
-        cos, sin = cos_sin(self.rope, positions, self.freq)
-        x = self.tok_embd.embedding(tokens)  # [B, D]
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._rotated_qkv(layer, rms_norm(x, layer.attn_norm, c.norm_eps), cos, sin)
-            out = static_decode_attention(q, k, v, kv, i, slots, positions, mask, self.scale)
-            x = x + linear(out.reshape(x.shape[0], -1), layer.wo)
-            x = x + self._ffn(layer, rms_norm(x, layer.ffn_norm, c.norm_eps))
-        return linear(rms_norm(x, self.output_norm, c.norm_eps), self.output).float()
+        return linear(rms_norm(x, self.output_norm, c.norm_eps), self.output, out_dtype=torch.float32).float()

@@ -120,7 +120,13 @@ def fuse_bias(*bs: torch.Tensor | None) -> torch.Tensor | None:
     return torch.cat(bs)
 
 
-def linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ bias), with w in its block format."""
-    y = w.matmul(x)
-    return y + bias if bias is not None else y
+def linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias), with w in its block format. On CUDA the activations enter the matmul in bf16 (the
+    kernels accumulate in float32) and come out in bf16, or in `out_dtype` (the logits: float32)."""
+    if w.device.type == "cuda" and x.dtype == torch.float32:
+        x = x.to(torch.bfloat16)
+    y = w.matmul(x, out_dtype=out_dtype)
+    if bias is None:
+        return y
+    return y.add_(bias) if y.dtype != bias.dtype else y + bias

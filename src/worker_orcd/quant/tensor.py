@@ -99,12 +99,16 @@ class QuantTensor:
         """The full tensor of `shape`, on the same device."""
         return dequantize(self.raw, self.ggml_type, self.shape).to(dtype)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] @ W.T -> [..., out] in x.dtype, for a 2-D W of shape (out, in)."""
+    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x [..., in] @ W.T -> [..., out] in x.dtype (or out_dtype), for a 2-D W of shape (out, in)."""
         self._need_2d("matmul")
         if x.shape[-1] != self.shape[1]:
             raise ValueError(f"matmul: x has {x.shape[-1]} features, weight {self.shape} has {self.shape[1]}")
-        return MATMUL_KERNELS.get(self.device.type, dequantize_matmul)(self, x)
+        kernel = MATMUL_KERNELS.get(self.device.type, dequantize_matmul)
+        if out_dtype is not None and out_dtype != x.dtype and getattr(kernel, "takes_out_dtype", False):
+            return kernel(self, x, out_dtype=out_dtype)
+        y = kernel(self, x)
+        return y if out_dtype is None else y.to(out_dtype)
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (any shape) of a 2-D tensor -> float32 [*ids.shape, cols]; only those rows expand."""
