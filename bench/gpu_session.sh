@@ -28,8 +28,18 @@ case "${1:-tests}" in
     WORKER_ORCD_CUDA_GRAPHS=1 timeout 400 python3 bench/gpu.py --model "$model" 2>&1 | tee "$out/gpu-graphs.txt" | tail -14
     timeout 150 python3 bench/gpu.py --model "$model" --no-graphs --quick --streams 4 2>&1 | tee "$out/gpu-eager.txt" | tail -14
     ;;
+  engine)
+    # the GPU engine's kernels and models (one device call): kernel tests, kernel timings, the 20B table
+    timeout 240 python3 -m pytest -p no:cacheprovider -m gpu -q -x -rs tests/test_paged_attention.py \
+      tests/test_triton_moe.py tests/test_triton_quant.py tests/test_cuda_graphs.py tests/test_gpu_models.py \
+      2>&1 | tee "$out/gpu-tests.log" | tail -25
+    timeout 120 python3 bench/gpu_engine_kernels.py 2>&1 | tee "$out/kernels.txt" | tail -40
+    model=/tmp/gpt-oss-20b-synthetic-q8_0.gguf
+    [[ -f $model ]] || python3 bench/make_synthetic.py "$model" > "$out/make-synthetic.txt" 2>&1
+    timeout 200 python3 bench/gpu.py --model "$model" 2>&1 | tee "$out/gpu-graphs.txt" | tail -14
+    ;;
   *)
-    echo "usage: bench/gpu_session.sh tests|bench" >&2
+    echo "usage: bench/gpu_session.sh tests|bench|engine" >&2
     exit 2
     ;;
 esac

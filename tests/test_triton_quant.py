@@ -7,7 +7,15 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from worker_orcd.kernels.triton_quant import pack_mxfp4, pack_q8_0, quant_matmul, split_k, unpack
+from worker_orcd.kernels.triton_quant import (
+    dequantize_packed,
+    gemm_config,
+    pack_mxfp4,
+    pack_q8_0,
+    quant_matmul,
+    split_k,
+    unpack,
+)
 from worker_orcd.quant import QuantTensor, dequantize
 from worker_orcd.quant.gpu_matmul import gpu_matmul, packed
 
@@ -62,7 +70,27 @@ def test_gemv_split_k_and_bf16(kind):
 @pytest.mark.parametrize("kind", [T.Q8_0, T.MXFP4])
 @pytest.mark.parametrize("m", [2, 19])
 def test_gemm_interpreted(kind, m):
-    check(kind, 20, 160, m, torch.float32, 1e-5)  # interpreter dots in float32
+    check(kind, 20, 160, m, torch.float32, 1e-5, cfg=gemm_config(None, m))  # interpreter dots in float32
+    split = {"BM": 16, "BN": 16, "NB": 1, "TARGET": 8, "num_warps": 1, "num_stages": 1}  # 2 tiles -> 4 splits
+    check(kind, 20, 160, m, torch.float32, 1e-5, cfg=split)
+
+
+@pytest.mark.parametrize("kind", [T.Q8_0, T.MXFP4])
+@pytest.mark.parametrize("cfg", [None, {"BM": 16, "BN": 16, "NB": 1, "TARGET": 8, "num_warps": 1, "num_stages": 1}])
+def test_decode_rows_do_not_depend_on_the_batch(kind, cfg):
+    """Split-K and tiles follow the weight's shape, never the row count: a row gives the same bits alone."""
+    p = PACK[kind](random_blocks(kind, 20, 160), 20, 160)
+    x = torch.randn(17, 160)
+    many = quant_matmul(p, x, cfg)
+    for r in (0, 16):
+        assert torch.equal(quant_matmul(p, x[r : r + 1], cfg)[0], many[r])
+
+
+@pytest.mark.parametrize("kind", [T.Q8_0, T.MXFP4])
+def test_dequantize_packed_is_the_reference(kind):
+    raw = random_blocks(kind, 9, 96)
+    got = dequantize_packed(PACK[kind](raw, 9, 96), torch.float32)
+    assert torch.equal(got, dequantize(raw, kind, (9, 96)).float())
 
 
 def test_pack_keeps_bytes():

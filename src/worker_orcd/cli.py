@@ -235,15 +235,15 @@ def _check_memory(model: Path | None, device: str, cfg, limit: int | None) -> No
     from worker_orcd.gguf import GGUFError, open_gguf
     from worker_orcd.models.hparams import HParams
     from worker_orcd.packaged import ModelNotInstalled, default_model_path
-    from worker_orcd.server.worker import KV_DTYPE, plan_kv
+    from worker_orcd.server.worker import kv_itemsize, plan_kv
 
     try:
         path = model or default_model_path()
         dev = resolve_device(device)
         with open_gguf(path) as f:
-            kv_per_token = memory.kv_bytes_per_token(f, KV_DTYPE.itemsize)
+            kv_per_token = memory.kv_bytes_per_token(f, kv_itemsize(dev))
             ctx, slots = plan_kv(kv_per_token, HParams(f).int("context_length"), cfg)
-            need = memory.estimate(f, ctx, slots, KV_DTYPE.itemsize, cfg.prefill_chunk)
+            need = memory.estimate(f, ctx, slots, kv_itemsize(dev), cfg.prefill_chunk)
         memory.check_fits(need, dev, limit)
     except (GGUFError, ModelNotInstalled, RuntimeError, ValueError) as e:
         _fail(str(e))
@@ -276,6 +276,8 @@ def serve(
                                                 help="larger request bodies get 413 unread")] = 2 * 2**20,
     read_timeout_sec: Annotated[float, typer.Option("--read-timeout-sec", min=0.001,
                                                     help="for a request's head, then its body: else 408")] = 30.0,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs",
+                                              help="decode steps through CUDA graphs (CUDA only)")] = True,
 ) -> None:
     """Serve the model over HTTP: the worker API and an OpenAI-compatible API."""
     import asyncio
@@ -290,7 +292,7 @@ def serve(
     cfg = ServeConfig(host=host, port=port, worker_id=worker_id, callback_url=callback_url, ctx=ctx,
                       max_batch=max_batch, max_tokens_in=max_tokens_in, max_tokens_out=max_tokens_out,
                       inference_timeout_sec=inference_timeout_sec, kv_cache_size_mb=kv_cache_size_mb,
-                      max_body_bytes=max_body_bytes, read_timeout_sec=read_timeout_sec)
+                      max_body_bytes=max_body_bytes, read_timeout_sec=read_timeout_sec, cuda_graphs=cuda_graphs)
     _check_memory(model, device, cfg, _parse_size(vram_limit) if vram_limit is not None else None)
     m = _load(model, device, mmap)
     try:

@@ -65,11 +65,10 @@ def generate_steps(
 
 
 def _decoder(model, kv) -> Callable[[int, int], torch.Tensor]:
-    """decode(token, position) -> logits [vocab]: CUDA-graph replays where the model has a static decode step,
-    lives on CUDA and WORKER_ORCD_CUDA_GRAPHS=1 (opt-in until the graphs are validated on a GPU: see NOTES.md),
-    else the eager forward (CPU stays exactly as it was)."""
+    """decode(token, position) -> logits [vocab]: CUDA-graph replays where the model has a static decode step
+    and lives on CUDA (WORKER_ORCD_CUDA_GRAPHS=0 turns them off), else the eager forward."""
     on_cuda = torch.device(getattr(model, "device", "cpu")).type == "cuda"
-    if on_cuda and hasattr(model, "decode") and os.environ.get("WORKER_ORCD_CUDA_GRAPHS") == "1":
+    if on_cuda and hasattr(model, "decode") and os.environ.get("WORKER_ORCD_CUDA_GRAPHS", "1") != "0":
         from worker_orcd.engine.cuda_graphs import GraphedDecoder
 
         graphed = GraphedDecoder(model, kv, batch_size=1)

@@ -44,6 +44,11 @@ class Sampler:
         self.p = params
         self.gen = torch.Generator(device="cpu").manual_seed(params.seed)
 
+    @property
+    def greedy(self) -> bool:
+        """Whether the pick is the plain argmax (no penalty changes the logits first)."""
+        return self.p.temperature < MIN_TEMPERATURE and self.p.repetition_penalty == 1.0
+
     def __call__(self, logits: torch.Tensor, history: list[int] | None = None) -> int:
         """Pick the next token from logits [vocab]; history holds the ids so far (for the penalty)."""
         p = self.p

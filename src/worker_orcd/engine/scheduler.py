@@ -1,16 +1,17 @@
-"""Continuous batching: one thread owns the model and a KV cache of `max_batch` slots.
+"""Continuous batching: one thread owns the model and a paged KV pool shared by up to `max_batch` sequences.
 
-Each loop iteration: admit waiting requests into free slots, drop cancelled and timed-out ones,
-run ONE decode forward over every decoding sequence (one row each, so each weight is read once per
+Each loop iteration: admit waiting requests while slots and KV blocks last, drop cancelled and timed-out
+ones, run ONE decode forward over every decoding sequence (one row each, so each weight is read once per
 step) and prefill one chunk of one waiting prompt. Requests join and leave between steps. A forward
 that raises (a CUDA OOM, a bug) is rerun one sequence at a time; only the sequences that fail alone end.
 
-Batching must not change results. Attention is per sequence; what could differ is the matmuls, whose
-rows are bitwise independent of each other in torch's packed CPU kernels as long as a call has at
-most 16 rows (beyond, the kernels block differently). So a prompt chunk joins the decode forward
-only while the rows stay within `mix_rows` (16) and otherwise runs alone, where it is the same
-computation as when the request is alone; with --max-batch <= 16 a greedy request gives the same
-tokens in any company (tests/test_scheduler.py checks a batch of 8 and the logits bit for bit).
+Batching must not change results (WORK-3062). Attention is per sequence; what could differ is the matmuls.
+On CPU, rows of torch's packed kernels are bitwise independent of each other up to 16 rows, so a prompt
+chunk joins the decode forward only while the rows stay within `mix_rows` (16). On CUDA every kernel has
+one shape per matrix whatever the row count (fixed tiles, split-K by shape), but decode rows and prompt
+chunks take different kernels (GEMV-sized tiles vs tensor-core GEMMs), so they run as two forwards:
+decode through a CUDA graph per batch size, the chunk eagerly. A request is admitted once the pool can hold
+its prompt plus max_tokens (capped at the context): no sequence ever waits for a block mid-stream.
 """
 
 from __future__ import annotations
@@ -130,10 +131,11 @@ class Handle:
 class _Seq:
     """A request holding a KV slot: its prompt progress, sampler, decoder and stop matcher."""
 
-    def __init__(self, handle: Handle, slot: int, tokenizer):
+    def __init__(self, handle: Handle, slot: int, tokenizer, blocks: int):
         req = handle.request
         self.handle = handle
         self.slot = slot
+        self.blocks = blocks  # KV blocks reserved for the whole request
         self.prefilled = 0  # prompt tokens already in the KV cache
         self.history = list(req.prompt_ids)
         self.sampler = Sampler(req.params)
@@ -153,8 +155,8 @@ class _Seq:
 
 class Scheduler:
     def __init__(self, net, tokenizer, max_batch: int = 8, ctx: int = 2048, prefill_chunk: int = 256,
-                 max_waiting: int | None = None, kv_dtype: torch.dtype = torch.float32, mix_rows: int = 16,
-                 graphs: bool | None = None):
+                 max_waiting: int | None = None, kv_dtype: torch.dtype | None = None, mix_rows: int | None = None,
+                 graphs: bool | None = None, kv_blocks: int | None = None):
         if max_batch < 1 or ctx < 2 or prefill_chunk < 1:
             raise ValueError(f"need max_batch >= 1, ctx >= 2, prefill_chunk >= 1; got {max_batch}, {ctx}, "
                              f"{prefill_chunk}")
@@ -164,15 +166,20 @@ class Scheduler:
         self.max_batch = max_batch
         self.ctx = ctx
         self.prefill_chunk = prefill_chunk
-        self.mix_rows = mix_rows  # a prefill chunk joins the decode forward while the rows stay within this
+        on_cuda = torch.device(getattr(net, "device", "cpu")).type == "cuda"
+        # a prefill chunk joins the decode forward while the rows stay within this (never on CUDA: see above)
+        self.mix_rows = mix_rows if mix_rows is not None else (0 if on_cuda else 16)
         self.max_waiting = max_batch if max_waiting is None else max_waiting
-        # CUDA graphs for decode-only steps where the model has a static decode step (opt-in until validated
-        # on a GPU, as in generate.py); they need one scratch slot for the rows that pad a batch bucket
+        # CUDA graphs for decode-only steps (on by default on CUDA; WORKER_ORCD_CUDA_GRAPHS=0 or
+        # --no-cuda-graphs turns them off); one scratch slot takes the rows that pad a batch bucket
         self.graphs = graphs if graphs is not None else (
-            torch.device(getattr(net, "device", "cpu")).type == "cuda" and hasattr(net, "decode")
-            and os.environ.get("WORKER_ORCD_CUDA_GRAPHS") == "1")
-        self.kv: KVCache = net.new_kv_cache(ctx, max_batch + int(self.graphs), dtype=kv_dtype)
-        self._decoder = BucketedDecoder(net, self.kv, max_batch, capture=net.device.type == "cuda") \
+            on_cuda and hasattr(net, "decode") and os.environ.get("WORKER_ORCD_CUDA_GRAPHS", "1") != "0")
+        n_slots = max_batch + int(self.graphs)
+        self.kv: KVCache = net.new_kv_cache(ctx, n_slots, dtype=kv_dtype, n_blocks=kv_blocks)
+        self._reserved = self.kv.blocks.blocks_for(1) if self.graphs else 0  # the scratch slot's one block
+        if self.graphs:
+            self.kv.prepare(max_batch, 1)
+        self._decoder = BucketedDecoder(net, self.kv, max_batch, capture=on_cuda, max_batch=max_batch) \
             if self.graphs else None
         self._free = list(range(max_batch - 1, -1, -1))  # pop() hands out slot 0 first
         self._running: list[_Seq] = []
@@ -189,6 +196,8 @@ class Scheduler:
     # -- the consumer's API (any thread) --------------------------------------------------------
 
     def start(self) -> Scheduler:
+        if self._decoder is not None and self._decoder.capture:
+            self._decoder.warm_up()  # every batch size's graph, before the first request
         self._thread.start()
         return self
 
@@ -256,7 +265,15 @@ class Scheduler:
 
     @property
     def kv_tokens_total(self) -> int:
-        return self.ctx * self.max_batch
+        return self.kv.blocks.n_blocks * self.kv.block_size
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self.kv.blocks.n_used
+
+    @property
+    def kv_blocks_total(self) -> int:
+        return self.kv.blocks.n_blocks
 
     def _check(self, request: Request) -> None:
         n = len(request.prompt_ids)
@@ -264,6 +281,9 @@ class Scheduler:
             raise ValueError("the prompt is empty after tokenization")
         if n >= self.ctx:
             raise ValueError(f"prompt of {n} tokens does not fit the context of {self.ctx}")
+        if self._blocks_needed(request) + self._reserved_floor() > self.kv.blocks.n_blocks:
+            raise ValueError(f"prompt of {n} tokens plus max_tokens {request.max_tokens} needs more KV blocks "
+                             f"than the pool's {self.kv.blocks.n_blocks}")
         if request.max_tokens <= 0:
             raise ValueError(f"max_tokens must be > 0, got {request.max_tokens}")
         request.params.validate()
@@ -291,11 +311,23 @@ class Scheduler:
                     for seq in list(self._running):
                         self._finish(seq, ErrorEvent(error_code(e), f"{type(e).__name__}: {e}", seq.handle.stats))
 
+    def _blocks_needed(self, request: Request) -> int:
+        """Blocks the request can ever hold: its prompt and max_tokens, at most the context."""
+        return self.kv.blocks.blocks_for(min(len(request.prompt_ids) + request.max_tokens, self.ctx))
+
+    def _reserved_floor(self) -> int:
+        return self.kv.blocks.blocks_for(1) if self.graphs else 0
+
     def _admit(self) -> None:
         while self._waiting and self._free:
-            handle = self._waiting.popleft()
+            handle = self._waiting[0]
+            need = self._blocks_needed(handle.request)
+            if self._reserved + need > self.kv.blocks.n_blocks:
+                return  # first come, first served: it waits for blocks to come back
+            self._waiting.popleft()
             try:
-                self._running.append(_Seq(handle, self._free.pop(), self.tokenizer))
+                self._running.append(_Seq(handle, self._free.pop(), self.tokenizer, need))
+                self._reserved += need
             except Exception as e:  # a sampler or decoder that cannot be built fails this request only
                 self._ids.discard(handle.request.id)
                 handle.emit(ErrorEvent("INTERNAL", f"{type(e).__name__}: {e}", handle.stats))
@@ -329,6 +361,8 @@ class Scheduler:
         if seq in self._running:
             self._running.remove(seq)
             self._free.append(seq.slot)
+            self.kv.release(seq.slot)
+            self._reserved -= seq.blocks
         self._ids.discard(seq.handle.request.id)
         self._cancelled.discard(seq.handle.request.id)
         seq.handle.stats.finished_at = time.monotonic()
@@ -417,24 +451,26 @@ class Scheduler:
         """Advance the group past a successful forward: the chunk counts as prefilled, each row samples."""
         if prefill is not None:
             prefill.prefilled += self._chunk_len(prefill)
+        picked = _greedy_rows(decoding, logits)
         for i, seq in enumerate(decoding):
-            self._advance_or_fail(seq, logits[i])
+            self._advance_or_fail(seq, logits[i], picked[i])
         if prefill is not None and prefill.decoding:
             self._advance_or_fail(prefill, logits[-1])
 
-    def _advance_or_fail(self, seq: _Seq, logits: torch.Tensor) -> None:
+    def _advance_or_fail(self, seq: _Seq, logits: torch.Tensor, picked: int | None = None) -> None:
         """A failure while sampling or decoding one sequence ends that sequence only."""
         try:
-            self._advance(seq, logits)
+            self._advance(seq, logits, picked)
         except Exception as e:
             log.exception("request %s failed while sampling", seq.handle.request.id)
             with self._cv:
                 self._finish(seq, ErrorEvent("INTERNAL", f"{type(e).__name__}: {e}", seq.handle.stats))
 
-    def _advance(self, seq: _Seq, logits: torch.Tensor) -> None:
-        """Sample one token and emit it; finish on EOG, a stop string, max_tokens or a full context."""
+    def _advance(self, seq: _Seq, logits: torch.Tensor, picked: int | None = None) -> None:
+        """Sample one token (or take `picked`, the greedy choice made for the whole batch) and emit it;
+        finish on EOG, a stop string, max_tokens or a full context."""
         req, stats = seq.handle.request, seq.handle.stats
-        token = seq.sampler(logits, seq.history)
+        token = picked if picked is not None else seq.sampler(logits, seq.history)
         seq.history.append(token)
         index = stats.completion_tokens
         stats.completion_tokens += 1
@@ -457,6 +493,16 @@ class Scheduler:
         seq.handle.emit(TokenEvent(token, text, index))
         with self._cv:
             self._finish(seq, EndEvent(reason, seq.handle.stats))
+
+
+def _greedy_rows(decoding: list[_Seq], logits: torch.Tensor) -> list[int | None]:
+    """The argmax of every greedy row in one device op and one transfer (per-row argmaxes on a GPU would each
+    wait for the device); None for the rows that sample."""
+    greedy = [s.sampler.greedy for s in decoding]
+    if not any(greedy) or logits.device.type == "cpu":
+        return [None] * len(decoding)
+    ids = logits[: len(decoding)].argmax(-1).tolist()
+    return [i if g else None for i, g in zip(ids, greedy)]
 
 
 def error_code(error: BaseException) -> str:

@@ -115,6 +115,7 @@ class AttentionPlan:
     seqs: list[SeqAttention]  # per sequence (the torch path); masks only where it needs them
     window: int | None = None
     tiles: KernelTiles | None = None  # set where the Triton kernel attends (CUDA)
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (slots, positions) of a static step without the kernel
 
 
 PREFILL_TILE = 16  # query rows of one sequence per program of the paged kernel
@@ -176,17 +177,52 @@ def _kernel_tiles(pos_list: list[int], row_slot: list[int], seqs, kv) -> KernelT
     return KernelTiles(meta[:T], meta[T : 2 * T], groups, decode_splits(kv.max_len))
 
 
-def decode_plans(kv, slots: torch.Tensor, positions: torch.Tensor, windows) -> dict:
+def decode_plans(kv, slots: torch.Tensor, positions: torch.Tensor, windows, kernel: bool | None = None) -> dict:
     """{window: AttentionPlan} for one new row per sequence, from device tensors alone (no host sync), so a
     CUDA graph can hold it; the blocks must be prepared (kv.prepare) before each step."""
-    from worker_orcd.kernels.triton_attention import decode_splits
-
     bs = kv.block_size
     blocks = kv.tables[slots, torch.div(positions, bs, rounding_mode="floor")].long()
+    if not (kv.device.type == "cuda" if kernel is None else kernel):
+        return {w: AttentionPlan(blocks, positions % bs, [], w, rows=(slots, positions)) for w in windows}
+    from worker_orcd.kernels.triton_attention import decode_splits
+
     B = slots.shape[0]
     rows = torch.arange(B, dtype=torch.int32, device=slots.device)
     tiles = KernelTiles(slots.int(), positions.int(), [(rows, torch.ones_like(rows), 1)], decode_splits(kv.max_len))
     return {w: AttentionPlan(blocks, positions % bs, [], w, tiles) for w in windows}
+
+
+def gathered_attention(
+    q: torch.Tensor,  # [B, H, hd], one new row per sequence
+    kv,
+    layer: int,
+    slots: torch.Tensor,  # [B]
+    positions: torch.Tensor,  # [B]
+    window: int | None,
+    scale: float,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """The static step's attention in torch (no kernel, no host sync): every row over all of its table's
+    blocks, positions past its own masked. [B, H, hdv]"""
+    tables = kv.tables[slots].long()  # [B, max_blocks]; unused entries point at block 0 and are masked
+    K = kv.k[layer][tables].float()  # [B, nb, Hkv, bs, hd]
+    V = kv.v[layer][tables].float()
+    B, nb, Hkv, bs, hd = K.shape
+    K = K.permute(0, 2, 1, 3, 4).reshape(B, Hkv, nb * bs, hd)
+    V = V.permute(0, 2, 1, 3, 4).reshape(B, Hkv, nb * bs, -1)
+    mask = attention_mask(positions, torch.arange(nb * bs, device=positions.device), window)  # [B, L]
+    G = q.shape[1] // Hkv
+    scores = torch.einsum("bkgd,bkld->bkgl", q.float().reshape(B, Hkv, G, hd), K) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    if sinks is not None:  # the sink is one extra column per head: it takes probability mass, then is dropped
+        scores = torch.cat([scores, sinks.float().reshape(1, Hkv, G, 1).expand(B, Hkv, G, 1)], dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    return torch.einsum("bkgl,bkld->bkgd", probs, V).reshape(B, q.shape[1], -1).to(q.dtype)
 
 
 def cached_attention(
@@ -204,11 +240,15 @@ def cached_attention(
     [T, H, hdv]. Each sequence is computed on its own, so batching never changes its result."""
     kv.write_rows(layer, plan.blocks, plan.offsets, k, v)
     T, H, _ = q.shape
+    if plan.rows is not None:
+        return gathered_attention(q, kv, layer, *plan.rows, plan.window, scale, sinks=sinks, softcap=softcap)
     out = q.new_empty(T, H, v.shape[-1])
     if plan.tiles is not None:
         from worker_orcd.kernels.triton_attention import paged_attention
 
         t = plan.tiles
+        q = q.to(kv.dtype)
+        out = q.new_empty(T, H, v.shape[-1])
         for tile_row, tile_len, block_q in t.groups:
             paged_attention(q, kv.k[layer], kv.v[layer], kv.tables, t.row_slot, t.positions, tile_row, tile_len,
                             block_q, scale, sinks=sinks, softcap=softcap, window=plan.window, splits=t.splits,

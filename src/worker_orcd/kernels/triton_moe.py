@@ -20,6 +20,7 @@ import triton.language as tl
 from worker_orcd.kernels.activations import clamped_swiglu
 from worker_orcd.kernels.triton_quant import (
     INTERPRET,
+    dequantize_packed,
     PackedWeight,
     _e8m0,
     _mx_pair,
@@ -223,6 +224,7 @@ def moe_reference(
 # tile shape is fixed), so batching never changes it.
 
 GROUP_M = 16
+PREFILL_ABOVE = 128  # tokens; as quant_matmul's DECODE_MAX_M
 
 
 @triton.jit
@@ -325,11 +327,14 @@ def moe_grouped(
     alpha: float = SWIGLU_ALPHA,
     cfg: dict | None = None,
 ) -> torch.Tensor:
-    """The MoE of moe_reference for any number of tokens: x [T, D], top_ids/top_w [T, k] -> y [T, D] float32."""
+    """The MoE of moe_reference for any number of tokens: x [T, D], top_ids/top_w [T, k] -> y [T, D] float32.
+    Up to PREFILL_ABOVE tokens (every decode step) the MXFP4 tiles kernel; more (prompt chunks): moe_prefill."""
     T, D = x.shape
     k = top_ids.shape[1]
     E, F, _ = gate.shape
     gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
+    if T > PREFILL_ABOVE and not INTERPRET and hasattr(torch, "_grouped_mm"):
+        return moe_prefill(x, top_ids, top_w, gp, gate_b, upk, up_b, dp, down_b, limit, alpha)
     c = dict(cfg or grouped_config())
     BN, NB = c.pop("BN"), c.pop("NB")
     pairs, tile_expert = group_pairs(top_ids, E)
@@ -352,3 +357,45 @@ def moe_grouped(
     y = torch.empty(T, D, dtype=torch.float32, device=x.device)
     sum_partials_kernel[(T, triton.cdiv(D, 1024))](part, y, D, k * D, D, R=k, BJ=1024)  # slots in order
     return y
+
+
+def moe_prefill(
+    x: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_w: torch.Tensor,
+    gate: PackedWeight,
+    gate_b: torch.Tensor,
+    up: PackedWeight,
+    up_b: torch.Tensor,
+    down: PackedWeight,
+    down_b: torch.Tensor,
+    limit: float = SWIGLU_LIMIT,
+    alpha: float = SWIGLU_ALPHA,
+) -> torch.Tensor:
+    """The MoE for a prompt chunk: every expert dequantized to bf16 once for the call (the chunk's thousands of
+    pairs use most of them), then one `torch._grouped_mm` per matrix over the pairs sorted by expert, each
+    expert's rows padded to GROUP_M. No host sync. [T, D] float32."""
+    T, D = x.shape
+    k = top_ids.shape[1]
+    E, F = gate_b.shape
+    pairs, tile_expert = group_pairs(top_ids, E)
+    valid = pairs >= 0
+    p = pairs.long().clamp(min=0)
+    row_e = tile_expert.long().repeat_interleave(GROUP_M).clamp(max=E - 1)  # each padded row's expert
+    offs = (torch.searchsorted(tile_expert, torch.arange(E, device=x.device), right=True) * GROUP_M).int()
+    xs = (x.to(torch.bfloat16)[p // k]) * valid[:, None]  # [rows, D], padding rows zero
+
+    def expert_mm(a: torch.Tensor, w: PackedWeight, n: int, kdim: int) -> torch.Tensor:
+        wd = dequantize_packed(w, torch.bfloat16).view(E, n, kdim)
+        return torch._grouped_mm(a, wd.transpose(-2, -1), offs=offs)
+
+    g = expert_mm(xs, gate, F, D).float() + gate_b.float()[row_e]
+    u = expert_mm(xs, up, F, D).float() + up_b.float()[row_e]
+    h = clamped_swiglu(g, u, limit, alpha).to(torch.bfloat16)
+    del g, u
+    y = (expert_mm(h, down, D, F).float() + down_b.float()[row_e]) * top_w.reshape(-1).float()[p, None]
+    part = torch.zeros(T * k + 1, D, dtype=torch.float32, device=x.device)  # the last row takes the padding
+    part.index_copy_(0, torch.where(valid, p, T * k), y)
+    out = torch.empty(T, D, dtype=torch.float32, device=x.device)
+    sum_partials_kernel[(T, triton.cdiv(D, 1024))](part, out, D, k * D, D, R=k, BJ=1024)
+    return out

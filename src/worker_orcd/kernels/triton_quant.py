@@ -23,9 +23,6 @@ from worker_orcd.quant.packed import (  # noqa: F401  (re-exported: the kernels'
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# up to this many rows of x: one GEMV program per row and tile (weights shared through L2), else tl.dot tiles;
-# H100: Q8_0 4096x2880 M=4 19 us vs 36 (tl.dot), M=8 34 vs 36; MXFP4 23040x2880 M=4 77 us vs 68
-GEMV_MAX_M = {"q8_0": 8, "mxfp4": 2}
 F16X2_ASM = tl.constexpr(not INTERPRET)  # inline PTX where it compiles; the interpreter takes the generic path
 
 
@@ -280,27 +277,32 @@ def _gemm_kernel(
     K,
     stride_xm,
     stride_ym,
+    CHUNK,
     IS_MXFP4: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     NB: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    """y = x W^T; per step, one [BM, NB*words] x [NB*words, BN] dot for each value position in a word."""
+    """y[split] = x W^T over the split's CHUNK blocks of K (one split: the whole row); per step, one
+    [BM, NB*words] x [NB*words, BN] dot for each value position in a word."""
     m = tl.program_id(1) * BM + tl.arange(0, BM)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
+    split = tl.program_id(2)
     n_in = tl.minimum(n, N - 1)
     m_in = tl.minimum(m, M - 1)
     nblk = K // 32
+    kb_lo = split * CHUNK
+    kb_hi = tl.minimum(kb_lo + CHUNK, nblk)
     dot_t = tl.float32 if DOT_F32 else tl.bfloat16
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
     kk = tl.arange(0, NB * WPB)  # within a step: block kk // WPB, word kk % WPB
     blk_of = kk // WPB
     word_of = kk % WPB
-    for kb in range(0, nblk, NB):
+    for kb in range(kb_lo, kb_hi, NB):
         blk = kb + blk_of  # [NB*WPB]
-        ok = (blk < nblk)[None, :]
+        ok = (blk < kb_hi)[None, :]
         w = tl.load(w_ptr + n_in[:, None] * (nblk * WPB) + (blk * WPB + word_of)[None, :], mask=ok, other=0)
         w = w.to(tl.uint32, bitcast=True)
         s = tl.load(s_ptr + n_in[:, None] * nblk + blk[None, :], mask=ok, other=0)  # [BN, NB*WPB], repeated
@@ -318,8 +320,45 @@ def _gemm_kernel(
             for t in tl.static_range(4):
                 xa = tl.load(x_base + 8 * t, mask=ok, other=0.0).to(dot_t)
                 acc = tl.dot(xa, tl.trans((_q8_byte(w, t) * s).to(dot_t)), acc)
-    y = y_ptr + m[:, None] * stride_ym + n[None, :]
+    y = y_ptr + split * M * N + m[:, None] * stride_ym + n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(m < M)[:, None] & (n < N)[None, :])
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, IS_MXFP4: tl.constexpr, BR: tl.constexpr, NB: tl.constexpr):
+    """out [N, K] (bf16) = the packed weight's values, rows [BR], blocks [NB] per program."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    b = tl.program_id(1) * NB + tl.arange(0, NB)
+    nblk = K // 32
+    ok2 = (r < N)[:, None] & (b < nblk)[None, :]
+    ok = ok2[:, :, None]
+    WPB: tl.constexpr = 4 if IS_MXFP4 else 8
+    i = tl.arange(0, WPB)
+    w = tl.load(w_ptr + ((r[:, None] * nblk + b[None, :]) * WPB)[:, :, None] + i[None, None, :], mask=ok, other=0)
+    w = w.to(tl.uint32, bitcast=True)  # [BR, NB, WPB]
+    s = tl.load(s_ptr + r[:, None] * nblk + b[None, :], mask=ok2, other=0)
+    base = out_ptr + (r[:, None] * K + b[None, :] * 32)[:, :, None] + i[None, None, :]
+    if IS_MXFP4:
+        scale = (_e8m0(s) * 16384.0)[:, :, None]
+        for p in tl.static_range(4):
+            lo, hi = _mx_pair(w, p)
+            tl.store(base + 8 * p, (lo * scale).to(out_ptr.dtype.element_ty), mask=ok)
+            tl.store(base + 8 * p + 4, (hi * scale).to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        scale = s.to(tl.float32)[:, :, None]
+        for t in tl.static_range(4):
+            tl.store(base + 8 * t, (_q8_byte(w, t) * scale).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def dequantize_packed(w: PackedWeight, dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """The packed weight's values [rows, K] in `dtype` (one kernel; the prefill path's tensor-core operand)."""
+    rows = w.codes.shape[0]
+    out = torch.empty(rows, w.k, dtype=dtype, device=w.codes.device) if out is None else out
+    BR, NB = (8, 4) if INTERPRET else (32, 8)
+    _dequant_kernel[(triton.cdiv(rows, BR), triton.cdiv(w.k // 32, NB))](
+        w.codes, w.scales, out, rows, w.k, IS_MXFP4=_is_mxfp4(w), BR=BR, NB=NB, num_warps=1 if INTERPRET else 4)
+    return out
 
 
 # ---------------------------------------------------------------- launchers
@@ -347,22 +386,28 @@ def gemv_config(w: PackedWeight) -> dict:
 
 
 def gemm_config(w: PackedWeight, m: int) -> dict:
-    """Tiles for tl.dot: 16 rows of x for small batches (one weight read serves them all), 128 for prefill."""
+    """Tiles for tl.dot: 16 rows of x for decode-sized batches (one weight read serves them all), split over K
+    by the weight's shape alone; 128 rows for prefill."""
     if INTERPRET:
-        return {"BM": 16, "BN": 16, "NB": 4, "num_warps": 1, "num_stages": 1}
-    if m <= 16:
-        return {"BM": 16, "BN": 64, "NB": 4, "num_warps": 4, "num_stages": 3}
-    return {"BM": 128, "BN": 128, "NB": 4, "num_warps": 8, "num_stages": 3}
+        return {"BM": 16, "BN": 16, "NB": 4, "TARGET": 1, "num_warps": 1, "num_stages": 1}
+    if m <= DECODE_MAX_M:
+        return {"BM": 16, "BN": 64, "NB": 4, "TARGET": 264, "num_warps": 4, "num_stages": 3}
+    return {"BM": 128, "BN": 128, "NB": 4, "TARGET": 1, "num_warps": 8, "num_stages": 3}
+
+
+# Up to this many rows (every decode batch the scheduler runs) one kernel, one tile shape and one split of K
+# per weight shape: a row's result never depends on how many rows share the call. Above (prompt chunks):
+# the weight dequantized to bf16 once per call and a cuBLAS GEMM.
+DECODE_MAX_M = 128
+DECODE_KERNEL = os.environ.get("WORKER_ORCD_DECODE_MATMUL", "gemv")  # "gemv" (CUDA cores) | "gemm" (tl.dot)
 
 
 def quant_matmul(
-    w: PackedWeight, x: torch.Tensor, cfg: dict | None = None, out: torch.Tensor | None = None
+    w: PackedWeight, x: torch.Tensor, cfg: dict | None = None, out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x [..., K] @ W^T -> [..., N] in x.dtype (into `out`, contiguous [M, N], if given), W one packed 2-D weight.
-
-    Up to GEMV_MAX_M[kind] rows: the CUDA-core GEMV; more: tl.dot tiles. A cfg picks its kernel by its keys
-    (gemv_config's or gemm_config's).
-    """
+    """x [..., K] @ W^T -> [..., N] in out_dtype (default x.dtype; into `out`, contiguous [M, N], if given),
+    W one packed 2-D weight. A cfg picks its kernel by its keys (gemv_config's or gemm_config's)."""
     if x.shape[-1] != w.k:
         raise ValueError(f"quant_matmul: x has {x.shape[-1]} features, weight has {w.k}")
     lead = x.shape[:-1]
@@ -370,31 +415,41 @@ def quant_matmul(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    y = torch.empty(M, w.n, dtype=x.dtype, device=x.device) if out is None else out
-    if y.shape != (M, w.n) or y.dtype != x.dtype or not y.is_contiguous():
-        raise ValueError(f"quant_matmul: out must be contiguous {x.dtype} [{M}, {w.n}], got {y.dtype} {list(y.shape)}")
+    dtype = out_dtype or x.dtype
+    y = torch.empty(M, w.n, dtype=dtype, device=x.device) if out is None else out
+    if y.shape != (M, w.n) or y.dtype != dtype or not y.is_contiguous():
+        raise ValueError(f"quant_matmul: out must be contiguous {dtype} [{M}, {w.n}], got {y.dtype} {list(y.shape)}")
     if M == 0:
         return y.reshape(*lead, w.n)
     mx = _is_mxfp4(w)
-    if (cfg is None and M <= GEMV_MAX_M[w.kind]) or (cfg is not None and "BM" not in cfg):
+    if cfg is None and M > DECODE_MAX_M and not INTERPRET:
+        wd = dequantize_packed(w, torch.bfloat16)
+        torch.matmul(x2.to(torch.bfloat16), wd.T, out=y) if dtype == torch.bfloat16 else \
+            y.copy_(torch.matmul(x2.to(torch.bfloat16), wd.T))
+        return y.reshape(*lead, w.n)
+    kind = "gemv" if (cfg is None and DECODE_KERNEL == "gemv") or (cfg is not None and "BM" not in cfg) else "gemm"
+    nblk = w.k // 32
+    if kind == "gemv":
         c = dict(cfg or gemv_config(w))
         BN, NB, stages, target = c.pop("BN"), c.pop("NB"), c.pop("STAGES"), c.pop("TARGET")
-        nblk = w.k // 32
         tiles = triton.cdiv(w.n, BN)
-        splits, chunk = split_k(nblk, tiles * M, NB, target)
+        splits, chunk = split_k(nblk, tiles, NB, target)  # by shape, never by row count
         part = y if splits == 1 else torch.empty(splits, M, w.n, dtype=torch.float32, device=x.device)
         _gemv_kernel[(M, tiles, splits)](
             x2, w.codes, w.scales, part, M, w.n, w.k, x2.stride(0), chunk, IS_MXFP4=mx, BN=BN, NB=NB,
             EVEN=nblk % chunk == 0, STAGES=stages, **c,
         )  # fmt: skip
-        if splits > 1:
-            sum_partials_kernel[(1, triton.cdiv(M * w.n, 1024))](part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024)
     else:
         c = dict(cfg or gemm_config(w, M))
-        BM, BN, NB = c.pop("BM"), c.pop("BN"), c.pop("NB")
-        grid = (triton.cdiv(w.n, BN), triton.cdiv(M, BM))
+        BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET")
+        tiles = triton.cdiv(w.n, BN)
+        splits, chunk = split_k(nblk, tiles, NB, target)
+        part = y if splits == 1 else torch.empty(splits, M, w.n, dtype=torch.float32, device=x.device)
+        grid = (tiles, triton.cdiv(M, BM), splits)
         _gemm_kernel[grid](
-            x2, w.codes, w.scales, y, M, w.n, w.k, x2.stride(0), y.stride(0), IS_MXFP4=mx, BM=BM, BN=BN, NB=NB,
+            x2, w.codes, w.scales, part, M, w.n, w.k, x2.stride(0), w.n, chunk, IS_MXFP4=mx, BM=BM, BN=BN, NB=NB,
             DOT_F32=INTERPRET, **c,
         )  # fmt: skip
+    if splits > 1:
+        sum_partials_kernel[(1, triton.cdiv(M * w.n, 1024))](part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024)
     return y.reshape(*lead, w.n)

@@ -168,8 +168,10 @@ class GptOssModel:
         v = linear(h, layer.wv, layer.bv).reshape(T, c.n_kv_heads, c.head_dim)
         return apply_rope(q, cos, sin, c.head_dim, True), apply_rope(k, cos, sin, c.head_dim, True), v
 
-    def moe(self, layer: GptOssLayer, h: torch.Tensor) -> torch.Tensor:
-        """Route each token to its top-k experts; softmax over the k chosen logits; weighted sum. [T, D]"""
+    def moe(self, layer: GptOssLayer, h: torch.Tensor, static: bool = False) -> torch.Tensor:
+        """Route each token to its top-k experts; softmax over the k chosen logits; weighted sum. [T, D]
+
+        static: no host sync (CUDA graphs); without the grouped kernel every expert then runs on every token."""
         k = self.cfg.n_experts_used
         logits = linear(h, layer.router, layer.router_b)  # [T, E]
         top_logits, top_ids = torch.topk(logits.float(), k, dim=-1)  # [T, k]
@@ -180,6 +182,8 @@ class GptOssModel:
             # routing stays on the device: tokens sorted by expert, one grouped launch per matrix
             return moe_grouped(h, top_ids, weights, layer.gate, layer.gate_b, layer.up, layer.up_b, layer.down,
                                layer.down_b, limit=SWIGLU_LIMIT, alpha=SWIGLU_ALPHA)
+        if static:
+            return self._moe_every_expert(layer, h, top_ids, weights)
         out = torch.zeros_like(h, dtype=torch.float32)
         for e in torch.unique(top_ids).tolist():
             rows, slot = torch.nonzero(top_ids == e, as_tuple=True)
@@ -188,6 +192,19 @@ class GptOssModel:
             u = linear(x, expert(layer.up, e), layer.up_b[e])
             y = linear(clamped_swiglu(g, u, SWIGLU_LIMIT, SWIGLU_ALPHA), expert(layer.down, e), layer.down_b[e])
             out.index_add_(0, rows, y.float() * weights[rows, slot, None])
+        return out
+
+    def _moe_every_expert(self, layer: GptOssLayer, h: torch.Tensor, top_ids: torch.Tensor,
+                          weights: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, weighted by a dense [T, E] routing matrix (zero off the top-k):
+        shapes independent of the routing, at E/k times the work. [T, D]"""
+        dense = torch.zeros(h.shape[0], self.cfg.n_experts, device=h.device).scatter(1, top_ids, weights)
+        out = torch.zeros_like(h, dtype=torch.float32)
+        for e in range(self.cfg.n_experts):
+            g = linear(h, expert(layer.gate, e), layer.gate_b[e])
+            u = linear(h, expert(layer.up, e), layer.up_b[e])
+            y = linear(clamped_swiglu(g, u, SWIGLU_LIMIT, SWIGLU_ALPHA), expert(layer.down, e), layer.down_b[e])
+            out += y.float() * dense[:, e, None]
         return out
 
     @torch.inference_mode()
@@ -207,10 +224,11 @@ class GptOssModel:
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv: KVCache) -> torch.Tensor:
         """One new token per sequence (slots [B], all on the device), never syncing with the host, so
         engine/cuda_graphs.py can capture it; every slot's blocks must be prepared. [B, vocab] float32."""
-        return self._run(tokens, positions, kv, static_plans(kv, slots, positions, self.cfg.sliding_window), None)
+        plans = static_plans(kv, slots, positions, self.cfg.sliding_window)
+        return self._run(tokens, positions, kv, plans, None, static=True)
 
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KVCache, plans: dict,
-             logit_rows: torch.Tensor | None) -> torch.Tensor:
+             logit_rows: torch.Tensor | None, static: bool = False) -> torch.Tensor:
         c = self.cfg
         T = tokens.shape[0]
         cos, sin = cos_sin(self.rope, positions, self.freq)
@@ -221,7 +239,7 @@ class GptOssModel:
             plan = plans[c.sliding_window if c.is_sliding(i) else None]
             out = cached_attention(q, k, v, kv, i, plan, self.scale, sinks=layer.sinks)
             x = x + linear(out.reshape(T, -1), layer.wo, layer.bo)
-            x = x + self.moe(layer, rms_norm(x, layer.ffn_norm, c.norm_eps))
+            x = x + self.moe(layer, rms_norm(x, layer.ffn_norm, c.norm_eps), static)
         if logit_rows is not None:
             x = x[logit_rows]
         return linear(rms_norm(x, self.output_norm, c.norm_eps), self.output, out_dtype=torch.float32).float()

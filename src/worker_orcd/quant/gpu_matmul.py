@@ -24,12 +24,14 @@ def packed(w: QuantTensor) -> PackedWeight | None:
     return w.packed
 
 
-def gpu_matmul(w: QuantTensor, x: torch.Tensor) -> torch.Tensor:
+def gpu_matmul(w: QuantTensor, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The CUDA entry of MATMUL_KERNELS (any device works, through the Triton interpreter on CPU)."""
     p = packed(w)
     if p is None or x.dtype == torch.float64:  # the kernels accumulate in float32; float64 asks for the reference
-        return dequantize_matmul(w, x)
-    return quant_matmul(p, x)
+        y = dequantize_matmul(w, x)
+        return y if out_dtype is None else y.to(out_dtype)
+    return quant_matmul(p, x, out_dtype=out_dtype)
 
 
+gpu_matmul.takes_out_dtype = True
 MATMUL_KERNELS["cuda"] = gpu_matmul

@@ -31,7 +31,6 @@ from worker_orcd.server.metrics import Metrics
 
 log = logging.getLogger("worker_orcd.server")
 
-KV_DTYPE = torch.float32
 _WHITESPACE = re.compile(r"\s+")
 GREEDY_BELOW = 1e-5  # as vLLM: a smaller temperature is greedy (dividing by it overflows the logits)
 
@@ -63,11 +62,12 @@ class ServeConfig:
     # connection buffers and parses; a larger body is refused (413) before it is read
     max_body_bytes: int = 2 * 2**20
     read_timeout_sec: float = 30.0  # for the request head, then again for the body (slow clients: 408)
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs on CUDA (--no-cuda-graphs: eager)
 
 
 def kv_bytes_per_token(net) -> int:
-    kv = net.new_kv_cache(1, 1, dtype=KV_DTYPE)
-    return kv.nbytes
+    kv = net.new_kv_cache(1, 1)
+    return kv.nbytes // (kv.blocks.n_blocks * kv.block_size)
 
 
 def plan_kv(kv_per_token: int, model_ctx: int, cfg: ServeConfig) -> tuple[int, int]:
@@ -81,6 +81,12 @@ def plan_kv(kv_per_token: int, model_ctx: int, cfg: ServeConfig) -> tuple[int, i
                              f"tokens ({kv_per_token * ctx / 2**20:.1f} MiB)")
         slots = min(slots, fit)
     return ctx, slots
+
+
+def kv_itemsize(device: torch.device) -> int:
+    from worker_orcd.engine.kv_cache import kv_dtype
+
+    return kv_dtype(device).itemsize
 
 
 def weight_facts(path) -> tuple[int, str]:
@@ -106,7 +112,7 @@ class Worker:
         self.architecture = str(getattr(model.config, "architecture", "unknown"))
         ctx, slots = plan_kv(kv_bytes_per_token(model.net), model.config.context_length, cfg)
         self.scheduler = Scheduler(model.net, model.tokenizer, slots, ctx, cfg.prefill_chunk, cfg.max_waiting,
-                                   KV_DTYPE)
+                                   graphs=False if not cfg.cuda_graphs else None)
         self.ctx = ctx
         self.max_tokens_in = min(cfg.max_tokens_in or ctx - 1, ctx - 1)
         self.max_piece_bytes = max(len(self.tokenizer.piece(i)) for i in range(self.tokenizer.vocab_size))
