@@ -69,3 +69,33 @@ def test_decode_rows_split_into_segments():
                             splits=(4, 16))
     assert rel_err(split, reference(q, kv, spans, positions, 0.2, sink, None, None)) < 1e-5
     assert rel_err(split, one) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,Hkv,hd,window,sinks,softcap", CASES + [(64, 8, 64, 128, True, None)])
+def test_paged_attention_on_cuda_bf16(H, Hkv, hd, window, sinks, softcap):
+    """bf16 pool and queries on the GPU (float32 accumulation) against float64; a decode row gives the same
+    bits alone as among the others."""
+    torch.manual_seed(0)
+    kv = random_cache(Hkv, hd, n_slots=4, max_len=600, page=16, device="cuda", dtype=torch.bfloat16)
+    spans = [SeqSpan(2, 0, 300), SeqSpan(0, 300, 301), SeqSpan(3, 301, 302), SeqSpan(1, 302, 303)]
+    positions = torch.tensor(list(range(200, 500)) + [590, 0, 257])
+    q = torch.randn(303, H, hd).cuda().bfloat16()
+    sink = torch.randn(H).cuda() if sinks else None
+    plan = plan_attention(positions.cuda(), spans, window, kv)
+    t = plan.tiles
+    out = torch.full((303, H, hd), float("nan"), device="cuda", dtype=torch.bfloat16)
+    for tile_row, tile_len, block_q in t.groups:
+        paged_attention(q, kv.k[0], kv.v[0], kv.tables, t.row_slot, t.positions, tile_row, tile_len, block_q, 0.3,
+                        sinks=sink, softcap=softcap, window=window, splits=t.splits, out=out)
+    cpu_kv = KVCache(1, Hkv, hd, 600, 4, torch.float32, "cpu", block_size=16)
+    cpu_kv.blocks = kv.blocks
+    cpu_kv.k[0].copy_(kv.k[0].float().cpu())
+    cpu_kv.v[0].copy_(kv.v[0].float().cpu())
+    want = reference(q.float().cpu(), cpu_kv, spans, positions, 0.3, None if sink is None else sink.cpu(), softcap,
+                     window)
+    assert rel_err(out.float().cpu(), want) < 1e-2
+    alone = plan_attention(positions[301:302].cuda(), [SeqSpan(3, 0, 1)], window, kv).tiles
+    one = paged_attention(q[301:302], kv.k[0], kv.v[0], kv.tables, alone.row_slot, alone.positions,
+                          *alone.groups[0], 0.3, sinks=sink, softcap=softcap, window=window, splits=alone.splits)
+    assert torch.equal(one[0], out[301])
