@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -155,19 +156,21 @@ def main() -> None:
         rows.append((f"decode, {b} streams", f"{rate:,.0f} tok/s", f"{rate / ceiling:.0%} of {ceiling:,.0f}"))
 
     del kv
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    kv_long = net.new_kv_cache(a.long + 8, 1)
-    for start_pos in range(0, a.long, 2048):  # one long sequence, prefilled in 2k chunks
-        n = min(2048, a.long - start_pos)
-        ids = torch.randint(0, min(30000, net.cfg.vocab_size), (n,))
-        net.forward(ids, torch.arange(start_pos, start_pos + n), kv_long, logit_rows=torch.tensor([n - 1]))
-    sync()
-    rows.append((f"peak VRAM, one {a.long}-token sequence", f"{vram_gib(peak=True):.2f} GiB", "target 16 GiB"))
+    if a.long > 0:
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        kv_long = net.new_kv_cache(a.long + 8, 1)
+        for start_pos in range(0, a.long, 2048):  # one long sequence, prefilled in 2k chunks
+            n = min(2048, a.long - start_pos)
+            ids = torch.randint(0, min(30000, net.cfg.vocab_size), (n,))
+            net.forward(ids, torch.arange(start_pos, start_pos + n), kv_long, logit_rows=torch.tensor([n - 1]))
+        sync()
+        rows.append((f"peak VRAM, one {a.long}-token sequence", f"{vram_gib(peak=True):.2f} GiB", "target 16 GiB"))
 
     print(f"device: {name}, torch {torch.__version__}; model {path.name}; "
-          f"{'CUDA graphs' if a.graphs else 'eager'} decode")
+          f"{'CUDA graphs' if a.graphs else 'eager'} decode, "
+          f"{'nondeterministic' if os.environ.get('WORKER_ORCD_NONDETERMINISTIC') == '1' else 'batch-invariant'}")
     width = max(len(r[0]) for r in rows)
     for label, value, ceiling in rows:
         print(f"{label:<{width}}  {value:>14}  {ceiling}")

@@ -70,10 +70,7 @@ def main() -> None:
         experts = min(E, 4 * t)
         gbs = experts * 3 * F * D * 17 / 32 / us / 1e3
         tf = t * 4 * 3 * F * D * 2 / us / 1e6
-        rows.append((f"MoE grouped T={t}", f"{us:8.1f} us", f"{gbs:7.0f} GB/s ({gbs * 1e9 / BW:.0%}), {tf:.0f} TFLOP/s"))
-        if t <= 8:
-            us = time_us(lambda x=x, ids=ids, w=w: triton_moe.moe_mxfp4(x.float(), ids, w, gate, gb, up, ub, down, db))
-            rows.append((f"MoE per-pair (old) T={t}", f"{us:8.1f} us", ""))
+        rows.append((f"MoE T={t}", f"{us:8.1f} us", f"{gbs:7.0f} GB/s ({gbs * 1e9 / BW:.0%}), {tf:.0f} TFLOP/s"))
     Hkv, hd, H = 8, 64, 64
     for b, ctx in ((1, 640), (16, 640), (64, 640), (1, 8192)):
         kv = KVCache(1, Hkv, hd, ctx + 16, b, torch.bfloat16, dev)
@@ -83,7 +80,7 @@ def main() -> None:
         qx = torch.randn(b, H, hd, device=dev, dtype=torch.bfloat16)
         sinks = torch.randn(H, device=dev)
         for window in (None, 128):
-            us = time_us(lambda qx=qx, t=t, kv=kv, window=window: [paged_attention(
+            us = time_us(lambda qx=qx, t=t, kv=kv, window=window, sinks=sinks: [paged_attention(
                 qx, kv.k[0], kv.v[0], kv.tables, t.row_slot, t.positions, r, n_, bq, 0.125, sinks=sinks,
                 window=window, splits=t.splits) for r, n_, bq in t.groups])
             read = b * min(ctx, window or ctx) * Hkv * hd * 2 * 2

@@ -115,3 +115,26 @@ def test_absolute_position_embedding():
     assert rel_err(out, ref) < 1e-7
     with pytest.raises(ValueError, match="past the 64 learned positions"):
         absolute_position_embedding(tok[:1], table, torch.tensor([64]))
+
+
+@pytest.mark.parametrize("neox,n_rot,hd", [(True, 64, 64), (False, 32, 48), (True, 16, 24)])
+def test_triton_rope_matches_torch(neox, n_rot, hd):
+    from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq
+    from worker_orcd.kernels.triton_rope import apply_rope_cuda
+
+    cfg = RopeConfig(n_rot=n_rot, base=10000.0, neox=neox)
+    pos = torch.tensor([0, 5, 17])
+    cos, sin = cos_sin(cfg, pos, inv_freq(cfg))
+    x = torch.randn(3, 5, hd)[:, :4]  # strided heads, as q out of a fused q|k|v matrix
+    want = apply_rope(x, cos, sin, n_rot, neox)
+    assert torch.allclose(apply_rope_cuda(x, cos, sin, n_rot, neox), want, atol=1e-6)
+
+
+def test_triton_rms_norm_and_fused_add():
+    from worker_orcd.kernels.norm import rms_norm
+    from worker_orcd.kernels.triton_norm import add_rms_norm_cuda, rms_norm_cuda
+
+    x, y, w = torch.randn(3, 96), torch.randn(3, 96), torch.randn(96)
+    assert torch.allclose(rms_norm_cuda(x, w, 1e-5, torch.float32), rms_norm(x, w, 1e-5), atol=1e-5)
+    res, out = add_rms_norm_cuda(x, y, w, 1e-5, torch.float32)
+    assert torch.equal(res, x + y) and torch.allclose(out, rms_norm(x + y, w, 1e-5), atol=1e-5)

@@ -121,7 +121,7 @@ def test_moe_grouped_rows_do_not_depend_on_the_batch():
 @pytest.mark.gpu
 @pytest.mark.parametrize("T_", [1, 16, 200])
 def test_moe_grouped_gpu_gpt_oss_20b(T_):
-    x, ids, w, ws, got = check_grouped(E=32, F=2880, D=2880, T_=T_, k=4, tol=1e-2, device="cuda")
+    x, ids, w, ws, got = check_grouped(E=32, F=2880, D=2880, T_=T_, k=4, tol=2e-2, device="cuda")
     alone = moe_grouped(x[:1], ids[:1], w[:1], *ws)
     assert torch.equal(alone[0], got[0])
 

@@ -6,10 +6,26 @@ import torch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight, over the last dim."""
+    """x / sqrt(mean(x^2) + eps) * weight, over the last dim. On CUDA one Triton launch whose output is bf16,
+    the dtype the matmuls take there (kernels/triton_norm.py)."""
+    if x.is_cuda:
+        from worker_orcd.kernels.triton_norm import rms_norm_cuda
+
+        return rms_norm_cuda(x, weight, eps)
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (y * weight.float()).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + y, rms_norm(x + y)): the residual add and the next norm, one launch on CUDA."""
+    if x.is_cuda:
+        from worker_orcd.kernels.triton_norm import add_rms_norm_cuda
+
+        return add_rms_norm_cuda(x, y, weight, eps)
+    x = x + y
+    return x, rms_norm(x, weight, eps)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:

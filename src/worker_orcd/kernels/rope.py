@@ -75,8 +75,13 @@ def cos_sin(cfg: RopeConfig, positions: torch.Tensor, freq: torch.Tensor) -> tup
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int, neox: bool) -> torch.Tensor:
     """Rotate x [T, heads, head_dim] by cos/sin [T, n_rot] from cos_sin; dims past n_rot pass through.
 
-    x*cos + rotate(x)*sin, where rotate maps each pair (a, b) to (-b, a).
+    x*cos + rotate(x)*sin, where rotate maps each pair (a, b) to (-b, a). On CUDA one Triton launch
+    (kernels/triton_rope.py), in x's dtype.
     """
+    if x.is_cuda:
+        from worker_orcd.kernels.triton_rope import apply_rope_cuda
+
+        return apply_rope_cuda(x, cos, sin, n_rot, neox)
     rot = x[..., :n_rot]
     if neox:
         half = n_rot // 2

@@ -20,11 +20,9 @@ import triton.language as tl
 from worker_orcd.kernels.activations import clamped_swiglu
 from worker_orcd.kernels.triton_quant import (
     INTERPRET,
-    dequantize_packed,
     PackedWeight,
-    _e8m0,
-    _mx_pair,
     _mxfp4_gemv_tile,
+    dequantize_packed,
     split_k,
     sum_partials_kernel,
 )
@@ -38,6 +36,7 @@ SWIGLU_ALPHA = 1.702
 def _gate_up_kernel(
     x_ptr,
     ids_ptr,
+    order_ptr,
     gw_ptr,
     ge_ptr,
     gb_ptr,
@@ -55,8 +54,10 @@ def _gate_up_kernel(
     EVEN: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """h[p, f] for pair p = t * k + slot, rows f of expert ids[p]; gate and up read in the same loop."""
-    p = tl.program_id(1)
+    """h[p, f] for pair p = t * k + slot, rows f of expert ids[p]; gate and up read in the same loop.
+    Programs take the pairs in `order` (sorted by expert: an expert's pairs run together and share its
+    weights through L2)."""
+    p = tl.load(order_ptr + tl.program_id(1))
     e = tl.load(ids_ptr + p).to(tl.int32)
     f = tl.program_id(0) * BN + tl.arange(0, BN)
     rows = e * F + tl.minimum(f, F - 1)
@@ -72,6 +73,7 @@ def _gate_up_kernel(
 def _down_kernel(
     h_ptr,
     ids_ptr,
+    order_ptr,
     w_ptr,
     dw_ptr,
     de_ptr,
@@ -86,7 +88,7 @@ def _down_kernel(
     STAGES: tl.constexpr,
 ):
     """out[p, split, d] = w[p] * (down_e[d] . h[p] over the split's blocks (+ bd_e[d] in split 0))."""
-    p = tl.program_id(1)
+    p = tl.load(order_ptr + tl.program_id(1))
     split = tl.program_id(2)
     e = tl.load(ids_ptr + p).to(tl.int32)
     d = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -133,7 +135,7 @@ def moe_mxfp4(
 ) -> torch.Tensor:
     """x [T, D], top_ids [T, k] (int), top_w [T, k]; gate/up [E, F, D], down [E, D, F] MXFP4, biases f32 [E, *].
 
-    Returns y [T, D] in x.dtype (written into `out` if given). float32 x decodes fastest.
+    Returns y [T, D] in x.dtype (written into `out` if given).
     """
     T, D = x.shape
     k = top_ids.shape[1]
@@ -144,15 +146,17 @@ def moe_mxfp4(
             f"got {gate.shape}, {up.shape}, {down.shape}"
         )
     ids = top_ids.reshape(-1).contiguous()
-    h = moe_gate_up(x, ids, k, gate, gate_b, up, up_b, cfg, limit, alpha)
-    part = moe_down(h, ids, top_w.reshape(-1).contiguous(), down, down_b, cfg)
+    order = torch.argsort(ids, stable=True).to(torch.int32)  # pairs by expert, on the device
+    h = moe_gate_up(x, ids, k, gate, gate_b, up, up_b, cfg, limit, alpha, order)
+    part = moe_down(h, ids, top_w.reshape(-1).contiguous(), down, down_b, cfg, order)
     y = torch.empty(T, D, dtype=x.dtype, device=x.device) if out is None else out
     R = part.shape[0] // T * part.shape[1]  # the k experts (and down's K splits) of each token, in a fixed order
     sum_partials_kernel[(T, triton.cdiv(D, 1024))](part, y, D, R * D, D, R=R, BJ=1024)
     return y
 
 
-def moe_gate_up(x, ids, k, gate, gate_b, up, up_b, cfg=None, limit=SWIGLU_LIMIT, alpha=SWIGLU_ALPHA) -> torch.Tensor:
+def moe_gate_up(x, ids, k, gate, gate_b, up, up_b, cfg=None, limit=SWIGLU_LIMIT, alpha=SWIGLU_ALPHA,
+                order=None) -> torch.Tensor:
     """h [T*k, F] float32: clamped SwiGLU of expert ids[p]'s gate and up rows on token p // k."""
     gp, upk = _packed(gate, "gate"), _packed(up, "up")
     c = dict(cfg or moe_config())
@@ -160,26 +164,29 @@ def moe_gate_up(x, ids, k, gate, gate_b, up, up_b, cfg=None, limit=SWIGLU_LIMIT,
     E, F, D = gate.shape
     P = ids.numel()
     h = torch.empty(P, F, dtype=torch.float32, device=x.device)
+    order = torch.arange(P, dtype=torch.int32, device=x.device) if order is None else order
     _gate_up_kernel[(triton.cdiv(F, BN), P)](
-        x.contiguous(), ids, gp.codes, gp.scales, gate_b.float().contiguous(), upk.codes, upk.scales,
+        x.contiguous(), ids, order, gp.codes, gp.scales, gate_b.float().contiguous(), upk.codes, upk.scales,
         up_b.float().contiguous(), h, F, D, k, limit, alpha, BN=BN, NB=NB, EVEN=(D // 32) % NB == 0, STAGES=stages,
         **c,
     )  # fmt: skip
     return h
 
 
-def moe_down(h, ids, w, down, down_b, cfg=None) -> torch.Tensor:
-    """part [T*k, splits, D] float32: w[p] * (down rows of expert ids[p] . h[p] + bias), split over F."""
+def moe_down(h, ids, w, down, down_b, cfg=None, order=None) -> torch.Tensor:
+    """part [T*k, splits, D] float32: w[p] * (down rows of expert ids[p] . h[p] + bias), split over F by the
+    weight's shape alone (never by the pair count: a pair's sum does not depend on the batch)."""
     dp = _packed(down, "down")
     c = dict(cfg or moe_config())
     BN, NB, stages, target = c.pop("BN"), c.pop("NB"), c.pop("STAGES"), c.pop("TARGET")
     E, D, F = down.shape
     P = ids.numel()
     tiles = triton.cdiv(D, BN)
-    splits, chunk = split_k(F // 32, tiles * P, NB, target)
+    splits, chunk = split_k(F // 32, tiles, NB, target)
     part = torch.empty(P, splits, D, dtype=torch.float32, device=h.device)
+    order = torch.arange(P, dtype=torch.int32, device=h.device) if order is None else order
     _down_kernel[(tiles, P, splits)](
-        h, ids, w, dp.codes, dp.scales, down_b.float().contiguous(), part, F, D, chunk, BN=BN, NB=NB,
+        h, ids, order, w, dp.codes, dp.scales, down_b.float().contiguous(), part, F, D, chunk, BN=BN, NB=NB,
         EVEN=(F // 32) % chunk == 0, STAGES=stages, **c,
     )  # fmt: skip
     return part
@@ -217,73 +224,12 @@ def moe_reference(
     return y
 
 
-# ---------------------------------------------------------------- grouped MoE: tokens sorted by expert, tl.dot tiles
-# Every (token, slot) pair goes to a tile of GROUP_M pairs of one expert; a program multiplies its tile by
-# a BN-row slice of that expert's MXFP4 matrix, decoded in registers. Routing never leaves the device, any
-# number of tokens takes the same path, and a pair's result depends only on its token and its expert (the
-# tile shape is fixed), so batching never changes it.
+# ---------------------------------------------------------------- any number of tokens
+# Decode-sized batches (up to PREFILL_ABOVE tokens) run the per-pair kernels above, pairs in expert order;
+# prompt chunks dequantize the experts once and run torch._grouped_mm over the pairs sorted by expert.
 
-GROUP_M = 16
+GROUP_M = 16  # rows of each expert's segment in the grouped GEMM are padded to this
 PREFILL_ABOVE = 128  # tokens; as quant_matmul's DECODE_MAX_M
-
-
-@triton.jit
-def _moe_tile_kernel(
-    x_ptr, pair_ptr, tile_expert_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, b_ptr, b2_ptr, rw_ptr, y_ptr,
-    N, K, E, stride_x, K_SLOTS, limit, alpha,
-    GATE_UP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr,
-):  # fmt: skip
-    """GATE_UP: y[p, n] = clamped_swiglu(gate_e[n] . x[p // K_SLOTS] + bg, up_e[n] . x[p // K_SLOTS] + bu);
-    else: y[p, n] = rw[p] * (down_e[n] . x[p] + bd). Rows p are the tile's pairs (-1: padding)."""
-    tile = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + tile)
-    if e >= E:
-        return
-    m = tl.arange(0, BM)
-    pair = tl.load(pair_ptr + tile * BM + m)
-    ok_m = pair >= 0
-    pair = tl.where(ok_m, pair, 0)
-    xrow = pair // K_SLOTS if GATE_UP else pair
-    n = tl.program_id(0) * BN + tl.arange(0, BN)
-    n_in = tl.minimum(n, N - 1)
-    wrow = (e * N + n_in).to(tl.int64)
-    nblk = K // 32
-    dot_t = tl.float32 if DOT_F32 else tl.bfloat16
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    acc2 = tl.zeros([BM, BN], dtype=tl.float32)
-    kk = tl.arange(0, NB * 4)  # a step's words: block kk // 4, word kk % 4
-    blk_of = kk // 4
-    word_of = kk % 4
-    for kb in range(0, nblk, NB):
-        blk = kb + blk_of
-        ok = (blk < nblk)[None, :]
-        w_off = wrow[:, None] * (nblk * 4) + (blk * 4 + word_of)[None, :]
-        s_off = wrow[:, None] * nblk + blk[None, :]
-        x_base = x_ptr + xrow[:, None] * stride_x + (blk * 32 + word_of)[None, :]
-        w = tl.load(w_ptr + w_off, mask=ok, other=0).to(tl.uint32, bitcast=True)
-        s = _e8m0(tl.load(s_ptr + s_off, mask=ok, other=0)) * 16384.0
-        if GATE_UP:
-            w2 = tl.load(w2_ptr + w_off, mask=ok, other=0).to(tl.uint32, bitcast=True)
-            s2 = _e8m0(tl.load(s2_ptr + s_off, mask=ok, other=0)) * 16384.0
-        for p in tl.static_range(4):
-            xa = tl.load(x_base + 8 * p, mask=ok, other=0.0).to(dot_t)
-            xb = tl.load(x_base + 8 * p + 4, mask=ok, other=0.0).to(dot_t)
-            lo, hi = _mx_pair(w, p)
-            acc = tl.dot(xa, tl.trans((lo * s).to(dot_t)), acc)
-            acc = tl.dot(xb, tl.trans((hi * s).to(dot_t)), acc)
-            if GATE_UP:
-                lo2, hi2 = _mx_pair(w2, p)
-                acc2 = tl.dot(xa, tl.trans((lo2 * s2).to(dot_t)), acc2)
-                acc2 = tl.dot(xb, tl.trans((hi2 * s2).to(dot_t)), acc2)
-    bias = tl.load(b_ptr + e * N + n_in)[None, :]
-    if GATE_UP:
-        g = tl.minimum(acc + bias, limit)
-        u = tl.minimum(tl.maximum(acc2 + tl.load(b2_ptr + e * N + n_in)[None, :], -limit), limit)
-        y = (u + 1.0) * g * tl.sigmoid(alpha * g)
-    else:
-        y = (acc + bias) * tl.load(rw_ptr + pair)[:, None]
-    out = y_ptr + pair[:, None].to(tl.int64) * N + n[None, :]
-    tl.store(out, y.to(y_ptr.dtype.element_ty), mask=ok_m[:, None] & (n < N)[None, :])
 
 
 def group_pairs(top_ids: torch.Tensor, n_experts: int, group: int = GROUP_M) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,12 +253,6 @@ def group_pairs(top_ids: torch.Tensor, n_experts: int, group: int = GROUP_M) -> 
     return pairs, tile_expert
 
 
-def grouped_config() -> dict:
-    if INTERPRET:
-        return {"BN": 16, "NB": 4, "num_warps": 1, "num_stages": 1}
-    return {"BN": 64, "NB": 4, "num_warps": 4, "num_stages": 3}
-
-
 def moe_grouped(
     x: torch.Tensor,
     top_ids: torch.Tensor,
@@ -328,35 +268,13 @@ def moe_grouped(
     cfg: dict | None = None,
 ) -> torch.Tensor:
     """The MoE of moe_reference for any number of tokens: x [T, D], top_ids/top_w [T, k] -> y [T, D] float32.
-    Up to PREFILL_ABOVE tokens (every decode step) the MXFP4 tiles kernel; more (prompt chunks): moe_prefill."""
-    T, D = x.shape
-    k = top_ids.shape[1]
-    E, F, _ = gate.shape
+    Up to PREFILL_ABOVE tokens (every decode step) the per-pair kernels; more (prompt chunks): moe_prefill."""
+    T = x.shape[0]
     gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
     if T > PREFILL_ABOVE and not INTERPRET and hasattr(torch, "_grouped_mm"):
         return moe_prefill(x, top_ids, top_w, gp, gate_b, upk, up_b, dp, down_b, limit, alpha)
-    c = dict(cfg or grouped_config())
-    BN, NB = c.pop("BN"), c.pop("NB")
-    pairs, tile_expert = group_pairs(top_ids, E)
-    n_tiles = tile_expert.shape[0]
-    dot_dtype = torch.float32 if INTERPRET else torch.bfloat16
-    xin = x.to(dot_dtype).contiguous()
-    h = torch.empty(T * k, F, dtype=dot_dtype, device=x.device)
-    _moe_tile_kernel[(triton.cdiv(F, BN), n_tiles)](
-        xin, pairs, tile_expert, gp.codes, gp.scales, upk.codes, upk.scales, gate_b.float().contiguous(),
-        up_b.float().contiguous(), top_w, h, F, D, E, xin.stride(0), k, limit, alpha,
-        GATE_UP=True, BM=GROUP_M, BN=BN, NB=NB, DOT_F32=INTERPRET, **c,
-    )  # fmt: skip
-    part = torch.empty(T * k, D, dtype=torch.float32, device=x.device)
-    rw = top_w.reshape(-1).float().contiguous()
-    _moe_tile_kernel[(triton.cdiv(D, BN), n_tiles)](
-        h, pairs, tile_expert, dp.codes, dp.scales, dp.codes, dp.scales, down_b.float().contiguous(),
-        down_b, rw, part, D, F, E, h.stride(0), k, limit, alpha,
-        GATE_UP=False, BM=GROUP_M, BN=BN, NB=NB, DOT_F32=INTERPRET, **c,
-    )  # fmt: skip
-    y = torch.empty(T, D, dtype=torch.float32, device=x.device)
-    sum_partials_kernel[(T, triton.cdiv(D, 1024))](part, y, D, k * D, D, R=k, BJ=1024)  # slots in order
-    return y
+    out = torch.empty(T, x.shape[1], dtype=torch.float32, device=x.device)
+    return moe_mxfp4(x, top_ids, top_w, gate, gate_b, up, up_b, down, down_b, cfg, limit, alpha, out=out)
 
 
 def moe_prefill(

@@ -325,29 +325,33 @@ def _gemm_kernel(
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, IS_MXFP4: tl.constexpr, BR: tl.constexpr, NB: tl.constexpr):
-    """out [N, K] (bf16) = the packed weight's values, rows [BR], blocks [NB] per program."""
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
-    b = tl.program_id(1) * NB + tl.arange(0, NB)
+def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, IS_MXFP4: tl.constexpr, BC: tl.constexpr):
+    """out[r, c] (any float type) = the packed weight's value at row r, column c: one element per lane,
+    stores contiguous (the words are re-read from L1 by the lanes that share them)."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    ok = c < K
     nblk = K // 32
-    ok2 = (r < N)[:, None] & (b < nblk)[None, :]
-    ok = ok2[:, :, None]
-    WPB: tl.constexpr = 4 if IS_MXFP4 else 8
-    i = tl.arange(0, WPB)
-    w = tl.load(w_ptr + ((r[:, None] * nblk + b[None, :]) * WPB)[:, :, None] + i[None, None, :], mask=ok, other=0)
-    w = w.to(tl.uint32, bitcast=True)  # [BR, NB, WPB]
-    s = tl.load(s_ptr + r[:, None] * nblk + b[None, :], mask=ok2, other=0)
-    base = out_ptr + (r[:, None] * K + b[None, :] * 32)[:, :, None] + i[None, None, :]
-    if IS_MXFP4:
-        scale = (_e8m0(s) * 16384.0)[:, :, None]
-        for p in tl.static_range(4):
-            lo, hi = _mx_pair(w, p)
-            tl.store(base + 8 * p, (lo * scale).to(out_ptr.dtype.element_ty), mask=ok)
-            tl.store(base + 8 * p + 4, (hi * scale).to(out_ptr.dtype.element_ty), mask=ok)
-    else:
-        scale = s.to(tl.float32)[:, :, None]
-        for t in tl.static_range(4):
-            tl.store(base + 8 * t, (_q8_byte(w, t) * scale).to(out_ptr.dtype.element_ty), mask=ok)
+    blk = c // 32
+    e = c % 32
+    if IS_MXFP4:  # element 8s + 4h + i: word i, half h, slot s (quant/packed.py)
+        word = tl.load(w_ptr + r * (nblk * 4) + blk * 4 + e % 4, mask=ok, other=0).to(tl.uint32, bitcast=True)
+        slot = e // 8
+        half = (word >> (16 * ((e // 4) % 2))) & 0xFFFF
+        mag_at = tl.where(slot == 0, 0, tl.where(slot == 1, 3, tl.where(slot == 2, 10, 13)))
+        sign_at = tl.where(slot == 0, 6, tl.where(slot == 1, 9, tl.where(slot == 2, 7, 8)))
+        mag = (half >> mag_at) & 7
+        ex = (mag >> 1).to(tl.int32)
+        frac = (mag & 1).to(tl.float32)
+        v = tl.where(ex == 0, 0.5 * frac, tl.math.exp2((ex - 1).to(tl.float32)) * (1.0 + 0.5 * frac))
+        v = tl.where(((half >> sign_at) & 1) == 1, -v, v)
+        v = v * _e8m0(tl.load(s_ptr + r * nblk + blk, mask=ok, other=0))
+    else:  # element 8t + i: byte t of word i
+        word = tl.load(w_ptr + r * (nblk * 8) + blk * 8 + e % 8, mask=ok, other=0).to(tl.uint32, bitcast=True)
+        byte = ((word >> (8 * (e // 8))) & 0xFF).to(tl.int32)
+        v = tl.where(byte >= 128, byte - 256, byte).to(tl.float32)
+        v = v * tl.load(s_ptr + r * nblk + blk, mask=ok, other=0).to(tl.float32)
+    tl.store(out_ptr + r * K + c, v.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def dequantize_packed(w: PackedWeight, dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None
@@ -355,9 +359,9 @@ def dequantize_packed(w: PackedWeight, dtype: torch.dtype = torch.bfloat16, out:
     """The packed weight's values [rows, K] in `dtype` (one kernel; the prefill path's tensor-core operand)."""
     rows = w.codes.shape[0]
     out = torch.empty(rows, w.k, dtype=dtype, device=w.codes.device) if out is None else out
-    BR, NB = (8, 4) if INTERPRET else (32, 8)
-    _dequant_kernel[(triton.cdiv(rows, BR), triton.cdiv(w.k // 32, NB))](
-        w.codes, w.scales, out, rows, w.k, IS_MXFP4=_is_mxfp4(w), BR=BR, NB=NB, num_warps=1 if INTERPRET else 4)
+    BC = 128 if INTERPRET else 1024
+    _dequant_kernel[(rows, triton.cdiv(w.k, BC))](
+        w.codes, w.scales, out, w.k, IS_MXFP4=_is_mxfp4(w), BC=BC, num_warps=1 if INTERPRET else 4)
     return out
 
 
@@ -399,7 +403,11 @@ def gemm_config(w: PackedWeight, m: int) -> dict:
 # per weight shape: a row's result never depends on how many rows share the call. Above (prompt chunks):
 # the weight dequantized to bf16 once per call and a cuBLAS GEMM.
 DECODE_MAX_M = 128
-DECODE_KERNEL = os.environ.get("WORKER_ORCD_DECODE_MATMUL", "gemv")  # "gemv" (CUDA cores) | "gemm" (tl.dot)
+# The CUDA-core GEMV reads a weight at up to 65% of the bandwidth for one row but decodes it again for every
+# row; the tl.dot GEMM decodes once for 16 rows. Batch invariance needs one of them for every row count, so
+# the GEMM is the default; WORKER_ORCD_NONDETERMINISTIC=1 (serve --nondeterministic) takes the GEMV for
+# one or two rows, faster for a lone stream, at the price of results that change with the batch.
+GEMV_ROWS = 2 if os.environ.get("WORKER_ORCD_NONDETERMINISTIC") == "1" else 0
 
 
 def quant_matmul(
@@ -427,7 +435,7 @@ def quant_matmul(
         torch.matmul(x2.to(torch.bfloat16), wd.T, out=y) if dtype == torch.bfloat16 else \
             y.copy_(torch.matmul(x2.to(torch.bfloat16), wd.T))
         return y.reshape(*lead, w.n)
-    kind = "gemv" if (cfg is None and DECODE_KERNEL == "gemv") or (cfg is not None and "BM" not in cfg) else "gemm"
+    kind = "gemv" if (cfg is None and M <= GEMV_ROWS) or (cfg is not None and "BM" not in cfg) else "gemm"
     nblk = w.k // 32
     if kind == "gemv":
         c = dict(cfg or gemv_config(w))

@@ -14,11 +14,14 @@ def batch_inputs(tokens: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSp
     return tokens.to(device), positions.to(device), seqs or single_sequence(tokens.shape[0])
 
 
-def window_plans(positions: torch.Tensor, seqs: list[SeqSpan], window: int | None, kv) -> dict[int | None, AttentionPlan]:
+Plans = dict[int | None, AttentionPlan]
+
+
+def window_plans(positions: torch.Tensor, seqs: list[SeqSpan], window: int | None, kv) -> Plans:
     """{window: plan for sliding-window layers, None: plan for full-attention layers}, made once per forward."""
     return window_variants(positions, seqs, kv, (window, None) if window is not None else (None,))
 
 
-def static_plans(kv, slots: torch.Tensor, positions: torch.Tensor, window: int | None) -> dict[int | None, AttentionPlan]:
+def static_plans(kv, slots: torch.Tensor, positions: torch.Tensor, window: int | None) -> Plans:
     """The same plans for a decode step of one row per sequence, from device tensors (no host sync)."""
     return decode_plans(kv, slots, positions, (window, None) if window is not None else (None,))

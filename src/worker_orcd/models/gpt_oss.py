@@ -16,11 +16,11 @@ from worker_orcd.engine.kv_cache import KVCache, SeqSpan, kv_dtype
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import clamped_swiglu
 from worker_orcd.kernels.attention import cached_attention
-from worker_orcd.kernels.norm import rms_norm
+from worker_orcd.kernels.norm import add_rms_norm, rms_norm
 from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq, yarn_attn_factor
 from worker_orcd.models.common import batch_inputs, static_plans, window_plans
 from worker_orcd.models.hparams import HParams
-from worker_orcd.models.weights import Weights, linear
+from worker_orcd.models.weights import Weights, fuse_bias, fuse_rows, linear
 from worker_orcd.quant import GGMLType, QuantTensor
 
 ARCHITECTURES = ("gpt-oss",)
@@ -112,6 +112,13 @@ class GptOssLayer:
     up_b: torch.Tensor
     down: QuantTensor  # [experts, dim, expert_dim]
     down_b: torch.Tensor  # [experts, dim]
+    wqkv: QuantTensor | None = None  # q|k|v rows in one matrix when their formats match (fused at load)
+    bqkv: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """One matmul (and one bias add) for q, k and v."""
+        if (qkv := fuse_rows(self.wq, self.wk, self.wv)) is not None:
+            self.wqkv, self.bqkv = qkv, fuse_bias(self.bq, self.bk, self.bv)
 
 
 def expert(w: QuantTensor, e: int) -> QuantTensor:
@@ -144,6 +151,8 @@ class GptOssModel:
                 up=w.matrix(p + "ffn_up_exps.weight", (E, F, D)), up_b=_dense(w[p + "ffn_up_exps.bias"]),
                 down=w.matrix(p + "ffn_down_exps.weight", (E, D, F)), down_b=_dense(w[p + "ffn_down_exps.bias"]),
             ))
+            if self.device.type == "cuda":  # on CPU the three matmuls cost the same as one
+                self.layers[-1].fuse()
         self.rope = RopeConfig(
             n_rot=hd, base=cfg.rope_base, neox=True, yarn_factor=cfg.rope_scale, yarn_orig_ctx=cfg.rope_orig_ctx,
             yarn_beta_fast=cfg.yarn_beta_fast, yarn_beta_slow=cfg.yarn_beta_slow,
@@ -163,9 +172,14 @@ class GptOssModel:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projections with their biases; q and k rotated (NeoX layout, YaRN tables). [T, heads, head_dim]"""
         c, T = self.cfg, h.shape[0]
-        q = linear(h, layer.wq, layer.bq).reshape(T, c.n_heads, c.head_dim)
-        k = linear(h, layer.wk, layer.bk).reshape(T, c.n_kv_heads, c.head_dim)
-        v = linear(h, layer.wv, layer.bv).reshape(T, c.n_kv_heads, c.head_dim)
+        H, Hkv = c.n_heads, c.n_kv_heads
+        if layer.wqkv is not None:
+            qkv = linear(h, layer.wqkv, layer.bqkv).reshape(T, H + 2 * Hkv, c.head_dim)
+            qk = apply_rope(qkv[:, : H + Hkv], cos, sin, c.head_dim, True)  # q and k heads in one call
+            return qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]
+        q = linear(h, layer.wq, layer.bq).reshape(T, H, c.head_dim)
+        k = linear(h, layer.wk, layer.bk).reshape(T, Hkv, c.head_dim)
+        v = linear(h, layer.wv, layer.bv).reshape(T, Hkv, c.head_dim)
         return apply_rope(q, cos, sin, c.head_dim, True), apply_rope(k, cos, sin, c.head_dim, True), v
 
     def moe(self, layer: GptOssLayer, h: torch.Tensor, static: bool = False) -> torch.Tensor:
@@ -233,13 +247,17 @@ class GptOssModel:
         T = tokens.shape[0]
         cos, sin = cos_sin(self.rope, positions, self.freq)
         x = self.tok_embd.embedding(tokens)
+        h = rms_norm(x, self.layers[0].attn_norm, c.norm_eps)
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.attn_norm, c.norm_eps)
             q, k, v = self._rotated_qkv(layer, h, cos, sin)
             plan = plans[c.sliding_window if c.is_sliding(i) else None]
             out = cached_attention(q, k, v, kv, i, plan, self.scale, sinks=layer.sinks)
-            x = x + linear(out.reshape(T, -1), layer.wo, layer.bo)
-            x = x + self.moe(layer, rms_norm(x, layer.ffn_norm, c.norm_eps), static)
+            x, h = add_rms_norm(x, linear(out.reshape(T, -1), layer.wo, layer.bo), layer.ffn_norm, c.norm_eps)
+            y = self.moe(layer, h, static)
+            if i + 1 < len(self.layers):  # the residual add and the next layer's norm in one step
+                x, h = add_rms_norm(x, y, self.layers[i + 1].attn_norm, c.norm_eps)
+            else:
+                x = x + y
         if logit_rows is not None:
             x = x[logit_rows]
         return linear(rms_norm(x, self.output_norm, c.norm_eps), self.output, out_dtype=torch.float32).float()
