@@ -60,6 +60,12 @@ def main() -> None:
                 us = time_us(lambda p=p, x=x, cfg=cfg: quant_matmul(p, x, cfg))
                 gbs = p.nbytes / us / 1e3
                 rows.append((f"Q8_0 {n}x{k} M={m} {name}", f"{us:8.1f} us", f"{gbs:7.0f} GB/s ({gbs * 1e9 / BW:.0%})"))
+        for m in (1, 64):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            for mr, bn, nb, warps in ((8, 16, 4, 4), (4, 32, 4, 4), (4, 16, 8, 4), (4, 16, 4, 8), (2, 16, 4, 4)):
+                cfg = {"MR": mr, "BN": bn, "NB": nb, "TARGET": 1024, "num_warps": warps}
+                us = time_us(lambda p=p, x=x, cfg=cfg: quant_matmul(p, x, cfg))
+                rows.append((f"  rows M={m} MR={mr} BN={bn} NB={nb} w={warps}", f"{us:8.1f} us", ""))
     E, F, D = 32, 2880, 2880
 
     def q(r: int, c: int) -> QuantTensor:
