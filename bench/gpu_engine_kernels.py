@@ -26,7 +26,6 @@ from worker_orcd.kernels.triton_quant import (  # noqa: E402
     gemv_config,
     pack_q8_0,
     quant_matmul,
-    rows_config,
 )
 from worker_orcd.quant import QuantTensor  # noqa: E402
 
@@ -56,16 +55,10 @@ def main() -> None:
         p = pack_q8_0(random_blocks(T.Q8_0, n, k, dev), n, k)
         for m in (1, 16, 64):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            for name, cfg in (("gemv", gemv_config(p)), ("gemm", gemm_config(p, m)), ("rows", rows_config(p))):
+            for name, cfg in (("gemv", gemv_config(p)), ("gemm", gemm_config(p, m))):
                 us = time_us(lambda p=p, x=x, cfg=cfg: quant_matmul(p, x, cfg))
                 gbs = p.nbytes / us / 1e3
                 rows.append((f"Q8_0 {n}x{k} M={m} {name}", f"{us:8.1f} us", f"{gbs:7.0f} GB/s ({gbs * 1e9 / BW:.0%})"))
-        for m in (1, 64):
-            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            for mr, bn, nb, warps in ((8, 16, 4, 4), (4, 32, 4, 4), (4, 16, 8, 4), (4, 16, 4, 8), (2, 16, 4, 4)):
-                cfg = {"MR": mr, "BN": bn, "NB": nb, "TARGET": 1024, "num_warps": warps}
-                us = time_us(lambda p=p, x=x, cfg=cfg: quant_matmul(p, x, cfg))
-                rows.append((f"  rows M={m} MR={mr} BN={bn} NB={nb} w={warps}", f"{us:8.1f} us", ""))
     E, F, D = 32, 2880, 2880
 
     def q(r: int, c: int) -> QuantTensor:
@@ -83,12 +76,6 @@ def main() -> None:
         gbs = experts * 3 * F * D * 17 / 32 / us / 1e3
         tf = t * 4 * 3 * F * D * 2 / us / 1e6
         rows.append((f"MoE T={t}", f"{us:8.1f} us", f"{gbs:7.0f} GB/s ({gbs * 1e9 / BW:.0%}), {tf:.0f} TFLOP/s"))
-        if t <= 64:
-            for mr, bn, nb in ((4, 16, 8), (8, 16, 4), (2, 16, 8), (4, 32, 4)):
-                cfg = {"MR": mr, "BN": bn, "NB": nb, "TARGET": 1024, "num_warps": 4}
-                us = time_us(lambda x=x, ids=ids, w=w, cfg=cfg: triton_moe.moe_grouped(
-                    x, ids, w, gate, gb, up, ub, down, db, cfg=cfg))
-                rows.append((f"  MoE T={t} MR={mr} BN={bn} NB={nb}", f"{us:8.1f} us", ""))
     Hkv, hd, H = 8, 64, 64
     for b, ctx in ((1, 640), (16, 640), (64, 640), (1, 8192)):
         kv = KVCache(1, Hkv, hd, ctx + 16, b, torch.bfloat16, dev)

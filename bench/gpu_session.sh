@@ -39,8 +39,17 @@ case "${1:-tests}" in
     WORKER_ORCD_NONDETERMINISTIC=1 timeout 100 python3 bench/gpu.py --model "$model" --streams 4 --long 0 \
       2>&1 | tee "$out/gpu-nondet.txt" | tail -7
     ;;
+  http)
+    # worker-orcd serve --device cuda on the synthetic 20B: N concurrent greedy streams over HTTP
+    model=/tmp/gpt-oss-20b-synthetic-q8_0.gguf
+    [[ -f $model ]] || python3 bench/make_synthetic.py "$model" > "$out/make-synthetic.txt" 2>&1
+    for n in ${STREAMS:-16 64}; do
+      SERVE_LOG="$out/serve-$n.log" timeout ${HTTP_TIMEOUT:-200} python3 bench/serve_throughput.py --model "$model" \
+        --device cuda --streams "$n" --tokens 64 --max-batch 64 2>&1 | tee "$out/http-$n.txt" | tail -2
+    done
+    ;;
   *)
-    echo "usage: bench/gpu_session.sh tests|bench|engine" >&2
+    echo "usage: bench/gpu_session.sh tests|bench|engine|http" >&2
     exit 2
     ;;
 esac

@@ -38,9 +38,10 @@ def start_server(model: str | None, device: str, max_batch: int) -> tuple[subpro
            "--device", device, "--max-batch", str(max_batch), "--ctx", "1024"]
     if model:
         cmd += ["--model", model]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(os.environ["SERVE_LOG"], "w") if os.environ.get("SERVE_LOG") else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}")
@@ -54,9 +55,11 @@ def start_server(model: str | None, device: str, max_batch: int) -> tuple[subpro
     raise SystemExit("server did not become ready in 120 s")
 
 
-async def one_stream(client: httpx.AsyncClient, job_id: str, prompt: str, n_tokens: int) -> tuple[str, int]:
+async def one_stream(client: httpx.AsyncClient, job_id: str, prompt: str, n_tokens: int,
+                     ttft: list[float] | None = None) -> tuple[str, int]:
     body = {"job_id": job_id, "prompt": prompt, "max_tokens": n_tokens, "temperature": 0.0}
     text, tokens = [], 0
+    start = time.perf_counter()
     async with client.stream("POST", "/execute", json=body) as resp:
         resp.raise_for_status()
         event = None
@@ -66,6 +69,8 @@ async def one_stream(client: httpx.AsyncClient, job_id: str, prompt: str, n_toke
             elif line.startswith("data: "):
                 data = json.loads(line[6:])
                 if event == "token":
+                    if not text and ttft is not None:
+                        ttft.append(time.perf_counter() - start)
                     text.append(data["t"])
                 elif event == "end":
                     tokens = data["tokens_out"]
@@ -84,13 +89,18 @@ async def measure(url: str, n_streams: int, n_tokens: int) -> dict:
             alone.append(await one_stream(client, f"a{i}", p, n_tokens))
             t_alone += time.perf_counter() - t0
         t0 = time.perf_counter()
-        together = await asyncio.gather(*(one_stream(client, f"b{i}", p, n_tokens) for i, p in enumerate(prompts)))
+        ttft: list[float] = []
+        together = await asyncio.gather(*(one_stream(client, f"b{i}", p, n_tokens, ttft)
+                                          for i, p in enumerate(prompts)))
         t_together = time.perf_counter() - t0
+    ttft.sort()
     rate1 = sum(n for _, n in alone) / t_alone
     rate_n = sum(n for _, n in together) / t_together
     return {"streams": n_streams, "tokens_per_stream": n_tokens, "one_stream_tok_s": round(rate1, 1),
             "n_streams_tok_s": round(rate_n, 1), "ratio": round(rate_n / rate1, 2),
-            "texts_equal_alone": [t for t, _ in together] == [t for t, _ in alone]}
+            "texts_equal_alone": [t for t, _ in together] == [t for t, _ in alone],
+            "ttft_p50_ms": round(1000 * ttft[len(ttft) // 2], 1),
+            "ttft_p99_ms": round(1000 * ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))], 1)}
 
 
 def main() -> None:
@@ -100,11 +110,12 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--url", help="an already running worker (otherwise one is started)")
+    ap.add_argument("--max-batch", type=int, help="the server's --max-batch (default: max(8, streams))")
     args = ap.parse_args()
     proc = None
     url = args.url
     if url is None:
-        proc, url = start_server(args.model, args.device, max(8, args.streams))
+        proc, url = start_server(args.model, args.device, args.max_batch or max(8, args.streams))
     try:
         result = asyncio.run(measure(url, args.streams, args.tokens))
     finally:
@@ -115,7 +126,8 @@ def main() -> None:
     result["cores"] = os.cpu_count()
     print(json.dumps(result))
     print(f"1 stream {result['one_stream_tok_s']} tok/s | {args.streams} streams {result['n_streams_tok_s']} tok/s "
-          f"| {result['ratio']}x | texts equal alone: {result['texts_equal_alone']}")
+          f"| {result['ratio']}x | TTFT p50/p99 {result['ttft_p50_ms']}/{result['ttft_p99_ms']} ms "
+          f"| texts equal alone: {result['texts_equal_alone']}")
     if not result["texts_equal_alone"]:
         sys.exit(1)
 

@@ -139,8 +139,7 @@ def test_graphed_decode_matches_eager_and_transformers(tmp_path, arch, gtype):
     with torch.no_grad():
         hf_rows = ref_model(torch.tensor([seq[:-1]])).logits[0, PROMPT - 1 :].float()
     ours = torch.stack(rows)
-    if gtype == "F32":
-        assert rel_err(ours, hf_rows) < 1e-4
+    assert rel_err(ours, hf_rows) < 3e-2  # bf16 activations and KV cache on CUDA
     assert cosine(ours, hf_rows) >= 0.999
 
 

@@ -31,7 +31,6 @@ def test_prefill_and_decode_on_cuda_match_transformers(tmp_path, arch, gtype):
     steps = [m.net.forward(torch.tensor([ids[i]]), torch.tensor([i]), kv) for i in range(16, 24)]
     decoded = torch.cat([first, *steps]).cpu()
     rel = float((full.double() - ref.double()).norm() / ref.double().norm())
-    if gtype == "F32":
-        assert rel < 1e-4
+    assert rel < 3e-2  # bf16 activations and KV cache on CUDA (float32 accumulation); CPU float32 is < 1e-4
     assert cosine(full, ref) >= 0.999
     assert cosine(decoded, ref) >= 0.999  # decode rows take the GEMV and fused-MoE kernels

@@ -22,7 +22,6 @@ from worker_orcd.kernels.triton_quant import (
     INTERPRET,
     PackedWeight,
     _mxfp4_gemv_tile,
-    _mxfp4_rows_tile,
     dequantize_packed,
     split_k,
     sum_partials_kernel,
@@ -226,98 +225,15 @@ def moe_reference(
 
 
 # ---------------------------------------------------------------- any number of tokens
-# Decode-sized batches (up to PREFILL_ABOVE tokens): pairs grouped by expert into tiles of MR pairs, each tile
-# decoding its expert's weights once (CUDA cores); prompt chunks dequantize the experts once and run
-# torch._grouped_mm over the pairs sorted by expert.
+# Decode-sized batches (up to PREFILL_ABOVE tokens) run the per-pair kernels above, pairs in expert order (an
+# expert's pairs share its weights through L2); a pair's sums never depend on the others. Prompt chunks
+# dequantize the experts once and run torch._grouped_mm over the pairs sorted by expert.
+# Measured on an H200 (bench/gpu_engine_kernels.py), GPT-OSS-20B shapes, per layer: T=1 61 us, T=4 148,
+# T=16 486, T=64 1,815. Tried and dropped: tl.dot tiles of one expert's pairs (T=1 195 us, T=64 795) and
+# CUDA-core tiles decoding an expert once for 2-8 pairs (T=1 147-240 us, T=64 1,742-2,547: register-bound).
 
 GROUP_M = 16  # rows of each expert's segment in the grouped GEMM are padded to this
 PREFILL_ABOVE = 128  # tokens; as quant_matmul's DECODE_MAX_M
-
-
-@triton.jit
-def _gate_up_rows_kernel(
-    x_ptr, pairs_ptr, tile_expert_ptr, gw_ptr, ge_ptr, gb_ptr, uw_ptr, ue_ptr, ub_ptr, h_ptr,
-    F, D, E, K_SLOTS, limit, alpha, BN: tl.constexpr, NB: tl.constexpr, MR: tl.constexpr,
-):  # fmt: skip
-    """h[p, f] = clamped_swiglu(gate, up) for the MR pairs p of one tile, all routed to the tile's expert:
-    its weights are decoded once for all of them."""
-    tile = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + tile)
-    if e >= E:
-        return
-    pair = tl.load(pairs_ptr + tile * MR + tl.arange(0, MR))
-    ok = pair >= 0
-    pair = tl.where(ok, pair, 0)
-    f = tl.program_id(0) * BN + tl.arange(0, BN)
-    rows = e * F + tl.minimum(f, F - 1)
-    xrow = (pair // K_SLOTS).to(tl.int64) * D
-    g, u = _mxfp4_rows_tile(x_ptr, xrow, ok, gw_ptr, ge_ptr, uw_ptr, ue_ptr, rows, D, 0, D // 32, BN, NB, MR, True)
-    g = tl.minimum(g + tl.load(gb_ptr + rows)[None, :], limit)
-    u = tl.minimum(tl.maximum(u + tl.load(ub_ptr + rows)[None, :], -limit), limit)
-    h = (u + 1.0) * g * tl.sigmoid(alpha * g)
-    tl.store(h_ptr + pair[:, None].to(tl.int64) * F + f[None, :], h, mask=ok[:, None] & (f < F)[None, :])
-
-
-@triton.jit
-def _down_rows_kernel(
-    h_ptr, pairs_ptr, tile_expert_ptr, rw_ptr, dw_ptr, de_ptr, db_ptr, out_ptr, F, D, E, CHUNK,
-    BN: tl.constexpr, NB: tl.constexpr, MR: tl.constexpr,
-):  # fmt: skip
-    """out[p, split, d] = rw[p] * (down_e[d] . h[p] over the split's blocks (+ bias in split 0))."""
-    tile = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + tile)
-    if e >= E:
-        return
-    pair = tl.load(pairs_ptr + tile * MR + tl.arange(0, MR))
-    ok = pair >= 0
-    pair = tl.where(ok, pair, 0)
-    split = tl.program_id(2)
-    d = tl.program_id(0) * BN + tl.arange(0, BN)
-    rows = e * D + tl.minimum(d, D - 1)
-    kb_lo = split * CHUNK
-    kb_hi = tl.minimum(kb_lo + CHUNK, F // 32)
-    y, _ = _mxfp4_rows_tile(h_ptr, pair.to(tl.int64) * F, ok, dw_ptr, de_ptr, dw_ptr, de_ptr, rows, F, kb_lo, kb_hi,
-                            BN, NB, MR, False)  # fmt: skip
-    y += tl.load(db_ptr + rows)[None, :] * (split == 0)
-    y = y * tl.load(rw_ptr + pair)[:, None]
-    out = out_ptr + ((pair * tl.num_programs(2) + split) * D)[:, None].to(tl.int64) + d[None, :]
-    tl.store(out, y, mask=ok[:, None] & (d < D)[None, :])
-
-
-def moe_rows_config() -> dict:
-    if INTERPRET:
-        return {"MR": 4, "BN": 16, "NB": 2, "TARGET": 1, "num_warps": 1}
-    return {"MR": 4, "BN": 16, "NB": 4, "TARGET": 1024, "num_warps": 4}
-
-
-def moe_decode(x: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor, gate: PackedWeight, gate_b: torch.Tensor,
-               up: PackedWeight, up_b: torch.Tensor, down: PackedWeight, down_b: torch.Tensor,
-               limit: float = SWIGLU_LIMIT, alpha: float = SWIGLU_ALPHA, cfg: dict | None = None) -> torch.Tensor:
-    """The MoE for decode-sized batches: pairs grouped by expert into tiles of MR, each expert's weights decoded
-    once per tile; down split over F by shape. [T, D] float32."""
-    T, D = x.shape
-    k = top_ids.shape[1]
-    E, F = gate_b.shape
-    c = dict(cfg or moe_rows_config())
-    MR, BN, NB, target = c.pop("MR"), c.pop("BN"), c.pop("NB"), c.pop("TARGET")
-    pairs, tile_expert = group_pairs(top_ids, E, MR)
-    n_tiles = tile_expert.shape[0]
-    xin = x.contiguous()
-    h = torch.empty(T * k, F, dtype=torch.float32, device=x.device)
-    _gate_up_rows_kernel[(triton.cdiv(F, BN), n_tiles)](
-        xin, pairs, tile_expert, gate.codes, gate.scales, gate_b.float().contiguous(), up.codes, up.scales,
-        up_b.float().contiguous(), h, F, D, E, k, limit, alpha, BN=BN, NB=NB, MR=MR, **c,
-    )  # fmt: skip
-    tiles = triton.cdiv(D, BN)
-    splits, chunk = split_k(F // 32, tiles, NB, target)
-    part = torch.empty(T * k, splits, D, dtype=torch.float32, device=x.device)
-    _down_rows_kernel[(tiles, n_tiles, splits)](
-        h, pairs, tile_expert, top_w.reshape(-1).float().contiguous(), down.codes, down.scales,
-        down_b.float().contiguous(), part, F, D, E, chunk, BN=BN, NB=NB, MR=MR, **c,
-    )  # fmt: skip
-    y = torch.empty(T, D, dtype=torch.float32, device=x.device)
-    sum_partials_kernel[(T, triton.cdiv(D, 1024))](part, y, D, k * splits * D, D, R=k * splits, BJ=1024)
-    return y
 
 
 def group_pairs(top_ids: torch.Tensor, n_experts: int, group: int = GROUP_M) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,12 +272,14 @@ def moe_grouped(
     cfg: dict | None = None,
 ) -> torch.Tensor:
     """The MoE of moe_reference for any number of tokens: x [T, D], top_ids/top_w [T, k] -> y [T, D] float32.
-    Up to PREFILL_ABOVE tokens (every decode step) moe_decode; more (prompt chunks): moe_prefill."""
+    Up to PREFILL_ABOVE tokens (every decode step) the per-pair kernels (moe_mxfp4); more (prompt chunks):
+    moe_prefill."""
     T = x.shape[0]
     gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
     if T > PREFILL_ABOVE and not INTERPRET and hasattr(torch, "_grouped_mm"):
         return moe_prefill(x, top_ids, top_w, gp, gate_b, upk, up_b, dp, down_b, limit, alpha)
-    return moe_decode(x, top_ids, top_w, gp, gate_b, upk, up_b, dp, down_b, limit, alpha, cfg)
+    out = torch.empty(T, x.shape[1], dtype=torch.float32, device=x.device)
+    return moe_mxfp4(x, top_ids, top_w, gate, gate_b, up, up_b, down, down_b, cfg, limit, alpha, out=out)
 
 
 def moe_prefill(

@@ -209,98 +209,6 @@ def _q8_0_gemv_tile(
     return tl.sum(tl.sum(acc, axis=2), axis=1)
 
 
-# ---------------------------------------------------------------- multi-row GEMV tiles: MR rows of x per program
-# The weights of a step are decoded once and multiply MR rows of x on the CUDA cores. MR is fixed per call
-# site, never chosen by the row count, so a row's sums run the same way in any batch (rows past the end
-# are masked): decode batches of 1 to 128 rows all take this path and stay batch-invariant.
-
-
-@triton.jit
-def _q8_0_rows_tile(x_ptr, xrow, row_ok, w_ptr, d_ptr, n, K, kb_lo, kb_hi,
-                    BN: tl.constexpr, NB: tl.constexpr, MR: tl.constexpr):  # fmt: skip
-    """[MR, BN] float32: rows at element offsets xrow [MR] of x times W rows n [BN], blocks [kb_lo, kb_hi)."""
-    nblk = K // 32
-    b = tl.arange(0, NB)
-    i = tl.arange(0, 8)
-    w_off = ((n[:, None] * nblk + b[None, :]) * 8)[:, :, None] + i[None, None, :]  # [BN, NB, 8]
-    d_off = n[:, None] * nblk + b[None, :]
-    x_off = xrow[:, None, None] + (b[:, None] * 32 + i[None, :])[None, :, :]  # [MR, NB, 8]
-    acc = tl.zeros([MR, BN, NB, 8], dtype=tl.float32)
-    for kb in range(kb_lo, kb_hi, NB):
-        ok = kb + b < kb_hi
-        w = tl.load(w_ptr + w_off + kb * 8, mask=ok[None, :, None], other=0).to(tl.uint32, bitcast=True)
-        d = tl.load(d_ptr + d_off + kb, mask=ok[None, :], other=0.0).to(tl.float32)
-        xm = row_ok[:, None, None] & ok[None, :, None]
-        part = tl.zeros([MR, BN, NB, 8], dtype=tl.float32)
-        for t in tl.static_range(4):
-            xt = tl.load(x_ptr + x_off + kb * 32 + 8 * t, mask=xm, other=0.0).to(tl.float32)
-            part = tl.fma(_q8_byte(w, t)[None, :, :, :], xt[:, None, :, :], part)
-        acc = tl.fma(part, d[None, :, :, None], acc)
-    return tl.sum(tl.sum(acc, axis=3), axis=2)
-
-
-@triton.jit
-def _mx_rows_step(w, e, x_ptr, x_off, xm, acc):
-    """acc [MR, BN, NB, 4] += scale * (decoded words w [BN, NB, 4] . the 8 x runs of each block)."""
-    w = w.to(tl.uint32, bitcast=True)
-    part = tl.zeros_like(acc)
-    for s in tl.static_range(4):
-        lo, hi = _mx_pair(w, s)
-        xa = tl.load(x_ptr + x_off + 8 * s, mask=xm, other=0.0).to(tl.float32)[:, None, :, :]
-        xb = tl.load(x_ptr + x_off + 8 * s + 4, mask=xm, other=0.0).to(tl.float32)[:, None, :, :]
-        part = tl.fma(hi[None, :, :, :], xb, tl.fma(lo[None, :, :, :], xa, part))
-    return tl.fma(part, _e8m0(e)[None, :, :, None], acc)
-
-
-@triton.jit
-def _mxfp4_rows_tile(x_ptr, xrow, row_ok, w_ptr, e_ptr, w2_ptr, e2_ptr, n, K, kb_lo, kb_hi,
-                     BN: tl.constexpr, NB: tl.constexpr, MR: tl.constexpr, TWO: tl.constexpr):  # fmt: skip
-    """[MR, BN] float32 for W (and, with TWO, W2) rows n: MR rows of x, decoded once per step."""
-    nblk = K // 32
-    b = tl.arange(0, NB)
-    i = tl.arange(0, 4)
-    w_off = ((n[:, None] * nblk + b[None, :]) * 4)[:, :, None] + i[None, None, :]  # [BN, NB, 4]
-    e_off = n[:, None] * nblk + b[None, :]
-    x_off = xrow[:, None, None] + (b[:, None] * 32 + i[None, :])[None, :, :]  # [MR, NB, 4]
-    acc = tl.zeros([MR, BN, NB, 4], dtype=tl.float32)
-    acc2 = tl.zeros([MR, BN, NB, 4], dtype=tl.float32)
-    for kb in range(kb_lo, kb_hi, NB):
-        ok = kb + b < kb_hi
-        xm = row_ok[:, None, None] & ok[None, :, None]
-        w = tl.load(w_ptr + w_off + kb * 4, mask=ok[None, :, None], other=0)
-        e = tl.load(e_ptr + e_off + kb, mask=ok[None, :], other=0)
-        acc = _mx_rows_step(w, e, x_ptr + kb * 32, x_off, xm, acc)
-        if TWO:
-            w2 = tl.load(w2_ptr + w_off + kb * 4, mask=ok[None, :, None], other=0)
-            e2 = tl.load(e2_ptr + e_off + kb, mask=ok[None, :], other=0)
-            acc2 = _mx_rows_step(w2, e2, x_ptr + kb * 32, x_off, xm, acc2)
-    y = tl.sum(tl.sum(acc, axis=3), axis=2) * 16384.0
-    if TWO:
-        return y, tl.sum(tl.sum(acc2, axis=3), axis=2) * 16384.0
-    return y, y
-
-
-@triton.jit
-def _gemv_rows_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, CHUNK,
-                      IS_MXFP4: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, MR: tl.constexpr):  # fmt: skip
-    """y[split, m, n] = x[m] . W[n] over the split's CHUNK blocks, for rows m of this program's MR."""
-    m = tl.program_id(0) * MR + tl.arange(0, MR)
-    row_ok = m < M
-    xrow = tl.where(row_ok, m, 0).to(tl.int64) * stride_xm
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
-    n_in = tl.minimum(n, N - 1)
-    split = tl.program_id(2)
-    kb_lo = split * CHUNK
-    kb_hi = tl.minimum(kb_lo + CHUNK, K // 32)
-    if IS_MXFP4:
-        acc, _ = _mxfp4_rows_tile(x_ptr, xrow, row_ok, w_ptr, s_ptr, w_ptr, s_ptr, n_in, K, kb_lo, kb_hi, BN, NB, MR,
-                                  False)
-    else:
-        acc = _q8_0_rows_tile(x_ptr, xrow, row_ok, w_ptr, s_ptr, n_in, K, kb_lo, kb_hi, BN, NB, MR)
-    out = y_ptr + (split * M + m)[:, None].to(tl.int64) * N + n[None, :]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (n < N)[None, :])
-
-
 @triton.jit
 def _gemv_kernel(
     x_ptr,
@@ -481,13 +389,6 @@ def gemv_config(w: PackedWeight) -> dict:
     }
 
 
-def rows_config(w: PackedWeight) -> dict:
-    """The multi-row GEMV's tiles: MR rows per program, split over K by the weight's shape alone."""
-    if INTERPRET:
-        return {"MR": 4, "BN": 16, "NB": 2, "TARGET": 1, "num_warps": 1}
-    return {"MR": 4, "BN": 16, "NB": 4 if w.kind == "q8_0" else 8, "TARGET": 1024, "num_warps": 4}
-
-
 def gemm_config(w: PackedWeight, m: int) -> dict:
     """Tiles for tl.dot: 16 rows of x for decode-sized batches (one weight read serves them all), split over K
     by the weight's shape alone; 128 rows for prefill."""
@@ -503,11 +404,12 @@ def gemm_config(w: PackedWeight, m: int) -> dict:
 # the weight dequantized to bf16 once per call and a cuBLAS GEMM.
 DECODE_MAX_M = 128
 # The CUDA-core GEMV reads a weight at up to 65% of the bandwidth for one row but decodes it again for every
-# row; the tl.dot GEMM decodes once for 16 rows. Batch invariance needs one of them for every row count, so
-# the GEMM is the default; WORKER_ORCD_NONDETERMINISTIC=1 (serve --nondeterministic) takes the GEMV for
-# one or two rows, faster for a lone stream, at the price of results that change with the batch.
+# row (H200, Q8_0 2880x4096: 10.6 us at M=1, 73 at 16, 275 at 64); the tl.dot GEMM decodes once for 16 rows
+# (31, 32, 86 us). Batch invariance needs one kernel for every row count, so the GEMM is the default;
+# WORKER_ORCD_NONDETERMINISTIC=1 (serve --nondeterministic) takes the GEMV for one or two rows, faster for
+# a lone stream, at the price of results that change with the batch. (A CUDA-core kernel decoding once for
+# 2-8 rows was slower than both at every M: register-bound.)
 GEMV_ROWS = 2 if os.environ.get("WORKER_ORCD_NONDETERMINISTIC") == "1" else 0
-DECODE_KERNEL = os.environ.get("WORKER_ORCD_DECODE_MATMUL", "rows")  # rows | gemm: the batch-invariant kernel
 
 
 def quant_matmul(
@@ -535,20 +437,9 @@ def quant_matmul(
         torch.matmul(x2.to(torch.bfloat16), wd.T, out=y) if dtype == torch.bfloat16 else \
             y.copy_(torch.matmul(x2.to(torch.bfloat16), wd.T))
         return y.reshape(*lead, w.n)
-    if cfg is not None:
-        kind = "rows" if "MR" in cfg else "gemm" if "BM" in cfg else "gemv"
-    else:
-        kind = "gemv" if M <= GEMV_ROWS else DECODE_KERNEL
+    kind = "gemv" if (cfg is None and M <= GEMV_ROWS) or (cfg is not None and "BM" not in cfg) else "gemm"
     nblk = w.k // 32
-    if kind == "rows":
-        c = dict(cfg or rows_config(w))
-        MR, BN, NB, target = c.pop("MR"), c.pop("BN"), c.pop("NB"), c.pop("TARGET")
-        tiles = triton.cdiv(w.n, BN)
-        splits, chunk = split_k(nblk, tiles, NB, target)
-        part = y if splits == 1 else torch.empty(splits, M, w.n, dtype=torch.float32, device=x.device)
-        _gemv_rows_kernel[(triton.cdiv(M, MR), tiles, splits)](
-            x2, w.codes, w.scales, part, M, w.n, w.k, x2.stride(0), chunk, IS_MXFP4=mx, BN=BN, NB=NB, MR=MR, **c)
-    elif kind == "gemv":
+    if kind == "gemv":
         c = dict(cfg or gemv_config(w))
         BN, NB, stages, target = c.pop("BN"), c.pop("NB"), c.pop("STAGES"), c.pop("TARGET")
         tiles = triton.cdiv(w.n, BN)
