@@ -196,3 +196,27 @@ def test_scheduler_on_cuda_decodes_through_bucketed_graphs(tmp_path):
         finally:
             s.stop()
     assert runs[True] == runs[False]
+
+
+@pytest.mark.gpu
+def test_scheduler_on_cuda_texts_do_not_depend_on_company(tmp_path):
+    """16 greedy requests of different lengths decoding (and prefilling, packed) together give each the tokens
+    it gets alone: every GPU kernel computes a row the same way in any batch."""
+    from worker_orcd.engine.scheduler import Request, Scheduler, TokenEvent
+
+    class Tok:
+        eog_ids: list[int] = []
+
+        def stream_decoder(self, continuation: bool = False):
+            return type("D", (), {"push": lambda self, t: "", "flush": lambda self: ""})()
+
+    _, net = load(tmp_path, "gpt-oss", "MXFP4", "cuda")
+    s = Scheduler(net, Tok(), max_batch=16, ctx=256, prefill_chunk=64).start()
+    try:
+        reqs = [Request(f"r{i}", prompt_ids(net.cfg.vocab_size, 3 + 9 * i, i), 20) for i in range(16)]
+        alone = [[e.token for e in s.submit(r) if isinstance(e, TokenEvent)] for r in reqs]
+        handles = [s.submit(Request(r.id + "b", r.prompt_ids, r.max_tokens)) for r in reqs]
+        together = [[e.token for e in h if isinstance(e, TokenEvent)] for h in handles]
+    finally:
+        s.stop()
+    assert together == alone

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -278,6 +279,9 @@ def serve(
                                                     help="for a request's head, then its body: else 408")] = 30.0,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs",
                                               help="decode steps through CUDA graphs (CUDA only)")] = True,
+    nondeterministic: Annotated[bool, typer.Option(
+        "--nondeterministic", help="CUDA: the fastest kernel per batch size; a sequence's tokens may then "
+                                   "change with what else runs beside it")] = False,
 ) -> None:
     """Serve the model over HTTP: the worker API and an OpenAI-compatible API."""
     import asyncio
@@ -287,6 +291,8 @@ def serve(
     from worker_orcd.server import serve as run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if nondeterministic:  # read when the CUDA kernels are first imported, at load
+        os.environ["WORKER_ORCD_NONDETERMINISTIC"] = "1"
     if gpu_device is not None and device in ("auto", "cuda"):
         device = f"cuda:{gpu_device}"
     cfg = ServeConfig(host=host, port=port, worker_id=worker_id, callback_url=callback_url, ctx=ctx,

@@ -2,8 +2,9 @@
 
 Each loop iteration: admit waiting requests while slots and KV blocks last, drop cancelled and timed-out
 ones, run ONE decode forward over every decoding sequence (one row each, so each weight is read once per
-step) and prefill one chunk of one waiting prompt. Requests join and leave between steps. A forward
-that raises (a CUDA OOM, a bug) is rerun one sequence at a time; only the sequences that fail alone end.
+step) and prefill one chunk of a waiting prompt (on CUDA, chunks of several short prompts in one forward).
+Requests join and leave between steps. A forward that raises (a CUDA OOM, a bug) is rerun one sequence at a
+time; only the sequences that fail alone end.
 
 Batching must not change results (WORK-3062). Attention is per sequence; what could differ is the matmuls.
 On CPU, rows of torch's packed kernels are bitwise independent of each other up to 16 rows, so a prompt
@@ -169,6 +170,9 @@ class Scheduler:
         on_cuda = torch.device(getattr(net, "device", "cpu")).type == "cuda"
         # a prefill chunk joins the decode forward while the rows stay within this (never on CUDA: see above)
         self.mix_rows = mix_rows if mix_rows is not None else (0 if on_cuda else 16)
+        # prompt chunks packed into one prefill forward while their rows stay within this (CUDA: the kernels'
+        # decode-sized row count, where every matmul row is computed on its own; CPU: one prompt per forward)
+        self.pack_rows = 128 if on_cuda else 0
         self.max_waiting = max_batch if max_waiting is None else max_waiting
         # CUDA graphs for decode-only steps (on by default on CUDA; WORKER_ORCD_CUDA_GRAPHS=0 or
         # --no-cuda-graphs turns them off); one scratch slot takes the rows that pad a batch bucket
@@ -370,38 +374,54 @@ class Scheduler:
 
     def _step(self) -> None:
         decoding = [s for s in self._running if s.decoding]
-        prefilling = next((s for s in self._running if not s.decoding), None)
-        if prefilling is not None and decoding and len(decoding) + self._chunk_len(prefilling) <= self.mix_rows:
-            self._forward(decoding, prefilling)  # a short chunk rides along with the decode rows
+        prefills = self._prefill_group()
+        rows = len(decoding) + sum(self._chunk_len(p) for p in prefills)
+        if prefills and decoding and rows <= self.mix_rows:
+            self._forward(decoding, prefills)  # short chunks ride along with the decode rows
         else:
             if decoding:
-                self._forward(decoding, None)
-            if prefilling is not None:
-                self._forward([], prefilling)
-        if decoding or prefilling:
+                self._forward(decoding, [])
+            if prefills:
+                self._forward([], prefills)
+        if decoding or prefills:
             self.steps += 1
+
+    def _prefill_group(self) -> list[_Seq]:
+        """The prompts whose next chunks prefill this step: the first waiting one, and on CUDA more while all
+        their chunks together stay within pack_rows (every kernel treats those rows one by one, so packing
+        changes no result; a longer chunk runs alone, as it would anyway)."""
+        group, rows = [], 0
+        for seq in self._running:
+            if seq.decoding:
+                continue
+            n = self._chunk_len(seq)
+            if group and rows + n > self.pack_rows:
+                break
+            group.append(seq)
+            rows += n
+            if rows > self.pack_rows:
+                break
+        return group
 
     def _chunk_len(self, seq: _Seq) -> int:
         return min(self.prefill_chunk, len(seq.handle.request.prompt_ids) - seq.prefilled)
 
-    def _forward(self, decoding: list[_Seq], prefill: _Seq | None) -> None:
+    def _forward(self, decoding: list[_Seq], prefills: list[_Seq]) -> None:
         """One forward over the group; if it fails, find out which sequences fail on their own."""
         try:
-            logits = self._logits(decoding, prefill)
+            logits = self._logits(decoding, prefills)
         except Exception as e:
-            self._isolate(decoding, prefill, e)
+            self._isolate(decoding, prefills, e)
             return
-        self._apply(decoding, prefill, logits)
+        self._apply(decoding, prefills, logits)
 
-    def _isolate(self, decoding: list[_Seq], prefill: _Seq | None, error: Exception) -> None:
+    def _isolate(self, decoding: list[_Seq], prefills: list[_Seq], error: Exception) -> None:
         """A batched forward failed (an OOM, a bad input) and the culprit is unknown: run each sequence
         alone once and fail only those that fail alone. Rerunning is safe: a retry rewrites the same KV
         rows before any attention reads them, and a sequence's result does not depend on its batch."""
-        groups: list[tuple[list[_Seq], _Seq | None]] = [([s], None) for s in decoding]
-        if prefill is not None:
-            groups.append(([], prefill))
+        groups: list[tuple[list[_Seq], list[_Seq]]] = [([s], []) for s in decoding] + [([], [p]) for p in prefills]
         if len(groups) == 1:
-            self._fail([s for s in (*decoding, prefill) if s is not None], error)
+            self._fail([*decoding, *prefills], error)
             return
         log.warning("a forward of %d sequences failed (%s: %s); retrying each alone", len(groups),
                     type(error).__name__, error)
@@ -410,7 +430,7 @@ class Scheduler:
             try:
                 logits = self._logits(alone, chunk)
             except Exception as e:
-                self._fail(alone or [chunk], e)
+                self._fail(alone or chunk, e)
                 continue
             self._apply(alone, chunk, logits)
 
@@ -424,38 +444,44 @@ class Scheduler:
             for seq in seqs:
                 self._finish(seq, ErrorEvent(code, f"{type(error).__name__}: {error}", seq.handle.stats))
 
-    def _logits(self, decoding: list[_Seq], prefill: _Seq | None) -> torch.Tensor:
-        """One forward: a row per decoding sequence (its last token), then one prompt chunk.
-        Changes nothing but the KV rows it writes, so a failed call can be retried."""
+    def _logits(self, decoding: list[_Seq], prefills: list[_Seq]) -> torch.Tensor:
+        """One forward: a row per decoding sequence (its last token), then one chunk of each prompt in
+        `prefills`; logits for the decode rows and each prompt's last row. Changes nothing but the KV rows
+        it writes, so a failed call can be retried."""
         tokens = [s.history[-1] for s in decoding]
         positions = [s.kv_len for s in decoding]
         spans = [SeqSpan(s.slot, i, i + 1) for i, s in enumerate(decoding)]
         rows = list(range(len(decoding)))  # which rows need logits
-        if prefill is None and self._decoder is not None:
+        if not prefills and self._decoder is not None:
             return self._decoder.step(tokens, positions, [s.slot for s in decoding])
-        if prefill is not None:
-            prompt = prefill.handle.request.prompt_ids
-            start, n = prefill.prefilled, len(tokens)
-            end = start + self._chunk_len(prefill)
+        for seq in prefills:
+            prompt = seq.handle.request.prompt_ids
+            start, n = seq.prefilled, len(tokens)
+            end = start + self._chunk_len(seq)
             if start == 0:
-                prefill.handle.stats.started_at = time.monotonic()
+                seq.handle.stats.started_at = time.monotonic()
             tokens += prompt[start:end]
             positions += range(start, end)
-            spans.append(SeqSpan(prefill.slot, n, len(tokens)))
-            if end == len(prompt) or not rows:  # a mid-prompt chunk alone still computes one row of logits
+            spans.append(SeqSpan(seq.slot, n, len(tokens)))
+            if end == len(prompt):
                 rows.append(len(tokens) - 1)
+        if not rows:  # only mid-prompt chunks: the forward still computes one row of logits
+            rows.append(len(tokens) - 1)
         return self.net.forward(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                                 self.kv, spans, torch.tensor(rows))
 
-    def _apply(self, decoding: list[_Seq], prefill: _Seq | None, logits: torch.Tensor) -> None:
-        """Advance the group past a successful forward: the chunk counts as prefilled, each row samples."""
-        if prefill is not None:
-            prefill.prefilled += self._chunk_len(prefill)
+    def _apply(self, decoding: list[_Seq], prefills: list[_Seq], logits: torch.Tensor) -> None:
+        """Advance the group past a successful forward: the chunks count as prefilled, each row samples."""
+        done = []
+        for seq in prefills:
+            seq.prefilled += self._chunk_len(seq)
+            if seq.decoding:
+                done.append(seq)
         picked = _greedy_rows(decoding, logits)
         for i, seq in enumerate(decoding):
             self._advance_or_fail(seq, logits[i], picked[i])
-        if prefill is not None and prefill.decoding:
-            self._advance_or_fail(prefill, logits[-1])
+        for j, seq in enumerate(done):  # their rows follow the decode rows, in order
+            self._advance_or_fail(seq, logits[len(decoding) + j])
 
     def _advance_or_fail(self, seq: _Seq, logits: torch.Tensor, picked: int | None = None) -> None:
         """A failure while sampling or decoding one sequence ends that sequence only."""
