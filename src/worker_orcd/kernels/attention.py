@@ -166,15 +166,21 @@ def _kernel_tiles(pos_list: list[int], row_slot: list[int], seqs, kv) -> KernelT
         for r in range(s.start, s.end, PREFILL_TILE) if s.end - s.start > 1 else ():
             prefill_rows.append(r)
             prefill_lens.append(min(PREFILL_TILE, s.end - r))
-    meta = torch.tensor(row_slot + pos_list + decode_rows + prefill_rows + prefill_lens, dtype=torch.int32)
-    meta = meta.to(kv.device)
+    # one host-to-device copy; every section starts 16-byte aligned, so the kernels see the same pointer
+    # alignment whatever the row counts (Triton would compile a variant per alignment)
+    parts = [row_slot, pos_list, decode_rows, prefill_rows, prefill_lens]
+    starts, flat = [], []
+    for part in parts:
+        starts.append(len(flat))
+        flat += part + [0] * (-len(part) % 4)
+    meta = torch.tensor(flat, dtype=torch.int32).to(kv.device)
     T, nd, npf = len(pos_list), len(decode_rows), len(prefill_rows)
     groups = []
     if nd:
-        groups.append((meta[2 * T : 2 * T + nd], torch.ones(nd, dtype=torch.int32, device=kv.device), 1))
+        groups.append((meta[starts[2] : starts[2] + nd], torch.ones(nd, dtype=torch.int32, device=kv.device), 1))
     if npf:
-        groups.append((meta[2 * T + nd : 2 * T + nd + npf], meta[2 * T + nd + npf :], PREFILL_TILE))
-    return KernelTiles(meta[:T], meta[T : 2 * T], groups, decode_splits(kv.max_len))
+        groups.append((meta[starts[3] : starts[3] + npf], meta[starts[4] : starts[4] + npf], PREFILL_TILE))
+    return KernelTiles(meta[:T], meta[starts[1] : starts[1] + T], groups, decode_splits(kv.max_len))
 
 
 def decode_plans(kv, slots: torch.Tensor, positions: torch.Tensor, windows, kernel: bool | None = None) -> dict:

@@ -24,7 +24,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# T (rows in the step) is not specialized on: a new value mid-serving would recompile
+@triton.jit(do_not_specialize=["T"])
 def _attn_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr,
     tile_row_ptr, tile_len_ptr, row_slot_ptr, pos_ptr, tables_ptr, sinks_ptr,
@@ -113,7 +114,7 @@ def _attn_kernel(
                  out.to(o_ptr.dtype.element_ty), mask=out_mask)  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _merge_kernel(
     part_ptr, ml_ptr, sinks_ptr, o_ptr, tile_row_ptr, T, stride_ot, stride_oh,
     H: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, SPLITS: tl.constexpr, HAS_SINKS: tl.constexpr,

@@ -209,7 +209,8 @@ def _q8_0_gemv_tile(
     return tl.sum(tl.sum(acc, axis=2), axis=1)
 
 
-@triton.jit
+# row counts vary per step: not specialized on (a value first seen mid-serving would recompile for ~1 s)
+@triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -244,7 +245,7 @@ def _gemv_kernel(
     tl.store(y_ptr + (split * M + m) * N + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["J", "stride_i", "stride_r"])
 def sum_partials_kernel(part_ptr, y_ptr, J, stride_i, stride_r, R: tl.constexpr, BJ: tl.constexpr):
     """y[i, j] = sum over r < R, in order, of part[i * stride_i + r * stride_r + j]; stored in y's dtype."""
     i = tl.program_id(0)
@@ -266,7 +267,7 @@ def split_k(nblk: int, tiles: int, nb: int, target: int) -> tuple[int, int]:
 # ---------------------------------------------------------------- GEMM tiles (prefill): dequantized tiles -> tl.dot
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(
     x_ptr,
     w_ptr,
