@@ -132,8 +132,8 @@ def test_teacher_forced_window_decodes_like_the_float_path_and_llama_cpp(exact, 
     clear_flips = [(i, round(float(top2[i, 0] - top2[i, 1]), 3)) for i in flips
                    if top2[i, 0] - top2[i, 1] >= CLEAR_MARGIN]
     agree_float = 1 - len(flips) / WINDOW
-    cosines = torch.nn.functional.cosine_similarity(dec.double(), full.double(), dim=-1)
-    rel_err = float((dec.double() - full.double()).norm() / full.double().norm())
+    cosines = torch.nn.functional.cosine_similarity(dec, full, dim=-1)  # float32: Gemma's rows are 262k wide
+    rel_err = float((dec - full).norm() / full.norm())
     agree_cpp = agreement(dec[scored].argmax(-1).tolist(), cpp)
     float_cpp = agreement(full[scored].argmax(-1).tolist(), cpp)
     summary = (f"{name}: vs float path top-1 {agree_float:.4f}, mean cosine {float(cosines.mean()):.6f} "
