@@ -7,7 +7,9 @@
 # then  run(command="bash bench/gpu_session.sh bench", carry=[".whl"]).
 #
 #   tests   every @pytest.mark.gpu test (kernels, models against transformers, CUDA graphs, the scheduler on
-#           graphs, sink attention on CUDA), then the CPU-side suites that touch CUDA code paths
+#           graphs, sink attention on CUDA, the real-model decode path where the model files are present);
+#           exits with pytest's status, 1 without a CUDA device; also `make test-gpu`. Its last line
+#           (gpu-tests-summary.txt) is NOTES.md's "GPU tests, last run".
 #   bench   the synthetic GPT-OSS-20B (built if missing, ~40 s), bench/gpu.py with CUDA graphs, then eager
 # Logs go to $OUT (the device tool brings them back) or /tmp/gpu-session.
 set -uo pipefail
@@ -20,7 +22,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 case "${1:-tests}" in
   tests)
+    # every -m gpu test; without a CUDA device conftest.py would skip them all and "pass", so refuse instead
+    python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to test')" || exit 1
     python3 -m pytest -p no:cacheprovider -m gpu -q -rs tests 2>&1 | tee "$out/gpu-tests.log" | tail -40
+    rc=${PIPESTATUS[0]}
+    # the line for NOTES.md ("GPU tests, last run")
+    echo "$(date -u +%F) $(head -1 "$out/device.txt"): $(tail -1 "$out/gpu-tests.log") (exit $rc)" | tee "$out/gpu-tests-summary.txt"
+    exit "$rc"
     ;;
   bench)
     model=/tmp/gpt-oss-20b-synthetic-q8_0.gguf

@@ -35,3 +35,23 @@ def gemma3_path():
     from worker_orcd.packaged import gemma3_270m_path
 
     return gemma3_270m_path()
+
+
+# The CPU matmul paths a served (<= 16-row) decode can take. "native" is what this CPU picks; the forced
+# fallbacks of issue 13 (WORKER_ORCD_CPU_KERNELS=<name>) join by adding their names here.
+CPU_KERNEL_PATHS = ["native"]
+SERVED_PATHS = [pytest.param(("cpu", k), id=f"cpu-{k}") for k in CPU_KERNEL_PATHS] + [
+    pytest.param(("cuda", "native"), id="cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(scope="module", params=SERVED_PATHS)
+def served_device(request):
+    """The device to load a model on, with WORKER_ORCD_CPU_KERNELS forcing the CPU path while the module's
+    tests of this parameter run (models must be loaded inside, since kernels are chosen at load)."""
+    device, kernels = request.param
+    with pytest.MonkeyPatch.context() as mp:
+        if kernels == "native":
+            mp.delenv("WORKER_ORCD_CPU_KERNELS", raising=False)
+        else:
+            mp.setenv("WORKER_ORCD_CPU_KERNELS", kernels)
+        yield device

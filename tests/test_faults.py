@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests.server_helpers import PROMPTS as SERVER_PROMPTS
+from tests.waiting import wait_for
 from worker_orcd.engine.sampler import SamplingParams
 from worker_orcd.engine.scheduler import EndEvent, ErrorEvent, Request, Scheduler, TokenEvent
 
@@ -283,7 +284,7 @@ def test_sigkill_then_immediate_restart_then_sigterm_drains(tmp_path):
                 "model": "SmolLM2-135M-Instruct.Q4_1", "prompt": COUNTING, "max_tokens": 40, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True}}))
             second.proc.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
+            wait_for(lambda: c.get("/health").json()["status"] == "draining", "the worker to drain")
             for path, body in (("/execute", {"job_id": "late", "prompt": "Hi", "max_tokens": 4}),
                                ("/v1/completions", {"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": "Hi"})):
                 refused = c.post(path, json=body)

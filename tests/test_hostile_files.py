@@ -295,22 +295,44 @@ def test_template_errors_of_every_kind_are_tokenizer_errors(template):
 
 
 def test_a_timeout_never_escapes_into_the_caller():
-    # The watchdog's exception is cleared when the render ends first; busy Python code after many
-    # renders that finish just under their deadline must never see it.
-    template = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
-    for _ in range(3):
-        with pytest.raises(TokenizerError):
-            _render(template, RenderLimits(timeout_s=0.05))
-    near = "{% for a in range(3000) %}{% endfor %}"
-    for _ in range(300):
-        try:
-            _render(near, RenderLimits(timeout_s=0.0005))
-        except TokenizerError:
-            pass
-    deadline = time.monotonic() + 0.3
-    n = 0
-    while time.monotonic() < deadline:
-        n += 1
+    """The watchdog's exception is cleared when the render ends first. Renders whose limit falls around their
+    own running time (some finish, some time out) must each end as what they were: a render that reports a
+    timeout ran for at least its limit (an earlier render's timeout did not land in it), one that finished
+    gave its output, and busy Python code after them never sees a timeout."""
+    from worker_orcd.tokenizer.sandbox import RenderTimeout
+
+    runaway = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
+    near = "{% for a in range(3000) %}{% endfor %}x"
+    outcomes = {"finished": 0, "timed out": 0}
+    try:
+        for _ in range(3):
+            with pytest.raises(TokenizerError, match="ran longer than"):
+                _render(runaway, RenderLimits(timeout_s=0.05))
+        durations = []
+        for _ in range(5):
+            start = time.monotonic()
+            assert _render(near, RenderLimits(timeout_s=60)) == "x"
+            durations.append(time.monotonic() - start)
+        for i in range(300):
+            limit = min(durations) * (0.05, 0.5, 0.9, 1.1, 2.0, 20.0)[i % 6]
+            start = time.monotonic()
+            try:
+                out = _render(near, RenderLimits(timeout_s=limit))
+            except TokenizerError as e:
+                elapsed = time.monotonic() - start
+                assert "ran longer than" in str(e), e
+                assert elapsed >= limit, f"a timeout after {elapsed:.6f} s of a {limit:.6f} s limit: not this render's"
+                outcomes["timed out"] += 1
+            else:
+                assert out == "x"
+                outcomes["finished"] += 1
+        deadline = time.monotonic() + 0.3
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+    except RenderTimeout:
+        pytest.fail(f"a render's timeout escaped into the caller after {outcomes}")
+    assert outcomes["finished"] and outcomes["timed out"], f"limits around the render time gave only {outcomes}"
 
 
 def test_a_runaway_render_does_not_stop_other_threads_rendering():

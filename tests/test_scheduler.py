@@ -6,12 +6,10 @@ keeps these tests about scheduling, independent of text.
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 import torch
 
+from tests.waiting import wait_for
 from worker_orcd.engine.sampler import SamplingParams
 from worker_orcd.engine.scheduler import EndEvent, ErrorEvent, QueueFull, Request, Scheduler, TokenEvent
 
@@ -63,12 +61,37 @@ def tokens_of(handle) -> tuple[list[int], EndEvent | ErrorEvent]:
     return out, last
 
 
-def test_greedy_batch_of_8_equals_alone(sched):
+@pytest.fixture
+def forward_sizes(net, monkeypatch):
+    """How many sequences each forward of `net` served, in order."""
+    sizes: list[int] = []
+    forward = net.forward
+
+    def counted(tokens, positions, kv, seqs=None, *args, **kwargs):
+        sizes.append(len(seqs) if seqs else 1)
+        return forward(tokens, positions, kv, seqs, *args, **kwargs)
+
+    monkeypatch.setattr(net, "forward", counted)
+    return sizes
+
+
+def test_greedy_batch_of_8_equals_alone(sched, forward_sizes):
     # short prompts join the decode forward (mixed rows), the longer ones prefill on their own
     reqs = [Request(f"r{i}", prompt(i, 3 + 4 * i), 20) for i in range(8)]
+    steps0 = sched.steps
     alone = [tokens_of(sched.submit(r))[0] for r in reqs]
-    together = [sched.submit(Request(r.id + "b", r.prompt_ids, r.max_tokens)) for r in reqs]
+    # a step per token (the prefill gives the first); the counter moves just after a step's last event
+    wait_for(lambda: sched.steps - steps0 == sum(len(t) for t in alone), "one step per token alone")
+    steps0 = sched.steps
+    forward_sizes.clear()
+    with sched._cv:  # all 8 queue before the scheduler admits any, however the threads are scheduled
+        together = [sched.submit(Request(r.id + "b", r.prompt_ids, r.max_tokens)) for r in reqs]
     assert [tokens_of(h)[0] for h in together] == alone
+    steps_together = sched.steps - steps0
+    # alone ~160 steps. Together: one prompt prefills per step (the first 8 steps, beside the earlier ones'
+    # decode rows), then up to 19 decode steps after the last one.
+    assert steps_together <= max(len(t) for t in alone) + 7, f"{steps_together} steps for 8 requests: not shared"
+    assert max(forward_sizes) == 8, f"at most {max(forward_sizes)} sequences shared a forward"
 
 
 def test_sampled_request_is_seeded(sched):
@@ -128,10 +151,8 @@ def test_cancel_frees_slot_within_one_step(sched):
         else:
             assert isinstance(ev, ErrorEvent) and ev.code == "CANCELLED"
     assert sched.steps - steps <= 2 and seen <= 5
-    deadline = time.monotonic() + 2
-    while sched.n_running and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert sched.n_running == 0 and len(sched._free) == 8
+    wait_for(lambda: sched.n_running == 0, "the cancelled request to leave")
+    assert len(sched._free) == 8
     assert not sched.cancel("long")  # already gone
 
 
@@ -168,29 +189,22 @@ def test_prompt_validation(sched):
 
 
 def test_long_prefill_does_not_stall_running_stream(sched):
-    """A 400-token prompt prefills in 64-token chunks between the running stream's decode steps."""
-    running = sched.submit(Request("run", prompt(7), 60))
-    times: list[float] = []
-    first = next(iter(running))
-    assert isinstance(first, TokenEvent)
-    done = threading.Event()
-
-    def consume():
-        for _ in running:
-            times.append(time.monotonic())
-        done.set()
-
-    threading.Thread(target=consume, daemon=True).start()
-    time.sleep(0.2)
-    t0 = time.monotonic()
-    long = sched.submit(Request("long", prompt(8, 400), 2))
-    toks, end = tokens_of(long)
-    t1 = time.monotonic()
-    assert isinstance(end, EndEvent)
-    during = [t for t in times if t0 <= t <= t1]
-    assert len(during) >= 4, f"only {len(during)} tokens of the running stream while the long prompt prefilled"
+    """A 401-token prompt prefills in 7 chunks of <= 64 tokens, each in a step where the running stream also
+    decodes: the running stream gets a token in each (counted in event order, not in a time window)."""
+    log: list[tuple[str, object]] = []
+    running = sched.submit(Request("run", prompt(7), 300), on_event=lambda ev: log.append(("run", ev)))
+    wait_for(lambda: log, "the running stream's first token")
+    log.append(("submit", None))
+    long = sched.submit(Request("long", prompt(8, 400), 2), on_event=lambda ev: log.append(("long", ev)))
+    wait_for(lambda: long.done, "the long request to finish")
     sched.cancel("run")
-    done.wait(5)
+    wait_for(lambda: running.done, "the running stream to end")
+    who = [w for w, _ in log]
+    submitted, first_long = who.index("submit"), who.index("long")
+    during = who[submitted:first_long].count("run")
+    assert "run" in who[first_long:], "the running stream ended before the long prompt's first token"
+    # one step may have been running when the long prompt arrived: 7 or 8 tokens
+    assert during >= 7, f"only {during} tokens of the running stream while the long prompt prefilled"
 
 
 def test_bucketed_static_decode_batch_of_8_equals_alone(net):

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.shared_data import VOCAB_DIR
 from worker_orcd.tokenizer import StreamDecoder, Tokenizer, TokenizerError, load_tokenizer
 from worker_orcd.tokenizer.pieces import gpt2_byte_decoder
 from worker_orcd.tokenizer.vocab import read_vocab
 
-VOCAB_DIR = Path("/work/shared/vocab")
 VOCABS = ["gpt-2", "llama-bpe", "llama-spm", "phi-3", "qwen2"]
 DATA = Path(__file__).parent / "data"
 
