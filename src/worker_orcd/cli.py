@@ -92,6 +92,19 @@ def inspect(
 
 ModelOpt = Annotated[Path | None, typer.Option("--model", "-m", help="GGUF file (default: the packaged model)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+CpuKernelsOpt = Annotated[str | None, typer.Option(
+    "--cpu-kernels", help="CPU matmul path: auto | onednn (AVX-512) | portable (AVX2, ARM64) | reference "
+    "(float32); default: $WORKER_ORCD_CPU_KERNELS or auto")]
+
+
+def _force_cpu_kernels(name: str | None) -> None:
+    if name is not None:
+        from worker_orcd.quant.cpu_caps import force
+
+        try:
+            force(name)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
 
 
 def _load(model: Path | None, device: str, mmap: bool | None = None):
@@ -127,6 +140,7 @@ def generate(
     top_k: Annotated[int, typer.Option("--top-k")] = 0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: DeviceOpt = "auto",
+    cpu_kernels: CpuKernelsOpt = None,
 ) -> None:
     """Generate text and stream it to stdout."""
     import sys
@@ -134,6 +148,7 @@ def generate(
 
     if (prompt is None) == (chat is None):
         _fail("give exactly one of --prompt or --chat")
+    _force_cpu_kernels(cpu_kernels)
     m = _load(model, device)
     if chat is not None:
         text = m.tokenizer.apply_chat_template([{"role": "user", "content": chat}], add_generation_prompt=True)
@@ -276,6 +291,7 @@ def serve(
                                                 help="larger request bodies get 413 unread")] = 2 * 2**20,
     read_timeout_sec: Annotated[float, typer.Option("--read-timeout-sec", min=0.001,
                                                     help="for a request's head, then its body: else 408")] = 30.0,
+    cpu_kernels: CpuKernelsOpt = None,
 ) -> None:
     """Serve the model over HTTP: the worker API and an OpenAI-compatible API."""
     import asyncio
@@ -285,6 +301,7 @@ def serve(
     from worker_orcd.server import serve as run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    _force_cpu_kernels(cpu_kernels)
     if gpu_device is not None and device in ("auto", "cuda"):
         device = f"cuda:{gpu_device}"
     cfg = ServeConfig(host=host, port=port, worker_id=worker_id, callback_url=callback_url, ctx=ctx,
