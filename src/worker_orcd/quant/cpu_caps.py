@@ -74,46 +74,49 @@ def _decide(want: str) -> CpuKernels:
     int4 = _int4_ok()
     if want in ("auto", "onednn") and _onednn_ok(cap, forced=want == "onednn"):
         return CpuKernels("onednn", int4, "onednn-bf16", cap)
-    if not _probe("torch bf16 GEMV", _try_bf16_gemv):
-        log.warning("CPU kernels: torch's bf16 GEMV failed its probe; dense weights use float32 (reference)")
+    if not _probe("torch bf16 GEMV", _try_bf16_gemv, "dense weights use float32 (the reference path)"):
         return CpuKernels("reference", int4, "f32", cap)
     return CpuKernels("portable", int4, "bf16", cap)
 
 
-def _onednn_ok(cap: str, forced: bool) -> bool:
-    """oneDNN's bf16 linear: on x86 AVX-512 (its batch invariance is checked on that ISA only) or when forced."""
+def _onednn_bf16_supported() -> bool:
+    """oneDNN's own answer (it honours ONEDNN_MAX_CPU_ISA); False where this torch has no oneDNN linear."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        log.warning("CPU kernels: this torch has no oneDNN (mkldnn) linear; dense bf16 uses the portable path")
         return False
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        log.warning("CPU kernels: CPU lacks oneDNN's bf16 ISA (avx512bw+avx512vl+avx512dq or avx_ne_convert; "
-                    "ATen capability %s); dense bf16 uses the portable path (torch bf16 GEMV)", cap)
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _onednn_ok(cap: str, forced: bool) -> bool:
+    """oneDNN's bf16 linear: on x86 AVX-512 (its batch invariance is known there) or when forced."""
+    portable = "dense bf16 uses the portable path (torch bf16 GEMV, one row per call)"
+    if not _onednn_bf16_supported():
+        log.warning("CPU kernels: CPU (or torch build) lacks oneDNN's bf16 ISA (avx512bw+avx512vl+avx512dq "
+                    "or avx_ne_convert; ATen capability %s); %s", cap, portable)
         return False
     if not cap.startswith("AVX512") and not forced:
-        log.info("CPU kernels: ATen capability %s is not AVX-512; dense bf16 uses the portable path", cap)
+        log.info("CPU kernels: ATen capability %s is not AVX-512; %s", cap, portable)
         return False
-    return _probe("oneDNN bf16 linear", _try_onednn)
+    return _probe("oneDNN bf16 linear", _try_onednn, portable)
 
 
 def _int4_ok() -> bool:
-    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):  # torch >= 2.5
-        log.warning("CPU kernels: this torch has no int4pack CPU kernel (torch >= 2.5); Q4_x weights go dense")
+    dense = "Q4_x weights go dense"
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        log.warning("CPU kernels: this torch has no int4pack CPU kernel (needs torch >= 2.5); %s", dense)
         return False
-    if not _probe("int4pack", _try_int4):
-        log.warning("CPU kernels: Q4_x weights go dense (int4pack failed its probe)")
-        return False
-    return True
+    return _probe("int4pack", _try_int4, dense)
 
 
-def _probe(name: str, check: Callable[[], bool]) -> bool:
+def _probe(name: str, check: Callable[[], bool], instead: str) -> bool:
     """Run a kernel once on a small matrix: it must not raise, must match float32 and be batch invariant."""
     try:
         ok = check()
     except (RuntimeError, NotImplementedError) as e:
-        log.warning("CPU kernels: %s is not available here (%s)", name, str(e).splitlines()[0] if str(e) else e)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("CPU kernels: %s is not available here (%s); %s", name, reason, instead)
         return False
     if not ok:
-        log.warning("CPU kernels: %s gave wrong or batch-dependent results in its probe; not used", name)
+        log.warning("CPU kernels: %s gave wrong or batch-dependent results in its probe; %s", name, instead)
     return ok
 
 
