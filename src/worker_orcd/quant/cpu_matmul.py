@@ -15,6 +15,9 @@ does not) is decided once by cpu_caps.py, forced with WORKER_ORCD_CPU_KERNELS or
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from gguf import GGMLQuantizationType as T
 
@@ -117,8 +120,22 @@ class RowsLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)
-        y = torch.cat([torch.nn.functional.linear(x2[i : i + 1], self.weight) for i in range(x2.shape[0])])
+        with _aten_kernels():
+            y = torch.cat([torch.nn.functional.linear(x2[i : i + 1], self.weight) for i in range(x2.shape[0])])
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+@contextmanager
+def _aten_kernels() -> Iterator[None]:
+    """Where oneDNN has bf16, torch sends a bf16 F.linear to it, reordering the weight on every call (the head:
+    ~27 ms instead of ATen's GEMV ~3 ms, 1 thread); with oneDNN off, every CPU runs ATen's own kernel.
+    The switch is process-wide: only the thread that runs the model multiplies bf16 matrices."""
+    was = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(was)
 
 
 def dense_linear(weight: torch.Tensor) -> Bf16Linear | RowsLinear:
