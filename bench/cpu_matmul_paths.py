@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
+from worker_orcd.quant.cpu_matmul import RowsLinear
+
 SHAPES = {"head 49152x576": (49152, 576), "gate|up 3072x576": (3072, 576), "down 576x1536": (576, 1536),
           "qkv 960x576": (960, 576)}
 
@@ -31,6 +33,8 @@ def candidates(w: torch.Tensor) -> dict:
     out = {"f32 F.linear": lambda x: F.linear(x, w)}
     wb = w.bfloat16()
     out["bf16 F.linear"] = lambda x: F.linear(x.bfloat16(), wb).float()
+    rows = RowsLinear(w, torch.bfloat16)  # the portable path: ATen's GEMV per row, oneDNN off
+    out["bf16 GEMV per row"] = rows
     try:
         p = torch.ops.mkldnn._reorder_linear_weight(wb, 2)
         out["bf16 oneDNN prepacked"] = lambda x: torch.ops.mkldnn._linear_pointwise(

@@ -163,12 +163,12 @@ def _chunked_logits(model, chunk: int = 16):
     return logits
 
 
-# top-1 floor against llama.cpp: transformers (float32, the same weights) itself agrees with llama.cpp on only
-# 95.7% of Gemma 3's first window, so the bf16 kernels get 2 points there; against transformers it is 95%.
-@pytest.mark.parametrize("name, windows, floor_cpp", [("smollm2", 2, 0.95), ("gemma3", 1, 0.93)])
-def test_packed_kernels_perplexity_and_top1_match_references(name, windows, floor_cpp, smollm2_path, gemma3_path):
+@pytest.mark.parametrize("name, windows", [("smollm2", 4), ("gemma3", 1)])
+def test_packed_kernels_perplexity_and_top1_match_references(name, windows, smollm2_path, gemma3_path):
     """The CPU path this process runs (make test runs this file again on the forced portable path): the decode
-    kernels' perplexity within 1.5% of llama.cpp, top-1 agreement >= 95% with transformers."""
+    kernels' perplexity within 1.5% of llama.cpp, top-1 agreement >= 95% with transformers (float32, the same
+    weights), and with llama.cpp no more than 2 points under transformers' own agreement with it (95.5% for
+    SmolLM2's 4 windows, 95.7% for Gemma 3's first)."""
     import json
     import math
     from pathlib import Path
@@ -185,7 +185,8 @@ def test_packed_kernels_perplexity_and_top1_match_references(name, windows, floo
     cpp, hf = ref["llama_cpp"], ref["transformers_f32"]
     cpp_ppl = math.exp(sum(cpp["nll"][:n]) / n)
     agree_cpp, agree_hf = (sum(a == b for a, b in zip(r.top1, o["top1"][:n])) / n for o in (cpp, hf))
-    print(f"{name} {cpu_caps.cpu_kernels().path}: ppl {r.ppl:.4f} vs llama.cpp {cpp_ppl:.4f}, "
-          f"top-1 {agree_cpp:.1%} with llama.cpp, {agree_hf:.1%} with transformers")
+    hf_cpp = sum(a == b for a, b in zip(hf["top1"][:n], cpp["top1"][:n])) / n
+    print(f"{name} {cpu_caps.cpu_kernels().path}: ppl {r.ppl:.4f} vs llama.cpp {cpp_ppl:.4f}, top-1 "
+          f"{agree_cpp:.1%} with llama.cpp (transformers: {hf_cpp:.1%}), {agree_hf:.1%} with transformers")
     assert abs(r.ppl / cpp_ppl - 1) <= 0.015
-    assert agree_hf >= 0.95 and agree_cpp >= floor_cpp
+    assert agree_hf >= 0.95 and agree_cpp >= hf_cpp - 0.02
