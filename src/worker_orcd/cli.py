@@ -98,13 +98,13 @@ CpuKernelsOpt = Annotated[str | None, typer.Option(
 
 
 def _force_cpu_kernels(name: str | None) -> None:
-    if name is not None:
-        from worker_orcd.quant.cpu_caps import force
+    """Decide the CPU kernels at load (one log line; a warning line per missing CPU feature)."""
+    from worker_orcd.quant.cpu_caps import cpu_kernels, force
 
-        try:
-            force(name)
-        except ValueError as e:
-            raise typer.BadParameter(str(e)) from None
+    try:
+        force(name) if name is not None else cpu_kernels()
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def _load(model: Path | None, device: str, mmap: bool | None = None):
