@@ -93,6 +93,19 @@ def inspect(
 
 ModelOpt = Annotated[Path | None, typer.Option("--model", "-m", help="GGUF file (default: the packaged model)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+CpuKernelsOpt = Annotated[str | None, typer.Option(
+    "--cpu-kernels", help="CPU matmul path: auto | onednn (AVX-512) | portable (AVX2, ARM64) | reference "
+    "(float32); default: $WORKER_ORCD_CPU_KERNELS or auto")]
+
+
+def _force_cpu_kernels(name: str | None) -> None:
+    """Decide the CPU kernels at load (one log line; a warning line per missing CPU feature)."""
+    from worker_orcd.quant.cpu_caps import cpu_kernels, force
+
+    try:
+        force(name) if name is not None else cpu_kernels()
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def _load(model: Path | None, device: str, mmap: bool | None = None):
@@ -128,6 +141,7 @@ def generate(
     top_k: Annotated[int, typer.Option("--top-k")] = 0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: DeviceOpt = "auto",
+    cpu_kernels: CpuKernelsOpt = None,
 ) -> None:
     """Generate text and stream it to stdout."""
     import sys
@@ -135,6 +149,7 @@ def generate(
 
     if (prompt is None) == (chat is None):
         _fail("give exactly one of --prompt or --chat")
+    _force_cpu_kernels(cpu_kernels)
     m = _load(model, device)
     if chat is not None:
         text = m.tokenizer.apply_chat_template([{"role": "user", "content": chat}], add_generation_prompt=True)
@@ -282,6 +297,7 @@ def serve(
     nondeterministic: Annotated[bool, typer.Option(
         "--nondeterministic", help="CUDA: the fastest kernel per batch size; a sequence's tokens may then "
                                    "change with what else runs beside it")] = False,
+    cpu_kernels: CpuKernelsOpt = None,
 ) -> None:
     """Serve the model over HTTP: the worker API and an OpenAI-compatible API."""
     import asyncio
@@ -293,6 +309,7 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if nondeterministic:  # read when the CUDA kernels are first imported, at load
         os.environ["WORKER_ORCD_NONDETERMINISTIC"] = "1"
+    _force_cpu_kernels(cpu_kernels)
     if gpu_device is not None and device in ("auto", "cuda"):
         device = f"cuda:{gpu_device}"
     cfg = ServeConfig(host=host, port=port, worker_id=worker_id, callback_url=callback_url, ctx=ctx,

@@ -9,24 +9,26 @@ blocks ~90 MB. So blocks are repacked once, at load, into what torch's CPU kerne
   scales needed one call per group (~1,800 calls per Gemma 3 token), whose cost grew with every row.
 Scales and activations are rounded to bf16 (~2^-9 relative); accumulation is float32.
 F32/F16/BF16 weights return None: the caller keeps them exact (dequantize, one row at a time).
+Which kernels this CPU runs (oneDNN's prepacked bf16 needs AVX-512 or AVX-NE-CONVERT; the portable path
+does not) is decided once by cpu_caps.py, forced with WORKER_ORCD_CPU_KERNELS or `--cpu-kernels`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from gguf import GGMLQuantizationType as T
 
 from worker_orcd.quant._bytes import f16, nibbles
+from worker_orcd.quant.cpu_caps import cpu_kernels
 from worker_orcd.quant.formats import dequantize
 from worker_orcd.quant.tensor import MATMUL_KERNELS, QuantTensor, dequantize_matmul
 
 INT4_TYPES = {T.Q4_0, T.Q4_1, T.Q4_K}
 BF16_TYPES = {T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0}
 GROUP = 32
-
-
-def _have_int4_kernel() -> bool:
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")  # torch >= 2.5
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -82,13 +84,9 @@ class Int4Linear:
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-def _have_mkldnn_linear() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
 class Bf16Linear:
     """Dense bf16 weight through oneDNN, reordered once at load into its blocked layout (2x faster than
-    F.linear, which reorders on every call; the results are the same bits).
+    F.linear, which reorders on every call; the results are the same bits). Needs oneDNN's bf16 ISA.
 
     oneDNN's one-row kernel accumulates differently from its many-row kernel once K >= ~1,536, so a single
     row is computed as two equal rows: a decode row then gets the same bits alone or in any batch."""
@@ -97,36 +95,75 @@ class Bf16Linear:
         self.out_features = weight.shape[0]
         w = weight.to(torch.bfloat16).contiguous()
         self.nbytes = w.numel() * 2
-        self.prepacked = _have_mkldnn_linear()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(w, 2) if self.prepacked else w
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(w, 2)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         rows = x2.shape[0]
         if rows == 1:
             x2 = x2.expand(2, -1)
-        x2 = x2.contiguous()
-        if self.prepacked:
-            y = torch.ops.mkldnn._linear_pointwise(x2, self.weight, None, "none", [], "")
-        else:
-            y = torch.nn.functional.linear(x2, self.weight)
+        y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.weight, None, "none", [], "")
         return y[:rows].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-def pack_for_cpu(raw: torch.Tensor, ggml_type: T, shape: tuple[int, ...]) -> Int4Linear | Bf16Linear | None:
+class RowsLinear:
+    """Dense weight in `dtype` (bf16: the portable path; float32: the reference), one GEMV per row.
+
+    torch's bf16 GEMV (one row) runs on any CPU at memory speed (49152 x 576 head: ~1.6 ms on AVX2) where its
+    bf16 GEMM (two or more rows, without oneDNN's bf16 ISA) is 4-15x slower; and a row alone is what it is in
+    any batch, by construction."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        self.out_features = weight.shape[0]
+        self.weight = weight.to(dtype).contiguous()
+        self.nbytes = self.weight.numel() * self.weight.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)
+        with _aten_kernels():
+            y = torch.cat([torch.nn.functional.linear(x2[i : i + 1], self.weight) for i in range(x2.shape[0])])
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+@contextmanager
+def _aten_kernels() -> Iterator[None]:
+    """Where oneDNN has bf16, torch sends a bf16 F.linear to it, reordering the weight on every call (the head:
+    ~27 ms instead of ATen's GEMV ~3 ms, 1 thread); with oneDNN off, every CPU runs ATen's own kernel.
+    The switch is process-wide: only the thread that runs the model multiplies bf16 matrices."""
+    was = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(was)
+
+
+def dense_linear(weight: torch.Tensor) -> Bf16Linear | RowsLinear:
+    """A dense weight on the kernel this CPU runs (cpu_caps.py)."""
+    kind = cpu_kernels().dense
+    if kind == "onednn-bf16":
+        return Bf16Linear(weight)
+    return RowsLinear(weight, torch.bfloat16 if kind == "bf16" else torch.float32)
+
+
+CpuLinear = Int4Linear | Bf16Linear | RowsLinear
+
+
+def pack_for_cpu(raw: torch.Tensor, ggml_type: T, shape: tuple[int, ...]) -> CpuLinear | None:
     """Repack a 2-D weight's blocks (uint8 [N, row_bytes]) for the CPU kernels; None if not supported."""
     if len(shape) != 2 or raw.device.type != "cpu":
         return None
     N, K = shape
-    blocks = raw.reshape(N, -1)
-    if ggml_type in INT4_TYPES and N % 16 == 0 and _have_int4_kernel():  # int4pack takes whole tiles of 16 output rows
+    kernels = cpu_kernels()
+    if ggml_type in INT4_TYPES and N % 16 == 0 and kernels.int4:  # int4pack takes whole tiles of 16 output rows
+        blocks = raw.reshape(N, -1)
         if ggml_type == T.Q4_K:
             q, s, z = _q4_k(blocks.reshape(N, K // 256, 144))
         else:
             q, s, z = _legacy4(blocks.reshape(N, K // 32, -1), has_min=ggml_type == T.Q4_1)
         return Int4Linear(q, s, z)
-    if ggml_type in BF16_TYPES:
-        return Bf16Linear(dequantize(raw, ggml_type, shape))
+    if ggml_type in BF16_TYPES or ggml_type in INT4_TYPES:
+        return dense_linear(dequantize(raw, ggml_type, shape))
     return None
 
 
