@@ -55,11 +55,11 @@ def create_app(worker: Worker, exit_server: Callable[[], None] | None = None) ->
     async def metrics(request: Request) -> Response:
         return Response(worker.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    _pin_model_names(app, worker.model_id)
+    _pin_model_names(app, worker.served_names)
     return app
 
 
-def _pin_model_names(app: FastAPI, model_id: str) -> None:
+def _pin_model_names(app: FastAPI, names: list[str]) -> None:
     """The schema names the one model served here, so clients and fuzzers see which `model` is valid."""
     base = app.openapi
 
@@ -71,7 +71,7 @@ def _pin_model_names(app: FastAPI, model_id: str) -> None:
                 if prop is None or name not in ("CompletionRequest", "ChatRequest", "TokenizeRequest",
                                                 "DetokenizeRequest"):
                     continue
-                pinned = {"type": "string", "enum": [model_id]}
+                pinned = {"type": "string", "enum": list(names)}
                 body["properties"]["model"] = ({"anyOf": [pinned, {"type": "null"}]} if "anyOf" in prop else pinned)
             app.openapi_schema = schema
         return app.openapi_schema

@@ -63,6 +63,9 @@ class ServeConfig:
     # connection buffers and parses; a larger body is refused (413) before it is read
     max_body_bytes: int = 2 * 2**20
     read_timeout_sec: float = 30.0  # for the request head, then again for the body (slow clients: 408)
+    served_model_names: list[str] | None = None  # None: the file's stem and the GGUF's general.name
+    api_key: str | None = None  # Bearer token for every endpoint but /health and /ready
+    allowed_origins: list[str] | None = None  # CORS; None: no CORS headers
 
 
 def kv_bytes_per_token(net) -> int:
@@ -83,8 +86,8 @@ def plan_kv(kv_per_token: int, model_ctx: int, cfg: ServeConfig) -> tuple[int, i
     return ctx, slots
 
 
-def weight_facts(path) -> tuple[int, str]:
-    """(bytes of all tensors, the ggml type holding most matrix bytes) from the GGUF file."""
+def weight_facts(path) -> tuple[int, str, str | None]:
+    """(bytes of all tensors, the ggml type holding most matrix bytes, general.name) from the GGUF file."""
     from worker_orcd.gguf import open_gguf
 
     by_type: Counter[str] = Counter()
@@ -94,7 +97,14 @@ def weight_facts(path) -> tuple[int, str]:
             total += ref.nbytes
             if len(ref.shape) >= 2:
                 by_type[getattr(ref.ggml_type, "name", str(ref.ggml_type))] += ref.nbytes
-    return total, (by_type.most_common(1)[0][0] if by_type else "unknown")
+        name = f.metadata.get("general.name")
+    return total, (by_type.most_common(1)[0][0] if by_type else "unknown"), name if isinstance(name, str) else None
+
+
+def served_names(path, general_name: str | None, configured: list[str] | None) -> list[str]:
+    """The names `model` may take in a request; the first is the one responses and /v1/models report."""
+    names = configured or [path.name.removesuffix(".gguf"), (general_name or "").strip()[:256]]
+    return list(dict.fromkeys(n for n in names if n))
 
 
 class Worker:
@@ -102,7 +112,9 @@ class Worker:
         self.model = model
         self.tokenizer = model.tokenizer
         self.cfg = cfg
-        self.model_id = model.path.name.removesuffix(".gguf")
+        _, self.quant, general_name = weight_facts(model.path)
+        self.served_names = served_names(model.path, general_name, cfg.served_model_names)
+        self.model_id = self.served_names[0]
         self.architecture = str(getattr(model.config, "architecture", "unknown"))
         ctx, slots = plan_kv(kv_bytes_per_token(model.net), model.config.context_length, cfg)
         self.scheduler = Scheduler(model.net, model.tokenizer, slots, ctx, cfg.prefill_chunk, cfg.max_waiting,
@@ -110,7 +122,6 @@ class Worker:
         self.ctx = ctx
         self.max_tokens_in = min(cfg.max_tokens_in or ctx - 1, ctx - 1)
         self.max_piece_bytes = max(len(self.tokenizer.piece(i)) for i in range(self.tokenizer.vocab_size))
-        _, self.quant = weight_facts(model.path)
         # every tensor the model holds is on its device (no silent host fallback), and what they take
         self.vram_resident, weights = residency(model.net, model.device)
         self.vram_bytes = weights + self.scheduler.kv.nbytes
@@ -138,10 +149,15 @@ class Worker:
     def start(self) -> None:
         self.scheduler.start()
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name not in (self.model_id, self.model.path.name):
-            raise APIError(404, "MODEL_NOT_FOUND", f"model {name!r} is not served here; this worker serves "
-                                                   f"{self.model_id!r}", "model")
+    def check_model(self, name: str | None) -> str:
+        """The model name to report back: the one asked for, or the main name when `model` was omitted."""
+        if name is None:
+            return self.model_id
+        if name not in self.served_names and name != self.model.path.name:
+            names = ", ".join(repr(n) for n in self.served_names)
+            raise APIError(404, "MODEL_NOT_FOUND", f"model: {name[:200]!r} is not served here; this worker serves "
+                                                   f"{names}", "model")
+        return name
 
     def check_prompt_bytes(self, text: str, field: str, ignore_whitespace: bool = False) -> None:
         """Refuse, untokenized, a prompt whose bytes alone need more tokens than this worker takes: the
