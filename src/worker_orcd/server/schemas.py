@@ -123,8 +123,8 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
     suffix: str | None = None
 
-    UNSUPPORTED: ClassVar[dict[str, tuple]] = {**SamplingFields.UNSUPPORTED, "echo": (False,), "best_of": (1,),
-                                               "suffix": ("",)}
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {**SamplingFields.UNSUPPORTED, "logprobs": (), "echo": (False,),
+                                               "best_of": (1,), "suffix": ("",)}
 
 
 class TextPart(OpenAIStrict):
