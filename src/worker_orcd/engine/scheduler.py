@@ -89,6 +89,8 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] | None = None
     timeout_s: float = 300.0
+    # (logits [vocab], ids so far) -> logits, applied before sampling: a grammar's mask (structured output)
+    logits_processor: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None
 
 
 class QueueFull(Exception):
@@ -434,6 +436,8 @@ class Scheduler:
     def _advance(self, seq: _Seq, logits: torch.Tensor) -> None:
         """Sample one token and emit it; finish on EOG, a stop string, max_tokens or a full context."""
         req, stats = seq.handle.request, seq.handle.stats
+        if req.logits_processor is not None:
+            logits = req.logits_processor(logits, seq.history)
         token = seq.sampler(logits, seq.history)
         seq.history.append(token)
         index = stats.completion_tokens

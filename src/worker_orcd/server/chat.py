@@ -37,10 +37,14 @@ class ToolPlan:
         return {t["function"]["name"] for t in self.tools}
 
 
-def tool_plan(worker, tools: list[Tool] | None, tool_choice, parallel: bool | None) -> ToolPlan:
+def tool_plan(worker, tools: list[Tool] | None, tool_choice, parallel: bool | None,
+              json_output: bool = False) -> ToolPlan:
+    """`json_output`: the reply is constrained to JSON (response_format); GPT-OSS then answers in its final
+    channel at once, since the grammar covers the reply from its first token."""
     fmt = detect_format(getattr(worker.tokenizer, "chat_template", None), worker.architecture)
     if not tools or tool_choice == "none":
-        return ToolPlan(fmt, parallel=parallel is not False)
+        prefix = "<|channel|>final<|message|>" if json_output and fmt == "harmony" else ""
+        return ToolPlan(fmt, prefix=prefix, parallel=parallel is not False)
     plan = ToolPlan(fmt, [t.model_dump(exclude_none=True) for t in tools], parallel=parallel is not False)
     if tool_choice == "required" or isinstance(tool_choice, NamedToolChoice):
         # no grammar engine yet: the reply is started as a call, so a call it is (its arguments are the model's)

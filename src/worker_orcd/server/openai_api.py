@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from worker_orcd.engine.sampler import SamplingParams
 from worker_orcd.engine.scheduler import EndEvent, ErrorEvent, TokenEvent
-from worker_orcd.server import sse
+from worker_orcd.server import sse, structured
 from worker_orcd.server.chat import ChatOutput, render_chat, tool_plan
 from worker_orcd.server.errors import OPENAI_ERROR_RESPONSES, APIError, openai_error
 from worker_orcd.server.json_body import StrictJSONRoute
@@ -138,13 +138,21 @@ async def _completion_chunks(stream: Stream, head: dict, include_usage: bool) ->
 async def chat_completions(body: ChatRequest, request: Request):
     w = _worker(request)
     model = w.check_model(body.model)
-    plan = tool_plan(w, body.tools, body.tool_choice, body.parallel_tool_calls)
+    schema = structured.schema_of(body.response_format)
+    plan = tool_plan(w, body.tools, body.tool_choice, body.parallel_tool_calls, json_output=schema is not None)
     ids = await asyncio.to_thread(render_chat, w, body.messages, body.reasoning_effort, plan)
     asked = body.max_completion_tokens or body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     max_tokens = w.check_lengths(len(ids), asked or min(w.cfg.max_tokens_out, w.ctx), "messages", field)
+    constraint = None
+    if schema is not None:
+        try:
+            constraint = await asyncio.to_thread(structured.JSONConstraint, w.tokenizer, schema, len(ids))
+        except structured.GrammarError as e:
+            raise APIError(400, "INVALID_REQUEST", f"response_format: the schema cannot be used: {str(e)[:300]}",
+                           "response_format") from None
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = w.submit(rid, ids, max_tokens, _params(body), _stops(body.stop), "chat")
+    stream = w.submit(rid, ids, max_tokens, _params(body), _stops(body.stop), "chat", constraint)
     head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model}
     out = ChatOutput(w, plan)
     if body.stream:

@@ -181,9 +181,16 @@ class NamedToolChoice(OpenAIStrict):
     function: NamedFunction
 
 
+class JSONSchemaFormat(OpenAIStrict):
+    name: Annotated[str, Field(max_length=64)] | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the output always follows the schema here (a grammar constrains it)
+
+
 class ResponseFormat(OpenAIStrict):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JSONSchemaFormat | None = None
 
 
 class ChatRequest(SamplingFields):
@@ -214,12 +221,20 @@ class ChatRequest(SamplingFields):
     UNSUPPORTED: ClassVar[dict[str, tuple]] = {
         **SamplingFields.UNSUPPORTED, "logprobs": (False,), "top_logprobs": (0,), "store": (False,),
         "service_tier": ("auto", "default"), "modalities": (["text"],), "audio": (), "prediction": (),
-        "functions": (), "function_call": (), "web_search_options": (), "verbosity": (),
-        "response_format": (ResponseFormat(type="text"),)}
+        "functions": (), "function_call": (), "web_search_options": (), "verbosity": ()}
 
     @model_validator(mode="after")
     def _tools_consistent(self) -> ChatRequest:
         from worker_orcd.server.errors import APIError
+
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None
+                                                              or fmt.json_schema.schema_ is None):
+            raise APIError(400, "INVALID_REQUEST", "response_format.json_schema.schema: a JSON schema is required "
+                                                   "for type json_schema", "response_format.json_schema.schema")
+        if fmt is not None and fmt.type != "text" and self.tools and self.tool_choice != "none":
+            raise APIError(400, "UNSUPPORTED_FIELD", "response_format: a JSON response_format together with tools "
+                                                     "is not supported by this worker", "response_format")
 
         for i, tool in enumerate(self.tools or []):
             if tool.function.strict:

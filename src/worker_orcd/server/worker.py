@@ -191,11 +191,12 @@ class Worker:
         return min(max_tokens, self.ctx - n_prompt)
 
     def submit(self, request_id: str, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
-               stop: list[str] | None, kind: str) -> Stream:
+               stop: list[str] | None, kind: str, logits_processor=None) -> Stream:
         if not self.ready or self.draining:
             msg = "the worker is draining" if self.draining else "the worker is not ready yet"
             raise APIError(503, "UNAVAILABLE", msg, retry_after=5)
-        req = Request(request_id, prompt_ids, max_tokens, params, stop, self.cfg.inference_timeout_sec)
+        req = Request(request_id, prompt_ids, max_tokens, params, stop, self.cfg.inference_timeout_sec,
+                      logits_processor)
         return Stream(self, req, kind)
 
     def finished(self, stream: Stream, outcome: str) -> None:
