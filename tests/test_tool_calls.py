@@ -194,3 +194,28 @@ def test_tool_choice_none_renders_no_tools_and_parses_no_calls(served):
     assert TOOLS_RENDERED[fmt] not in net.prompts[-1]
     if fmt != "harmony":  # the scripted call comes back as text
         assert out.choices[0].message.content == CALLS[fmt]
+
+
+UNIT_TOOL = [{"type": "function", "function": {"name": "set_unit", "parameters": {
+    "type": "object", "required": ["unit"], "additionalProperties": False,
+    "properties": {"unit": {"enum": ["C", "F"]}}}}}]
+
+
+@pytest.mark.parametrize("choice", ["required", "named"])
+def test_forced_call_is_grammar_constrained(served, choice):
+    """A model that will not write a call still returns one that validates against the function's schema."""
+    import openai
+
+    fmt, server, net = served
+    client = openai.OpenAI(base_url=server.uri + "/v1", api_key="unused")
+    tool_choice = "required" if choice == "required" else {"type": "function", "function": {"name": "set_unit"}}
+    net.script, old = (lambda prompt: "I refuse to call anything."), net.script
+    try:
+        out = client.chat.completions.create(model=server.worker.model_id, tools=UNIT_TOOL,
+                                             tool_choice=tool_choice, max_tokens=60,
+                                             messages=[{"role": "user", "content": "Use Celsius."}])
+    finally:
+        net.script = old
+    calls = out.choices[0].message.tool_calls
+    assert out.choices[0].finish_reason == "tool_calls" and len(calls) == 1, out
+    assert calls[0].function.name == "set_unit" and json.loads(calls[0].function.arguments)["unit"] in ("C", "F")

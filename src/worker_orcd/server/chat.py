@@ -31,6 +31,8 @@ class ToolPlan:
     tools: list[dict] = field(default_factory=list)  # offered to the model ([] for tool_choice none)
     prefix: str = ""  # appended to the prompt: the start of a forced call
     parallel: bool = True
+    forced: bool = False  # tool_choice required or named: the reply is a call (grammar-constrained)
+    forced_name: str | None = None
 
     @property
     def names(self) -> set[str]:
@@ -45,11 +47,14 @@ def tool_plan(worker, tools: list[Tool] | None, tool_choice, parallel: bool | No
     if not tools or tool_choice == "none":
         prefix = "<|channel|>final<|message|>" if json_output and fmt == "harmony" else ""
         return ToolPlan(fmt, prefix=prefix, parallel=parallel is not False)
-    plan = ToolPlan(fmt, [t.model_dump(exclude_none=True) for t in tools], parallel=parallel is not False)
+    offered = [t.model_dump(exclude_none=True) for t in tools]
+    for t in offered:  # templates print the description unguarded (GPT-OSS's fails on a missing one)
+        t["function"].setdefault("description", "")
+    plan = ToolPlan(fmt, offered, parallel=parallel is not False)
     if tool_choice == "required" or isinstance(tool_choice, NamedToolChoice):
-        # no grammar engine yet: the reply is started as a call, so a call it is (its arguments are the model's)
+        # the reply starts as a call (its opening ends the prompt) and a grammar constrains the rest
         name = tool_choice.function.name if isinstance(tool_choice, NamedToolChoice) else None
-        plan.prefix = call_prefix(fmt, name)
+        plan.prefix, plan.forced, plan.forced_name = call_prefix(fmt, name), True, name
     return plan
 
 

@@ -145,12 +145,16 @@ async def chat_completions(body: ChatRequest, request: Request):
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     max_tokens = w.check_lengths(len(ids), asked or min(w.cfg.max_tokens_out, w.ctx), "messages", field)
     constraint = None
-    if schema is not None:
-        try:
+    try:
+        if schema is not None:
             constraint = await asyncio.to_thread(structured.JSONConstraint, w.tokenizer, schema, len(ids))
-        except structured.GrammarError as e:
-            raise APIError(400, "INVALID_REQUEST", f"response_format: the schema cannot be used: {str(e)[:300]}",
-                           "response_format") from None
+        elif plan.forced:
+            grammar = structured.tool_call_grammar(plan.fmt, plan.tools, plan.forced_name)
+            constraint = await asyncio.to_thread(structured.JSONConstraint, w.tokenizer, None, len(ids),
+                                                 grammar=grammar)
+    except structured.GrammarError as e:
+        param = "response_format" if schema is not None else "tools"
+        raise APIError(400, "INVALID_REQUEST", f"{param}: the schema cannot be used: {str(e)[:300]}", param) from None
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     stream = w.submit(rid, ids, max_tokens, _params(body), _stops(body.stop), "chat", constraint)
     head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model}

@@ -79,10 +79,42 @@ def schema_of(response_format) -> dict | None:
     return response_format.json_schema.schema_
 
 
-class JSONConstraint:
-    """One request's grammar state: call it with (logits [vocab], sequence so far) before sampling."""
+# what follows a forced call's opening (tool_calls.call_prefix): the name's tail, then after the arguments
+_NAME_TAIL = {"harmony": " <|constrain|>json<|message|>", "hermes": "\", \"arguments\": ",
+              "llama3": "\", \"parameters\": ", "generic": "\", \"arguments\": "}
+_CALL_END = {"harmony": "", "hermes": "}\n</tool_call>", "llama3": "}", "generic": "}}"}
 
-    def __init__(self, tok, schema: dict, n_prompt: int, engine: str = ENGINES[0]):
+
+def tool_call_grammar(fmt: str, tools: list[dict], name: str | None) -> Any:
+    """An xgrammar Grammar for the rest of a forced call, after `call_prefix(fmt, name)`: for tool_choice
+    required one offered name (and the text up to its arguments), then arguments valid against that
+    function's parameters, then the format's closing text (then end of generation)."""
+    import xgrammar as xgr
+
+    def literal(text: str) -> list:
+        return [xgr.Grammar.from_ebnf(f"root ::= {json.dumps(text)}")] if text else []
+
+    def call(tool: dict, with_name: bool) -> Any:
+        fn = tool["function"]
+        schema = fn.get("parameters") or {"type": "object"}
+        try:
+            args = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        except Exception as e:
+            raise GrammarError(f"tools: the parameters of {fn['name']!r} cannot be used: {e}") from None
+        parts = (literal(fn["name"] + _NAME_TAIL[fmt]) if with_name else []) + [args] + literal(_CALL_END[fmt])
+        return xgr.Grammar.concat(*parts) if len(parts) > 1 else parts[0]
+
+    if name is not None:
+        return call(next(t for t in tools if t["function"]["name"] == name), with_name=False)
+    calls = [call(t, with_name=True) for t in tools]
+    return xgr.Grammar.union(*calls) if len(calls) > 1 else calls[0]
+
+
+class JSONConstraint:
+    """One request's grammar state: call it with (logits [vocab], sequence so far) before sampling.
+    `grammar` (xgrammar only): a prepared Grammar instead of `schema`."""
+
+    def __init__(self, tok, schema: dict | None, n_prompt: int, engine: str = ENGINES[0], grammar: Any = None):
         self.engine, self.n_prompt, self.consumed = engine, n_prompt, 0
         self.vocab = tok.vocab_size
         compiled = engine_tokenizer(tok, engine)
@@ -101,7 +133,8 @@ class JSONConstraint:
             import xgrammar as xgr
 
             try:
-                grammar = compiled.compile_json_schema(json.dumps(schema), any_whitespace=False)
+                grammar = compiled.compile_grammar(grammar) if grammar is not None else \
+                    compiled.compile_json_schema(json.dumps(schema), any_whitespace=False)
             except Exception as e:  # xgrammar raises RuntimeError on schemas it cannot take
                 raise GrammarError(str(e)) from None
             self.matcher = xgr.GrammarMatcher(grammar)
