@@ -366,6 +366,7 @@ def test_chat_unsupported_fields(http, still_serving):
     ({"store": True}, "store", "unsupported_parameter"),
     ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
     ({"mirostat_tau": 5}, "mirostat_tau", "unknown_parameter"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
     ({"messages": [{"role": "user", "content": "hi", "weight": 1}]}, "messages[0].weight", "unknown_parameter"),
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name",
      "invalid_value"),

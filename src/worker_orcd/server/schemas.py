@@ -111,7 +111,11 @@ class SamplingFields(OpenAIStrict):
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> SamplingFields:
+        from worker_orcd.server.errors import APIError
+
         refuse_unsupported(self, self.UNSUPPORTED)
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "INVALID_REQUEST", "stream_options: only allowed with stream: true", "stream_options")
         return self
 
 
