@@ -99,3 +99,26 @@ def test_gpt_oss_answers_json_in_its_final_channel():
     msg = r["choices"][0]["message"]
     assert json.loads(msg["content"]) == {"name": "Ada", "age": 36, "city": "Oslo"} and msg["reasoning_content"] == ""
     assert model.net.prompts[-1].endswith("<|start|>assistant<|channel|>final<|message|>")
+
+
+def test_small_model_forced_to_call_returns_a_valid_call(server):
+    """tool_choice required on the real SmolLM2 (generic format): the grammar makes its reply a valid call."""
+    import jsonschema
+    import openai
+
+    params = {"type": "object", "required": ["city", "unit"], "additionalProperties": False,
+              "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["C", "F"]}}}
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+                                                "parameters": params}},
+             {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    client = openai.OpenAI(base_url=server.uri + "/v1", api_key="unused")
+    for seed in range(3):
+        out = client.chat.completions.create(model=server.worker.model_id, tools=tools, tool_choice="required",
+                                             messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                             temperature=0.8, seed=seed, max_tokens=80)
+        calls = out.choices[0].message.tool_calls
+        assert out.choices[0].finish_reason == "tool_calls" and len(calls) == 1, out
+        if calls[0].function.name == "get_weather":
+            jsonschema.validate(json.loads(calls[0].function.arguments), params)
+        else:
+            assert isinstance(json.loads(calls[0].function.arguments), dict)

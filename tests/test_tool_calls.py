@@ -219,3 +219,17 @@ def test_forced_call_is_grammar_constrained(served, choice):
     calls = out.choices[0].message.tool_calls
     assert out.choices[0].finish_reason == "tool_calls" and len(calls) == 1, out
     assert calls[0].function.name == "set_unit" and json.loads(calls[0].function.arguments)["unit"] in ("C", "F")
+
+
+def test_gpt_oss_reasoning_effort_with_tools(served):
+    import openai
+
+    fmt, server, net = served
+    if fmt != "harmony":
+        pytest.skip("GPT-OSS only")
+    client = openai.OpenAI(base_url=server.uri + "/v1", api_key="unused")
+    out = client.chat.completions.create(model=server.worker.model_id, tools=TOOLS, messages=QUESTION,
+                                         reasoning_effort="high", max_tokens=200)
+    assert "Reasoning: high" in net.prompts[-1] and TOOLS_RENDERED[fmt] in net.prompts[-1]
+    assert out.choices[0].finish_reason == "tool_calls"
+    assert out.choices[0].message.model_extra["reasoning_content"] == "Need the weather tool."
