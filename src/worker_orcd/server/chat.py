@@ -7,6 +7,7 @@ import json
 import secrets
 import string
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from worker_orcd.server.errors import APIError
 from worker_orcd.server.schemas import Message, NamedToolChoice, Tool
@@ -20,6 +21,9 @@ from worker_orcd.tokenizer.tool_calls import (
     generic_system_prompt,
     make_parser,
 )
+
+if TYPE_CHECKING:
+    from worker_orcd.server.worker import Worker
 
 HARMONY_ARCHES = {"gpt-oss"}
 
@@ -39,8 +43,8 @@ class ToolPlan:
         return {t["function"]["name"] for t in self.tools}
 
 
-def tool_plan(worker, tools: list[Tool] | None, tool_choice, parallel: bool | None,
-              json_output: bool = False) -> ToolPlan:
+def tool_plan(worker: Worker, tools: list[Tool] | None, tool_choice: str | NamedToolChoice | None,
+              parallel: bool | None, json_output: bool = False) -> ToolPlan:
     """`json_output`: the reply is constrained to JSON (response_format); GPT-OSS then answers in its final
     channel at once, since the grammar covers the reply from its first token."""
     fmt = detect_format(getattr(worker.tokenizer, "chat_template", None), worker.architecture)
@@ -111,7 +115,7 @@ def template_messages(messages: list[Message], plan: ToolPlan) -> list[dict]:
     return out
 
 
-def render_chat(worker, messages: list[Message], reasoning_effort: str | None,
+def render_chat(worker: Worker, messages: list[Message], reasoning_effort: str | None,
                 plan: ToolPlan | None = None) -> list[int]:
     """Token ids of the conversation rendered with the model's chat template, ready for the reply."""
     tok = worker.tokenizer
@@ -150,7 +154,7 @@ class ChatOutput:
     """The assistant's reply as reasoning, content and tool calls. A plain model's text is all content;
     GPT-OSS writes harmony messages (analysis: reasoning, final: content, to=functions.X: a call)."""
 
-    def __init__(self, worker, plan: ToolPlan | None = None):
+    def __init__(self, worker: Worker, plan: ToolPlan | None = None):
         plan = plan or ToolPlan(detect_format(getattr(worker.tokenizer, "chat_template", None), worker.architecture))
         self.harmony = worker.architecture in HARMONY_ARCHES or plan.fmt == "harmony"
         self.parser = make_parser(plan.fmt, plan.names, harmony=self.harmony)

@@ -8,7 +8,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
@@ -191,7 +191,8 @@ class Worker:
         return min(max_tokens, self.ctx - n_prompt)
 
     def submit(self, request_id: str, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
-               stop: list[str] | None, kind: str, logits_processor=None) -> Stream:
+               stop: list[str] | None, kind: str,
+               logits_processor: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None) -> Stream:
         if not self.ready or self.draining:
             msg = "the worker is draining" if self.draining else "the worker is not ready yet"
             raise APIError(503, "UNAVAILABLE", msg, retry_after=5)
