@@ -16,7 +16,7 @@ import time
 import torch
 
 from worker_orcd.packaged import default_model_path, gemma3_270m_path
-from worker_orcd.server.structured import ENGINES, JSONConstraint, engine_tokenizer
+from worker_orcd.server.structured import ENGINES, GrammarConstraint, engine_tokenizer
 from worker_orcd.tokenizer import load_tokenizer
 
 SCHEMA = {"type": "object", "required": ["name", "age", "tags", "city"], "additionalProperties": False,
@@ -30,7 +30,7 @@ def walk(tok, engine: str, n_tokens: int, seed: int = 0) -> dict:
     engine_tokenizer(tok, engine)
     t_tok = time.perf_counter() - t0
     t0 = time.perf_counter()
-    c = JSONConstraint(tok, SCHEMA, n_prompt=0, engine=engine)
+    c = GrammarConstraint(tok, 0, schema=SCHEMA, engine=engine)
     t_compile = time.perf_counter() - t0
     logits = torch.randn(tok.vocab_size, generator=torch.Generator().manual_seed(seed))
     fill, full, out = [], [], []

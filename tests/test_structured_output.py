@@ -79,11 +79,11 @@ def test_bad_schema_and_tools_with_json_are_400(server):
 
 
 def test_constraint_masks_what_is_not_json(smollm2_path):
-    from worker_orcd.server.structured import JSONConstraint
+    from worker_orcd.server.structured import GrammarConstraint
     from worker_orcd.tokenizer import load_tokenizer
 
     tok = load_tokenizer(smollm2_path)
-    c = JSONConstraint(tok, SCHEMA, n_prompt=0)
+    c = GrammarConstraint(tok, 0, schema=SCHEMA)
     masked = c(torch.zeros(tok.vocab_size), [])
     allowed = {tok.detokenize([i]) for i in torch.nonzero(masked == 0).flatten().tolist()}
     assert allowed and all(a.lstrip().startswith("{") or a.strip() == "" for a in allowed), sorted(allowed)[:20]
@@ -122,3 +122,40 @@ def test_small_model_forced_to_call_returns_a_valid_call(server):
             jsonschema.validate(json.loads(calls[0].function.arguments), params)
         else:
             assert isinstance(json.loads(calls[0].function.arguments), dict)
+
+
+def test_vllm_structured_outputs_regex_choice_grammar(server):
+    import re
+
+    import openai
+
+    client = openai.OpenAI(base_url=server.uri + "/v1", api_key="unused")
+    m = server.worker.model_id
+    out = client.completions.create(model=m, prompt="My phone number is", max_tokens=20, temperature=0.9, seed=1,
+                                    extra_body={"structured_outputs": {"regex": r" \d{3}-\d{4}"}})
+    assert re.fullmatch(r" \d{3}-\d{4}", out.choices[0].text) and out.choices[0].finish_reason == "stop", out
+    for seed in range(3):
+        out = client.chat.completions.create(model=m, messages=[{"role": "user", "content": "Pick a colour"}],
+                                             max_tokens=10, temperature=1.0, seed=seed,
+                                             extra_body={"structured_outputs": {"choice": ["red", "green", "blue"]}})
+        assert out.choices[0].message.content in ("red", "green", "blue")
+    ebnf = 'root ::= "yes" | "no" | "maybe, " [0-9] "%"'
+    out = client.chat.completions.create(model=m, messages=[{"role": "user", "content": "Will it rain?"}],
+                                         max_tokens=10, temperature=1.0, seed=3,
+                                         extra_body={"structured_outputs": {"grammar": ebnf}})
+    assert re.fullmatch(r"yes|no|maybe, [0-9]%", out.choices[0].message.content)
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs"),
+    ({"structured_outputs": {"grammar": "root ::= nothing_defined"}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"structured_outputs": {"choice": ["b"]}, "response_format": {"type": "json_object"}}, "structured_outputs"),
+])
+def test_bad_structured_outputs_are_400(server, extra, param):
+    import openai
+
+    client = openai.OpenAI(base_url=server.uri + "/v1", api_key="unused")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=server.worker.model_id, messages=ASK, max_tokens=4, extra_body=extra)
+    assert e.value.param == param

@@ -97,8 +97,10 @@ async def completions(body: CompletionRequest, request: Request):
     else:
         ids = await w.tokenize(prompt, "prompt")
     max_tokens = w.check_lengths(len(ids), body.max_tokens or 16, "prompt")
+    constraint = await _constraint(w, len(ids), "structured_outputs", structured.output_grammar, None,
+                                   body.structured_outputs)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    stream = w.submit(rid, ids, max_tokens, _params(body), _stops(body.stop), "completion")
+    stream = w.submit(rid, ids, max_tokens, _params(body), _stops(body.stop), "completion", constraint)
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
@@ -138,23 +140,19 @@ async def _completion_chunks(stream: Stream, head: dict, include_usage: bool) ->
 async def chat_completions(body: ChatRequest, request: Request):
     w = _worker(request)
     model = w.check_model(body.model)
-    schema = structured.schema_of(body.response_format)
-    plan = tool_plan(w, body.tools, body.tool_choice, body.parallel_tool_calls, json_output=schema is not None)
+    constrained = structured.schema_of(body.response_format) is not None or body.structured_outputs is not None
+    plan = tool_plan(w, body.tools, body.tool_choice, body.parallel_tool_calls, json_output=constrained)
     ids = await asyncio.to_thread(render_chat, w, body.messages, body.reasoning_effort, plan)
     asked = body.max_completion_tokens or body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     max_tokens = w.check_lengths(len(ids), asked or min(w.cfg.max_tokens_out, w.ctx), "messages", field)
-    constraint = None
-    try:
-        if schema is not None:
-            constraint = await asyncio.to_thread(structured.JSONConstraint, w.tokenizer, schema, len(ids))
-        elif plan.forced:
-            grammar = structured.tool_call_grammar(plan.fmt, plan.tools, plan.forced_name)
-            constraint = await asyncio.to_thread(structured.JSONConstraint, w.tokenizer, None, len(ids),
-                                                 grammar=grammar)
-    except structured.GrammarError as e:
-        param = "response_format" if schema is not None else "tools"
-        raise APIError(400, "INVALID_REQUEST", f"{param}: the schema cannot be used: {str(e)[:300]}", param) from None
+    if plan.forced:
+        constraint = await _constraint(w, len(ids), "tools", structured.tool_call_grammar, plan.fmt, plan.tools,
+                                       plan.forced_name)
+    else:
+        param = "structured_outputs" if body.structured_outputs is not None else "response_format"
+        constraint = await _constraint(w, len(ids), param, structured.output_grammar, body.response_format,
+                                       body.structured_outputs)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     stream = w.submit(rid, ids, max_tokens, _params(body), _stops(body.stop), "chat", constraint)
     head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model}
@@ -181,6 +179,19 @@ async def chat_completions(body: ChatRequest, request: Request):
         message["tool_calls"] = calls
     return JSONResponse({**head, "choices": [{"index": 0, "message": message, "finish_reason": reason}],
                          "usage": _usage(stream)})
+
+
+async def _constraint(w: Worker, n_prompt: int, param: str, make_grammar, *args) -> structured.GrammarConstraint | None:
+    """The request's grammar constraint (None when its output is free); 400 naming `param` when the schema,
+    regex or grammar cannot be used. Compiling may take tens of ms: off the event loop."""
+    try:
+        grammar = make_grammar(*args)
+        if grammar is None:
+            return None
+        return await asyncio.to_thread(structured.GrammarConstraint, w.tokenizer, n_prompt, grammar=grammar)
+    except structured.GrammarError as e:
+        raise APIError(400, "INVALID_REQUEST", f"{param}: cannot be used as a grammar: {str(e)[:300]}",
+                       param) from None
 
 
 def _chat_finish(ev: EndEvent, out: ChatOutput) -> str:

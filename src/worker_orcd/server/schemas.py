@@ -89,6 +89,24 @@ class StreamOptions(OpenAIStrict):
     include_usage: bool = False
 
 
+class StructuredOutputs(OpenAIStrict):
+    """vLLM's extension: exactly one constraint on the output text."""
+    json_: dict[str, Any] | None = Field(None, alias="json")  # a JSON schema
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1, max_length=256)] | None = None
+    grammar: str | None = None  # EBNF, as xgrammar (and llama.cpp's GBNF, mostly) writes it
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        from worker_orcd.server.errors import APIError
+
+        given = [k for k in ("json_", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise APIError(400, "INVALID_REQUEST", "structured_outputs: give exactly one of json, regex, choice, "
+                                                   "grammar", "structured_outputs")
+        return self
+
+
 class SamplingFields(OpenAIStrict):
     model: str | None = None  # optional: this worker serves one model, under any of its names
     max_tokens: MaxTokens | None = None
@@ -100,6 +118,7 @@ class SamplingFields(OpenAIStrict):
     stop: StopString | StopList | None = None
     seed: Seed | None = None
     user: str | None = None  # metadata: no effect on the output
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extension (regex, choice, grammar, json)
     # declared, not implemented: only their no-op values pass (see UNSUPPORTED)
     n: int | None = None
     frequency_penalty: float | None = None
@@ -232,13 +251,18 @@ class ChatRequest(SamplingFields):
         from worker_orcd.server.errors import APIError
 
         fmt = self.response_format
+        if fmt is not None and fmt.type != "text" and self.structured_outputs is not None:
+            raise APIError(400, "INVALID_REQUEST", "structured_outputs: give it or response_format, not both",
+                           "structured_outputs")
+        constrained = (fmt is not None and fmt.type != "text") or self.structured_outputs is not None
+        if constrained and self.tools and self.tool_choice != "none":
+            field = "response_format" if self.structured_outputs is None else "structured_outputs"
+            raise APIError(400, "UNSUPPORTED_FIELD", f"{field}: constrained output together with tools is not "
+                                                     f"supported by this worker", field)
         if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None
                                                               or fmt.json_schema.schema_ is None):
             raise APIError(400, "INVALID_REQUEST", "response_format.json_schema.schema: a JSON schema is required "
                                                    "for type json_schema", "response_format.json_schema.schema")
-        if fmt is not None and fmt.type != "text" and self.tools and self.tool_choice != "none":
-            raise APIError(400, "UNSUPPORTED_FIELD", "response_format: a JSON response_format together with tools "
-                                                     "is not supported by this worker", "response_format")
 
         for i, tool in enumerate(self.tools or []):
             if tool.function.strict:

@@ -1,10 +1,12 @@
-"""Structured output: `response_format` json_object / json_schema through a grammar engine's token masks.
+"""Structured output: `response_format` json_object / json_schema (and vLLM's `structured_outputs`: regex,
+choice, EBNF grammar), and forced tool calls, through a grammar engine's token masks.
 
 The engine (xgrammar; llguidance as the alternative: `bench/grammar_mask.py` measures both)
 is built once per tokenizer from our token pieces (the bytes each id stands for, as `detokenize` joins
-them), so the grammar sees exactly the text the API returns. A request gets a `JSONConstraint`: the
+them), so the grammar sees exactly the text the API returns. A request gets a `GrammarConstraint`: the
 scheduler calls it with the logits and the sequence so far before sampling (`Request.logits_processor`);
 it feeds the tokens sampled since the last call to the matcher and masks every token the grammar forbids.
+After a complete match only end-of-generation tokens stay allowed.
 """
 
 from __future__ import annotations
@@ -79,6 +81,29 @@ def schema_of(response_format) -> dict | None:
     return response_format.json_schema.schema_
 
 
+def output_grammar(response_format, structured_outputs) -> Any | None:
+    """The xgrammar Grammar a request's output must follow (response_format, or vLLM's structured_outputs:
+    json / regex / choice / grammar in EBNF), or None. Raises GrammarError naming what cannot be used."""
+    schema = schema_of(response_format)
+    so = structured_outputs
+    if schema is None and so is None:
+        return None
+    import xgrammar as xgr
+
+    try:
+        if schema is not None or so.json_ is not None:
+            return xgr.Grammar.from_json_schema(json.dumps(schema if schema is not None else so.json_),
+                                                any_whitespace=False)
+        if so.regex is not None:
+            return xgr.Grammar.from_regex(so.regex)
+        if so.choice is not None:
+            return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False)
+                                                                  for c in so.choice))
+        return xgr.Grammar.from_ebnf(so.grammar)
+    except Exception as e:  # xgrammar raises RuntimeError (or ValueError) on what it cannot parse
+        raise GrammarError(str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__) from None
+
+
 # what follows a forced call's opening (tool_calls.call_prefix): the name's tail, then after the arguments
 _NAME_TAIL = {"harmony": " <|constrain|>json<|message|>", "hermes": "\", \"arguments\": ",
               "llama3": "\", \"parameters\": ", "generic": "\", \"arguments\": "}
@@ -100,7 +125,7 @@ def tool_call_grammar(fmt: str, tools: list[dict], name: str | None) -> Any:
         try:
             args = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
         except Exception as e:
-            raise GrammarError(f"tools: the parameters of {fn['name']!r} cannot be used: {e}") from None
+            raise GrammarError(f"the parameters of {fn['name']!r}: {e}") from None
         parts = (literal(fn["name"] + _NAME_TAIL[fmt]) if with_name else []) + [args] + literal(_CALL_END[fmt])
         return xgr.Grammar.concat(*parts) if len(parts) > 1 else parts[0]
 
@@ -110,11 +135,13 @@ def tool_call_grammar(fmt: str, tools: list[dict], name: str | None) -> Any:
     return xgr.Grammar.union(*calls) if len(calls) > 1 else calls[0]
 
 
-class JSONConstraint:
+class GrammarConstraint:
     """One request's grammar state: call it with (logits [vocab], sequence so far) before sampling.
-    `grammar` (xgrammar only): a prepared Grammar instead of `schema`."""
+    `grammar`: an xgrammar Grammar (`output_grammar`, `tool_call_grammar`); or `schema`, a JSON schema (the
+    only form the llguidance engine takes here, for bench/grammar_mask.py)."""
 
-    def __init__(self, tok, schema: dict | None, n_prompt: int, engine: str = ENGINES[0], grammar: Any = None):
+    def __init__(self, tok, n_prompt: int, *, schema: dict | None = None, grammar: Any = None,
+                 engine: str = ENGINES[0]):
         self.engine, self.n_prompt, self.consumed = engine, n_prompt, 0
         self.vocab = tok.vocab_size
         compiled = engine_tokenizer(tok, engine)
@@ -122,9 +149,9 @@ class JSONConstraint:
             import llguidance
             import llguidance.torch as llt
 
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema),
-                                                                    defaults={"whitespace_flexible": False})
-            self.matcher = llguidance.LLMatcher(compiled, grammar, log_level=0)
+            text = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema),
+                                                                 defaults={"whitespace_flexible": False})
+            self.matcher = llguidance.LLMatcher(compiled, text, log_level=0)
             if self.matcher.is_error():
                 raise GrammarError(self.matcher.get_error())
             self._fill = lambda mask: llt.fill_next_token_bitmask(self.matcher, mask)
@@ -133,11 +160,11 @@ class JSONConstraint:
             import xgrammar as xgr
 
             try:
-                grammar = compiled.compile_grammar(grammar) if grammar is not None else \
+                ready = compiled.compile_grammar(grammar) if grammar is not None else \
                     compiled.compile_json_schema(json.dumps(schema), any_whitespace=False)
             except Exception as e:  # xgrammar raises RuntimeError on schemas it cannot take
                 raise GrammarError(str(e)) from None
-            self.matcher = xgr.GrammarMatcher(grammar)
+            self.matcher = xgr.GrammarMatcher(ready)
             self._fill = lambda mask: self.matcher.fill_next_token_bitmask(mask)
             self.mask = xgr.allocate_token_bitmask(1, self.vocab)
         self._bits = torch.tensor([1 << i for i in range(32)], dtype=torch.int64).to(torch.int32)
