@@ -6,7 +6,7 @@ import asyncio
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 from fastapi import APIRouter, Request
@@ -97,8 +97,8 @@ async def completions(body: CompletionRequest, request: Request):
     else:
         ids = await w.tokenize(prompt, "prompt")
     max_tokens = w.check_lengths(len(ids), body.max_tokens or 16, "prompt")
-    constraint = await _constraint(w, len(ids), "structured_outputs", structured.output_grammar, None,
-                                   body.structured_outputs)
+    constraint = None if body.structured_outputs is None else await _constraint(
+        w, len(ids), "structured_outputs", structured.output_grammar, None, body.structured_outputs)
     rid = f"cmpl-{uuid.uuid4().hex}"
     stream = w.submit(rid, ids, max_tokens, _params(body), _stops(body.stop), "completion", constraint)
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
@@ -146,10 +146,11 @@ async def chat_completions(body: ChatRequest, request: Request):
     asked = body.max_completion_tokens or body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     max_tokens = w.check_lengths(len(ids), asked or min(w.cfg.max_tokens_out, w.ctx), "messages", field)
+    constraint = None
     if plan.forced:
         constraint = await _constraint(w, len(ids), "tools", structured.tool_call_grammar, plan.fmt, plan.tools,
                                        plan.forced_name)
-    else:
+    elif constrained:
         param = "structured_outputs" if body.structured_outputs is not None else "response_format"
         constraint = await _constraint(w, len(ids), param, structured.output_grammar, body.response_format,
                                        body.structured_outputs)
@@ -181,14 +182,15 @@ async def chat_completions(body: ChatRequest, request: Request):
                          "usage": _usage(stream)})
 
 
-async def _constraint(w: Worker, n_prompt: int, param: str, make_grammar, *args) -> structured.GrammarConstraint | None:
-    """The request's grammar constraint (None when its output is free); 400 naming `param` when the schema,
-    regex or grammar cannot be used. Compiling may take tens of ms: off the event loop."""
+async def _constraint(w: Worker, n_prompt: int, param: str, make_grammar: Callable[..., object],
+                      *args: object) -> structured.GrammarConstraint:
+    """The request's grammar constraint, built off the event loop (parsing and compiling may take tens of
+    ms); 400 naming `param` when the schema, regex or grammar cannot be used."""
+    def build() -> structured.GrammarConstraint:
+        return structured.GrammarConstraint(w.tokenizer, n_prompt, grammar=make_grammar(*args))
+
     try:
-        grammar = make_grammar(*args)
-        if grammar is None:
-            return None
-        return await asyncio.to_thread(structured.GrammarConstraint, w.tokenizer, n_prompt, grammar=grammar)
+        return await asyncio.to_thread(build)
     except structured.GrammarError as e:
         raise APIError(400, "INVALID_REQUEST", f"{param}: cannot be used as a grammar: {str(e)[:300]}",
                        param) from None
