@@ -309,6 +309,12 @@ def test_openai_client_raises_bad_request_with_param(server):
 def test_model_may_be_omitted_and_aliases_are_listed(http, server):
     names = [m["id"] for m in http.get("/v1/models").json()["data"]]
     assert names[0] == M and server.worker.served_names == names and len(names) == 2  # + general.name
+    import openai
+
+    client = openai.OpenAI(base_url=server.uri + "/v1", api_key="unused")
+    assert [client.models.retrieve(n).id for n in names] == names
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     for model in [None, *names, M + ".gguf"]:
         body = {"prompt": "1, 2, 3,", "max_tokens": 2, "temperature": 0} | ({"model": model} if model else {})
         r = http.post("/v1/completions", json=body)

@@ -55,6 +55,13 @@ async def models(request: Request) -> ModelList:
                                           for name in w.served_names])
 
 
+@router.get("/v1/models/{model:path}", response_model=ModelCard, responses={404: OPENAI_ERROR_RESPONSES[404]})
+async def model_card(model: str, request: Request) -> ModelCard:
+    w = _worker(request)
+    return ModelCard(id=w.check_model(model), object="model", created=w.created, owned_by="worker-orcd",
+                     max_model_len=w.ctx)
+
+
 def _params(body: SamplingFields) -> SamplingParams:
     seed = body.seed if body.seed is not None else secrets.randbits(63)
     return sampling_params(body.temperature, body.top_p, body.top_k, seed)
