@@ -114,3 +114,16 @@ def test_detect_format_from_templates():
     assert detect_format((t / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text()) == "hermes"
     assert detect_format((t / "meta-llama-Llama-3.1-8B-Instruct.jinja").read_text()) == "llama3"
     assert detect_format("{% for m in messages %}<|im_start|>{{ m.role }}{% endfor %}") == "generic"
+
+
+def test_hermes_arguments_stream_as_they_arrive():
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, {"a": 2}]}}\n</tool_call>'
+    deltas, (_, content, calls) = run("qwen2", list(text), ToolPlan("hermes", TOOLS))  # one character a token
+    pieces = [tc["function"]["arguments"] for d in deltas for tc in d.tool_calls if tc["function"]["arguments"]]
+    assert len(pieces) > 5 and "".join(pieces) == '{"city": "Paris", "days": [1, {"a": 2}]}'
+    assert calls[0]["function"]["arguments"] == "".join(pieces) and content is None
+    assert stream_calls(deltas)[0]["name"] == "get_weather"
+    # a name first seen in full, arguments as a JSON string: parsed whole at the closing tag
+    _, (_, _, calls) = run("qwen2", ['<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}',
+                                     "</tool_call>"], ToolPlan("hermes", TOOLS))
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}

@@ -14,6 +14,7 @@ a call's name is known, `CallArgs(index, text)` for its arguments (JSON text, po
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from worker_orcd.tokenizer.harmony import HarmonyParser
@@ -168,14 +169,18 @@ class HarmonyToolParser(ToolCallParser):
 
 
 class HermesParser(ToolCallParser):
-    """Qwen2.5: `<tool_call>{json}</tool_call>` blocks; text around them is content."""
+    """Qwen2.5: `<tool_call>{json}</tool_call>` blocks; text around them is content. A block that opens as
+    `{"name": "NAME", "arguments": {` streams its arguments as they arrive (holding back from the last `}`,
+    which may be the block's own); any other block is parsed whole at its closing tag."""
 
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
+    HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*(?=\{)')
 
     def __init__(self, tool_names: set[str]):
         super().__init__(tool_names)
         self.buffer = ""
         self.inside = False
+        self.streaming: int | None = None  # the call whose arguments are streaming
 
     def feed(self, text: str) -> list[Event]:
         self.buffer += text
@@ -193,21 +198,47 @@ class HermesParser(ToolCallParser):
                 self._content(self.buffer[:at].rstrip(), out)
                 self.buffer = self.buffer[at + len(self.OPEN):]
                 self.inside = True
+            if self.streaming is None and (m := self.HEAD.match(self.buffer)) and m.group(1) in self.tool_names:
+                self.streaming = self.n_calls
+                self.n_calls += 1
+                out.append(CallStart(self.streaming, m.group(1)))
+                self.buffer = self.buffer[m.end():]
             at = self.buffer.find(self.CLOSE)
             if at < 0:
+                if self.streaming is not None:
+                    self._stream_args(out, final=False)
                 return out
-            self._block(self.buffer[:at], out)
-            self.buffer = self.buffer[at + len(self.CLOSE):].lstrip("\n")
+            body, self.buffer = self.buffer[:at], self.buffer[at + len(self.CLOSE):].lstrip("\n")
+            if self.streaming is not None:
+                self._stream_args(out, final=True, body=body)
+            else:
+                self._block(body, out)
             self.inside = False
 
     def finish(self) -> list[Event]:
         out: list[Event] = []
-        if self.inside:  # ended (EOS, max_tokens) before the closing tag
+        if self.streaming is not None:  # ended (EOS, max_tokens) before the closing tag
+            self._stream_args(out, final=True, body=self.buffer)
+        elif self.inside:
             self._block(self.buffer, out)
         else:
             self._content(self.buffer, out)
         self.buffer = ""
         return out
+
+    def _stream_args(self, out: list[Event], final: bool, body: str = "") -> None:
+        """Emit argument text up to the last `}` (held: it may close the block's object, not the arguments);
+        at the block's end, all of it but that closing `}`."""
+        if final:
+            text = body.rstrip()
+            text = text[:-1] if text.endswith("}") else text
+            self.streaming, index = None, self.streaming
+        else:
+            cut = self.buffer.rfind("}")
+            cut = cut if cut >= 0 else len(self.buffer) - _partial_len(self.buffer, self.CLOSE)
+            text, self.buffer, index = self.buffer[:cut], self.buffer[cut:], self.streaming
+        if text:
+            out.append(CallArgs(index, text))
 
     def _block(self, body: str, out: list[Event]) -> None:
         try:
