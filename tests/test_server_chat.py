@@ -127,3 +127,23 @@ def test_hermes_arguments_stream_as_they_arrive():
     _, (_, _, calls) = run("qwen2", ['<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}',
                                      "</tool_call>"], ToolPlan("hermes", TOOLS))
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+
+
+@pytest.mark.parametrize("fmt,text", [
+    ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris", "days": [1, {"a": 2}]}}'),
+    ("llama3", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "days": [1, {"a": 2}]}}'),
+    ("generic", '{"tool_call": {"name": "get_weather", "arguments": {"city": "Paris", "days": [1, {"a": 2}]}}}'),
+    ("generic", '{"tool_call": {"name": "get_weather", "arguments": {"city": "Paris", "days": [1, {"a": 2}]}}}\n'
+                'Anything else?'),
+])
+def test_leading_json_arguments_stream_as_they_arrive(fmt, text):
+    deltas, (_, content, calls) = run("llama", list(text), ToolPlan(fmt, TOOLS))
+    pieces = [tc["function"]["arguments"] for d in deltas for tc in d.tool_calls if tc["function"]["arguments"]]
+    assert len(pieces) > 5 and "".join(pieces) == '{"city": "Paris", "days": [1, {"a": 2}]}'
+    assert calls[0]["function"]["arguments"] == "".join(pieces) and content is None
+
+
+def test_arguments_cut_short_keep_what_came():
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'
+    _, (_, _, calls) = run("qwen2", list(text), ToolPlan("hermes", TOOLS))
+    assert calls[0]["function"]["arguments"] == '{"city": "Par'

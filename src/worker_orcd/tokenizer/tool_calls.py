@@ -129,6 +129,42 @@ class ToolCallParser:
         return calls or None
 
 
+class _ArgStream:
+    """A call's arguments object, streamed as it arrives. The JSON it sits in closes with `closers` more
+    braces, so the last `closers` braces seen are held back: they may be the enclosing object's."""
+
+    def __init__(self, index: int, closers: int):
+        self.index, self.closers = index, closers
+        self.sent = ""
+        self.held = ""
+
+    def feed(self, text: str, hold_tail: int = 0) -> list[Event]:
+        """`hold_tail`: characters at the end that may start a closing tag (held as well)."""
+        self.held += text
+        braces = [i for i, c in enumerate(self.held) if c == "}"]
+        cut = braces[-self.closers] if len(braces) >= self.closers else (braces[0] if braces else
+                                                                         len(self.held) - hold_tail)
+        return self._send(self.held[:cut], self.held[cut:])
+
+    def finish(self, rest: str = "") -> list[Event]:
+        """The call is over: send the arguments' remaining text (up to where the arguments object ends)."""
+        self.held += rest
+        full = self.sent + self.held
+        try:
+            _, end = json.JSONDecoder().raw_decode(full)
+            tail = full[len(self.sent):max(end, len(self.sent))]
+        except json.JSONDecodeError:  # cut short (max_tokens): drop what closes the enclosing object
+            tail = self.held.rstrip()
+            for _ in range(self.closers):
+                tail = tail[:-1].rstrip() if tail.endswith("}") else tail
+        return self._send(tail, "")
+
+    def _send(self, text: str, held: str) -> list[Event]:
+        self.sent += text
+        self.held = held
+        return [CallArgs(self.index, text)] if text else []
+
+
 class HarmonyToolParser(ToolCallParser):
     """GPT-OSS: analysis is reasoning; a message to `functions.NAME` is a call whose body is its arguments;
     final (and commentary to no one, a preamble for the user) is content."""
@@ -170,8 +206,8 @@ class HarmonyToolParser(ToolCallParser):
 
 class HermesParser(ToolCallParser):
     """Qwen2.5: `<tool_call>{json}</tool_call>` blocks; text around them is content. A block that opens as
-    `{"name": "NAME", "arguments": {` streams its arguments as they arrive (holding back from the last `}`,
-    which may be the block's own); any other block is parsed whole at its closing tag."""
+    `{"name": "NAME", "arguments": {` streams its arguments as they arrive; any other block is parsed whole
+    at its closing tag."""
 
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
     HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*(?=\{)')
@@ -180,7 +216,7 @@ class HermesParser(ToolCallParser):
         super().__init__(tool_names)
         self.buffer = ""
         self.inside = False
-        self.streaming: int | None = None  # the call whose arguments are streaming
+        self.args: _ArgStream | None = None  # the call whose arguments are streaming
 
     def feed(self, text: str) -> list[Event]:
         self.buffer += text
@@ -198,47 +234,36 @@ class HermesParser(ToolCallParser):
                 self._content(self.buffer[:at].rstrip(), out)
                 self.buffer = self.buffer[at + len(self.OPEN):]
                 self.inside = True
-            if self.streaming is None and (m := self.HEAD.match(self.buffer)) and m.group(1) in self.tool_names:
-                self.streaming = self.n_calls
+            if self.args is None and (m := self.HEAD.match(self.buffer)) and m.group(1) in self.tool_names:
+                self.args = _ArgStream(self.n_calls, closers=1)
                 self.n_calls += 1
-                out.append(CallStart(self.streaming, m.group(1)))
+                out.append(CallStart(self.args.index, m.group(1)))
                 self.buffer = self.buffer[m.end():]
             at = self.buffer.find(self.CLOSE)
             if at < 0:
-                if self.streaming is not None:
-                    self._stream_args(out, final=False)
+                if self.args is not None:
+                    out.extend(self.args.feed(self.buffer, _partial_len(self.buffer, self.CLOSE)))
+                    self.buffer = ""
                 return out
             body, self.buffer = self.buffer[:at], self.buffer[at + len(self.CLOSE):].lstrip("\n")
-            if self.streaming is not None:
-                self._stream_args(out, final=True, body=body)
+            if self.args is not None:
+                out.extend(self.args.finish(body))
+                self.args = None
             else:
                 self._block(body, out)
             self.inside = False
 
     def finish(self) -> list[Event]:
         out: list[Event] = []
-        if self.streaming is not None:  # ended (EOS, max_tokens) before the closing tag
-            self._stream_args(out, final=True, body=self.buffer)
+        if self.args is not None:  # ended (EOS, max_tokens) before the closing tag
+            out.extend(self.args.finish(self.buffer))
+            self.args = None
         elif self.inside:
             self._block(self.buffer, out)
         else:
             self._content(self.buffer, out)
         self.buffer = ""
         return out
-
-    def _stream_args(self, out: list[Event], final: bool, body: str = "") -> None:
-        """Emit argument text up to the last `}` (held: it may close the block's object, not the arguments);
-        at the block's end, all of it but that closing `}`."""
-        if final:
-            text = body.rstrip()
-            text = text[:-1] if text.endswith("}") else text
-            self.streaming, index = None, self.streaming
-        else:
-            cut = self.buffer.rfind("}")
-            cut = cut if cut >= 0 else len(self.buffer) - _partial_len(self.buffer, self.CLOSE)
-            text, self.buffer, index = self.buffer[:cut], self.buffer[cut:], self.streaming
-        if text:
-            out.append(CallArgs(index, text))
 
     def _block(self, body: str, out: list[Event]) -> None:
         try:
@@ -257,18 +282,28 @@ class HermesParser(ToolCallParser):
 
 
 class LeadingJSONParser(ToolCallParser):
-    """Llama 3.1 and the generic format: a reply that starts with `{` (or `<|python_tag|>`) is held until the
-    end and parsed as a call; any other reply streams as content."""
+    """Llama 3.1 and the generic format: a reply that starts with `{` (or `<|python_tag|>`) is a call. One
+    that opens as a call to a function offered (`{"name": NAME, "parameters": {` / `{"tool_call": {"name":
+    NAME, "arguments": {`) streams its arguments; other JSON is held to the end and parsed whole (a call, or
+    content after all); any other reply streams as content."""
+
+    HEADS = {False: re.compile(r'\s*(?:<\|python_tag\|>)?\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,'
+                               r'\s*"(?:parameters|arguments)"\s*:\s*(?=\{)'),
+             True: re.compile(r'\s*\{\s*"tool_call"\s*:\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,'
+                              r'\s*"arguments"\s*:\s*(?=\{)')}
 
     def __init__(self, tool_names: set[str], generic: bool):
         super().__init__(tool_names)
         self.generic = generic
         self.buffer = ""
         self.mode: str | None = None  # None: undecided, "json": holding, "text": streaming
+        self.args: _ArgStream | None = None
 
     def feed(self, text: str) -> list[Event]:
         if self.mode == "text":
             return [Text("content", text)] if text else []
+        if self.args is not None:
+            return self.args.feed(text)
         self.buffer += text
         if self.mode is None:
             head = self.buffer.lstrip()
@@ -278,9 +313,17 @@ class LeadingJSONParser(ToolCallParser):
             if self.mode == "text":
                 text, self.buffer = self.buffer, ""
                 return [Text("content", text)]
-        return []
+        m = self.HEADS[self.generic].match(self.buffer)
+        if m is None or m.group(1) not in self.tool_names:
+            return []
+        self.args = _ArgStream(self.n_calls, closers=2 if self.generic else 1)
+        self.n_calls += 1
+        rest, self.buffer = self.buffer[m.end():], ""
+        return [CallStart(self.args.index, m.group(1)), *self.args.feed(rest)]
 
     def finish(self) -> list[Event]:
+        if self.args is not None:
+            return self.args.finish()
         text, self.buffer = self.buffer, ""
         if self.mode != "json":
             return [Text("content", text)] if text else []
