@@ -215,7 +215,10 @@ class StreamReader:
             if self.terminal is not None:
                 raise ProtocolError("an error after the terminal chunk")
             self.terminal = "error"
-            self.r.error = data["error"]["code"]
+            err = data["error"]
+            if set(err) != {"message", "type", "param", "code"}:
+                raise ProtocolError(f"an error chunk not in OpenAI's shape: {err}")
+            self.r.error = err["code"].upper()  # OpenAI's lower-case codes; the worker API's are upper-case
             return
         if self.server_id is None:
             self.server_id = data["id"]

@@ -58,15 +58,46 @@ def still_serving(http, expected):
     return check
 
 
+def is_openai(path: str) -> bool:
+    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+
+
 def assert_error(r: httpx.Response, status: int, field: str | None = None, code: str | None = None) -> dict:
+    """The worker API's shape {code, message, field}; on the OpenAI API, OpenAI's {message, type, param, code}
+    with 400 for every invalid request, and the openai client raises the matching class with param set."""
+    openai_api = is_openai(r.request.url.path)
+    if openai_api and code == "PROMPT_TOO_LONG":
+        status = 400  # context_length_exceeded, as OpenAI answers
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] and err["message"] and "Traceback" not in r.text
+    if openai_api:
+        assert set(err) == {"message", "type", "param", "code"}, err
+        if code is not None:
+            assert err["code"] == OPENAI_CODES.get(code, code.lower()), err
+        if field is not None:
+            assert err["param"] == field and (field in err["message"] or field == "body"), err
+        assert_openai_client_raises(r, field)
+        return {**err, "field": err["param"]}
     if code is not None:
         assert err["code"] == code
     if field is not None:
         assert err["field"] == field and (field in err["message"] or field == "body"), err
     return err
+
+
+OPENAI_CODES = {"PROMPT_TOO_LONG": "context_length_exceeded", "INVALID_REQUEST": "invalid_value"}
+
+
+def assert_openai_client_raises(r: httpx.Response, field: str | None) -> None:
+    """What the openai client makes of this response: BadRequestError (for a 400) with param and code."""
+    import openai
+
+    client = openai.OpenAI(base_url="http://unused/v1", api_key="unused")
+    err = client._make_status_error_from_response(r)
+    if r.status_code == 400:
+        assert isinstance(err, openai.BadRequestError), type(err)
+    assert err.param == field and err.code == r.json()["error"]["code"] and err.type == r.json()["error"]["type"]
 
 
 def post_raw(http: httpx.Client, path: str, content: bytes | str, content_type: str | None = "application/json"):
@@ -115,7 +146,7 @@ def test_body_over_limit_by_content_length_is_413_unread(server, still_serving):
     status, headers, body = read_response(sock)
     assert status == 413 and headers["connection"] == "close"
     err = json.loads(body)["error"]
-    assert err["code"] == "PAYLOAD_TOO_LARGE" and err["field"] == "body" and str(MAX_BODY) in err["message"]
+    assert err["code"] == "payload_too_large" and err["param"] == "body" and str(MAX_BODY) in err["message"]
     still_serving()
 
 
@@ -142,7 +173,7 @@ def test_chunked_body_over_limit_is_413(server, still_serving):
             except TimeoutError:
                 pass
     status, headers, body = read_response(sock)
-    assert status == 413 and json.loads(body)["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
     assert sent <= MAX_BODY + len(chunk) * 4
     still_serving()
 
@@ -208,7 +239,7 @@ def test_slow_body_gets_408(server, still_serving):
     waited = trickle(sock, body[5:], every_s=0.2, until_s=10 * READ_TIMEOUT)
     status, headers, resp = read_response(sock)
     err = json.loads(resp)["error"]
-    assert status == 408 and err["code"] == "REQUEST_TIMEOUT" and headers["connection"] == "close"
+    assert status == 408 and err["code"] == "request_timeout" and headers["connection"] == "close"
     assert waited < 3 * READ_TIMEOUT
     still_serving()
 
@@ -249,8 +280,8 @@ LONG_STOP = " stop" * 10000  # 10,000 tokens
     ("/execute", {"job_id": "stop", "prompt": "hi", "stop": [LONG_STOP]}, "stop[0]"),  # a list only: exact index
     ("/execute", {"job_id": "stop", "prompt": "hi", "stop": ["a"] * 17}, "stop"),
 ], ids=["completions-str", "completions-list", "completions-1000", "chat", "execute", "execute-17"])
-def test_huge_stop_strings_are_422_naming_stop(http, still_serving, path, body, field):
-    assert_error(http.post(path, json=body), 422, field)
+def test_huge_stop_strings_are_refused_naming_stop(http, still_serving, path, body, field):
+    assert_error(http.post(path, json=body), 400 if is_openai(path) else 422, field)
     still_serving()
 
 
@@ -305,17 +336,17 @@ def test_malformed_json_is_400(http, still_serving, body, field, what):
 
 @pytest.mark.parametrize("change,status,field", [
     ({"max_tokens": 10**40}, 400, "max_tokens"),
-    ('"max_tokens": 1e400', 422, "max_tokens"),  # json reads 1e400 as inf; not an integer
-    ('"temperature": -1e400', 422, "temperature"),
-    ({"seed": 2**70}, 422, "seed"),
-    ({"temperature": 1e308}, 422, "temperature"),
+    ('"max_tokens": 1e400', 400, "max_tokens"),  # json reads 1e400 as inf; not an integer
+    ('"temperature": -1e400', 400, "temperature"),
+    ({"seed": 2**70}, 400, "seed"),
+    ({"temperature": 1e308}, 400, "temperature"),
     ({"top_k": 10**30}, 200, None),  # above the vocabulary: every token stays, as top_k=0
-    ({"n": 10**6}, 422, "n"),
-    ({"logprobs": 5}, 422, "logprobs"),
-    ({"echo": True}, 422, "echo"),
+    ({"n": 10**6}, 400, "n"),
+    ({"logprobs": 5}, 400, "logprobs"),
+    ({"echo": True}, 400, "echo"),
     ({"prompt": [10**9]}, 400, "prompt"),
-    ({"prompt": [-1]}, 422, "prompt"),
-    ({"prompt": ["a", "b"]}, 422, "prompt"),
+    ({"prompt": [-1]}, 400, "prompt"),
+    ({"prompt": ["a", "b"]}, 400, "prompt"),
 ])
 def test_huge_and_unsupported_fields(http, still_serving, change, status, field):
     if isinstance(change, str):  # JSON that json.dumps would not write
@@ -331,10 +362,45 @@ def test_huge_and_unsupported_fields(http, still_serving, change, status, field)
 
 def test_chat_unsupported_fields(http, still_serving):
     chat = {"model": M, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    assert_error(http.post("/v1/chat/completions", json={**chat, "logprobs": True}), 422, "logprobs")
-    assert_error(http.post("/v1/chat/completions", json={**chat, "n": 3}), 422, "n")
+    assert_error(http.post("/v1/chat/completions", json={**chat, "logprobs": True}), 400, "logprobs")
+    assert_error(http.post("/v1/chat/completions", json={**chat, "n": 3}), 400, "n")
     assert_error(http.post("/v1/chat/completions", json={**chat, "max_completion_tokens": 10**12}), 400,
                  "max_completion_tokens")
+    still_serving()
+
+
+@pytest.mark.parametrize("change,field,code", [
+    ({"frequency_penalty": 1.0}, "frequency_penalty", "unsupported_parameter"),
+    ({"presence_penalty": -0.5}, "presence_penalty", "unsupported_parameter"),
+    ({"logit_bias": {"1": -100}}, "logit_bias", "unsupported_parameter"),
+    ({"top_logprobs": 3}, "top_logprobs", "unsupported_parameter"),
+    ({"modalities": ["text", "audio"]}, "modalities", "unsupported_parameter"),
+    ({"store": True}, "store", "unsupported_parameter"),
+    ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
+    ({"mirostat_tau": 5}, "mirostat_tau", "unknown_parameter"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "hi", "weight": 1}]}, "messages[0].weight", "unknown_parameter"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name",
+     "invalid_value"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True}}]}, "tools[0].function.strict",
+     "unsupported_parameter"),
+    ({"tool_choice": {"type": "function", "function": {"name": "g"}},
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice", "invalid_value"),
+])
+def test_fields_not_implemented_are_refused_by_name(http, still_serving, change, field, code):
+    chat = {"model": M, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    err = assert_error(http.post("/v1/chat/completions", json={**chat, **change}), 400, field)
+    assert err["code"] == code, err
+    still_serving()
+
+
+def test_no_op_values_of_unimplemented_fields_pass(http, still_serving):
+    chat = {"model": M, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    noops = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "logprobs": False,
+             "response_format": {"type": "text"}, "store": False, "modalities": ["text"], "metadata": {"a": "b"},
+             "parallel_tool_calls": True, "user": "u1"}
+    r = http.post("/v1/chat/completions", json={**chat, **noops})
+    assert r.status_code == 200, r.text
     still_serving()
 
 

@@ -248,25 +248,33 @@ def test_kv_budget_bounds_the_batch(model):
 
 M = "SmolLM2-135M-Instruct.Q4_1"
 LONG = "word " * 1100
+CLE = "context_length_exceeded"
+# the OpenAI API answers 400 (OpenAI's shape, `param`); the worker API keeps 422/413 (its shape, `field`)
 CASES = [
     ("/v1/completions", {"model": "no-such-model", "prompt": "hi"}, 404, "model"),
     ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ("/v1/completions", '{"model": "' + M + '", "prompt": ', 400, "body"),
-    ("/v1/completions", {"model": M, "prompt": "hi", "max_tokens": "five"}, 422, "max_tokens"),
-    ("/v1/completions", {"model": M, "prompt": 12}, 422, "prompt"),
-    ("/v1/chat/completions", {"model": M, "messages": "hi"}, 422, "messages"),
-    ("/v1/completions", {"model": M, "prompt": "hi", "max_tokens": 0}, 422, "max_tokens"),
-    ("/v1/completions", {"model": M, "prompt": "hi", "max_tokens": -3}, 422, "max_tokens"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "max_tokens": "five"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": M, "prompt": 12}, 400, "prompt"),
+    ("/v1/chat/completions", {"model": M, "messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, 400,
+     "frequency_penalty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "mirostat": 2}, 400, "mirostat"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "foo": 1}]}, 400, "messages[0].foo"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, 400,
+     "tool_choice"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
     ("/v1/completions", {"model": M, "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
-    ("/v1/completions", '{"model": "' + M + '", "prompt": "hi", "temperature": NaN}', 422, "temperature"),
-    ("/v1/completions", '{"model": "' + M + '", "prompt": "hi", "temperature": Infinity}', 422, "temperature"),
-    ("/v1/completions", {"model": M, "prompt": "hi", "temperature": -0.5}, 422, "temperature"),
-    ("/v1/completions", {"model": M, "prompt": "hi", "top_p": 0}, 422, "top_p"),
-    ("/v1/completions", {"model": M, "prompt": "hi", "top_p": 1.5}, 422, "top_p"),
-    ("/v1/completions", {"model": M, "prompt": "hi", "n": 2}, 422, "n"),
-    ("/v1/completions", {"model": M, "prompt": LONG}, 413, "prompt"),
-    ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": LONG}]}, 413, "messages"),
-    ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 422,
+    ("/v1/completions", '{"model": "' + M + '", "prompt": "hi", "temperature": NaN}', 400, "temperature"),
+    ("/v1/completions", '{"model": "' + M + '", "prompt": "hi", "temperature": Infinity}', 400, "temperature"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "temperature": -0.5}, 400, "temperature"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": M, "prompt": LONG}, 400, "prompt"),
+    ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400,
      "max_tokens"),
     ("/execute", {"prompt": "hi", "max_tokens": 4}, 422, "job_id"),
     ("/execute", {"job_id": "v1", "prompt": "hi", "max_tokens": 4, "temperature": 2.5}, 422, "temperature"),
@@ -285,8 +293,48 @@ def test_validation_errors_name_the_field(http, path, body, status, field):
         r = http.post(path, json=body)
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert err["field"] == field and field in err["message"] or field == "body"
-    assert err["code"] and "Traceback" not in r.text
+    assert err["message"] and "Traceback" not in r.text
+    if path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
+        assert set(err) == {"message", "type", "param", "code"}, err
+        assert err["param"] == field and (field in err["message"] or field == "body")
+        assert err["type"] == "invalid_request_error"
+        if "LONG" in str(body) or (isinstance(body, dict) and LONG in json.dumps(body)):
+            assert err["code"] == CLE
+        if status == 404:
+            assert err["code"] == "model_not_found"
+    else:
+        assert err["field"] == field and field in err["message"] or field == "body"
+        assert err["code"]
+
+
+def test_openai_client_raises_bad_request_with_param(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.uri + "/v1", api_key="unused")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=M, messages=[{"role": "user", "content": LONG}])
+    assert e.value.code == CLE and e.value.param == "messages" and e.value.type == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=M, messages=[{"role": "user", "content": "hi"}], logit_bias={"1": -100})
+    assert e.value.param == "logit_bias" and e.value.code == "unsupported_parameter"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt="hi")
+    assert e.value.code == "model_not_found" and e.value.param == "model"
+
+
+def test_model_may_be_omitted_and_aliases_are_listed(http, server):
+    names = [m["id"] for m in http.get("/v1/models").json()["data"]]
+    assert names[0] == M and server.worker.served_names == names and len(names) == 2  # + general.name
+    import openai
+
+    client = openai.OpenAI(base_url=server.uri + "/v1", api_key="unused")
+    assert [client.models.retrieve(n).id for n in names] == names
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    for model in [None, *names, M + ".gguf"]:
+        body = {"prompt": "1, 2, 3,", "max_tokens": 2, "temperature": 0} | ({"model": model} if model else {})
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["model"] == (model or M), r.text
 
 
 def test_unknown_route_is_json_404(http):

@@ -298,6 +298,14 @@ def serve(
         "--nondeterministic", help="CUDA: the fastest kernel per batch size; a sequence's tokens may then "
                                    "change with what else runs beside it")] = False,
     cpu_kernels: CpuKernelsOpt = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="WORKER_ORCD_API_KEY",
+                                                help="Bearer token required on every endpoint but /health and "
+                                                     "/ready")] = None,
+    served_model_name: Annotated[list[str] | None, typer.Option(
+        "--served-model-name", help="a name `model` may take (repeatable; default: the file stem and the "
+                                    "GGUF's general.name)")] = None,
+    allowed_origins: Annotated[list[str] | None, typer.Option(
+        "--allowed-origins", help="CORS origins (repeatable or comma-separated; '*' for any)")] = None,
 ) -> None:
     """Serve the model over HTTP: the worker API and an OpenAI-compatible API."""
     import asyncio
@@ -305,6 +313,7 @@ def serve(
 
     from worker_orcd.server import ServeConfig, Worker
     from worker_orcd.server import serve as run_server
+    from worker_orcd.server.run import bind_socket
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if nondeterministic:  # read when the CUDA kernels are first imported, at load
@@ -315,7 +324,13 @@ def serve(
     cfg = ServeConfig(host=host, port=port, worker_id=worker_id, callback_url=callback_url, ctx=ctx,
                       max_batch=max_batch, max_tokens_in=max_tokens_in, max_tokens_out=max_tokens_out,
                       inference_timeout_sec=inference_timeout_sec, kv_cache_size_mb=kv_cache_size_mb,
-                      max_body_bytes=max_body_bytes, read_timeout_sec=read_timeout_sec, cuda_graphs=cuda_graphs)
+                      max_body_bytes=max_body_bytes, read_timeout_sec=read_timeout_sec, cuda_graphs=cuda_graphs,
+                      api_key=api_key or None, served_model_names=served_model_name or None,
+                      allowed_origins=[o.strip() for v in allowed_origins or [] for o in v.split(",") if o.strip()])
+    try:
+        sock = bind_socket(host, port)
+    except OSError as e:
+        _fail(e.strerror or str(e))
     _check_memory(model, device, cfg, _parse_size(vram_limit) if vram_limit is not None else None)
     m = _load(model, device, mmap)
     try:
@@ -330,7 +345,7 @@ def serve(
               f"\"content\": \"Hello!\"}}], \"stream\": true}}'", flush=True)
 
     try:
-        asyncio.run(run_server(worker, on_ready))
+        asyncio.run(run_server(worker, on_ready, sock))
     except RuntimeError as e:
         _fail(str(e))
 

@@ -91,6 +91,8 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] | None = None
     timeout_s: float = 300.0
+    # (logits [vocab], ids so far) -> logits, applied before sampling: a grammar's mask (structured output)
+    logits_processor: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None
 
 
 class QueueFull(Exception):
@@ -496,6 +498,8 @@ class Scheduler:
         """Sample one token (or take `picked`, the greedy choice made for the whole batch) and emit it;
         finish on EOG, a stop string, max_tokens or a full context."""
         req, stats = seq.handle.request, seq.handle.stats
+        if picked is None and req.logits_processor is not None:
+            logits = req.logits_processor(logits, seq.history)
         token = picked if picked is not None else seq.sampler(logits, seq.history)
         seq.history.append(token)
         index = stats.completion_tokens
@@ -524,7 +528,7 @@ class Scheduler:
 def _greedy_rows(decoding: list[_Seq], logits: torch.Tensor) -> list[int | None]:
     """The argmax of every greedy row in one device op and one transfer (per-row argmaxes on a GPU would each
     wait for the device); None for the rows that sample."""
-    greedy = [s.sampler.greedy for s in decoding]
+    greedy = [s.sampler.greedy and s.handle.request.logits_processor is None for s in decoding]
     if not any(greedy) or logits.device.type == "cpu":
         return [None] * len(decoding)
     ids = logits[: len(decoding)].argmax(-1).tolist()

@@ -7,10 +7,12 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from worker_orcd import __version__
 from worker_orcd.server import errors, openai_api, worker_api
+from worker_orcd.server.auth import APIKeyAuth
 from worker_orcd.server.limits import BodyLimit
 from worker_orcd.server.worker import Worker, drain
 
@@ -47,6 +49,11 @@ def create_app(worker: Worker, exit_server: Callable[[], None] | None = None) ->
     errors.install(app, refused)
     app.add_middleware(BodyLimit, max_bytes=worker.cfg.max_body_bytes, timeout_s=worker.cfg.read_timeout_sec,
                        on_error=refused)
+    if worker.cfg.api_key:
+        app.add_middleware(APIKeyAuth, key=worker.cfg.api_key, on_error=refused)  # outside BodyLimit: no body read
+    if worker.cfg.allowed_origins:  # outermost: preflight requests carry no key
+        app.add_middleware(CORSMiddleware, allow_origins=worker.cfg.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"])
     app.include_router(worker_api.router)
     app.include_router(openai_api.router)
 
@@ -55,11 +62,11 @@ def create_app(worker: Worker, exit_server: Callable[[], None] | None = None) ->
     async def metrics(request: Request) -> Response:
         return Response(worker.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    _pin_model_names(app, worker.model_id)
+    _pin_model_names(app, worker.served_names)
     return app
 
 
-def _pin_model_names(app: FastAPI, model_id: str) -> None:
+def _pin_model_names(app: FastAPI, names: list[str]) -> None:
     """The schema names the one model served here, so clients and fuzzers see which `model` is valid."""
     base = app.openapi
 
@@ -71,7 +78,7 @@ def _pin_model_names(app: FastAPI, model_id: str) -> None:
                 if prop is None or name not in ("CompletionRequest", "ChatRequest", "TokenizeRequest",
                                                 "DetokenizeRequest"):
                     continue
-                pinned = {"type": "string", "enum": [model_id]}
+                pinned = {"type": "string", "enum": list(names)}
                 body["properties"]["model"] = ({"anyOf": [pinned, {"type": "null"}]} if "anyOf" in prop else pinned)
             app.openapi_schema = schema
         return app.openapi_schema

@@ -17,7 +17,7 @@ import h11
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from worker_orcd.server.errors import error_response
+from worker_orcd.server.errors import error_response, is_openai
 
 
 class BodyTooLarge(Exception):
@@ -80,7 +80,7 @@ class BodyLimit:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str) -> None:
         self.on_error(status)
-        response = error_response(status, code, message, "body")
+        response = error_response(status, code, message, "body", openai=is_openai(scope.get("path", "")))
         response.headers["connection"] = "close"  # the unread rest of the body must not be taken for a request
         await response(scope, receive, send)
 
@@ -93,8 +93,10 @@ def _content_length(scope: Scope) -> int | None:
 
 
 def _raw_json_response(status: int, reason: str, code: str, message: str) -> bytes:
-    """A complete HTTP/1.1 response that closes the connection, for answers given outside the ASGI app."""
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    """A complete HTTP/1.1 response that closes the connection, for answers given outside the ASGI app (the
+    path is not known yet, so the body carries the fields of both error shapes)."""
+    body = json.dumps({"error": {"code": code, "message": message, "type": "invalid_request_error",
+                                 "param": None}}).encode()
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             f"connection: close\r\n\r\n")
     return head.encode() + body

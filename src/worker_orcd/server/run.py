@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import socket
 import time
 import urllib.request
 from collections.abc import Callable
@@ -52,8 +54,26 @@ def post_ready(callback_url: str, body: dict, attempts: int = 5) -> None:
             time.sleep(0.5 * 2**attempt)
 
 
-async def serve(worker: Worker, on_ready: Callable[[str], None] | None = None) -> None:
-    """Listen, then report ready (callback first, when configured); returns after a drain."""
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening address, bound (not yet listening) before any weight is loaded, so a busy port is a
+    one-line error up front. Raises OSError naming the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses TIME_WAIT ports
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        reason = "already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {reason}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve(worker: Worker, on_ready: Callable[[str], None] | None = None,
+                sock: socket.socket | None = None) -> None:
+    """Listen (on `sock` when given, from `bind_socket`), then report ready (callback first, when configured);
+    returns after a drain."""
     cfg = worker.cfg
     server: _Server | None = None
 
@@ -64,7 +84,7 @@ async def serve(worker: Worker, on_ready: Callable[[str], None] | None = None) -
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5, http=guarded_protocol(cfg.read_timeout_sec))
     server = _Server(config, worker)
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock] if sock is not None else None))
     while not server.started:
         if task.done():
             return await task  # failed to bind: uvicorn logged why

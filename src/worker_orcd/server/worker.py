@@ -8,7 +8,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +63,9 @@ class ServeConfig:
     max_body_bytes: int = 2 * 2**20
     read_timeout_sec: float = 30.0  # for the request head, then again for the body (slow clients: 408)
     cuda_graphs: bool = True  # decode steps replay CUDA graphs on CUDA (--no-cuda-graphs: eager)
+    served_model_names: list[str] | None = None  # None: the file's stem and the GGUF's general.name
+    api_key: str | None = None  # Bearer token for every endpoint but /health and /ready
+    allowed_origins: list[str] | None = None  # CORS; None: no CORS headers
 
 
 def kv_bytes_per_token(net) -> int:
@@ -89,8 +92,8 @@ def kv_itemsize(device: torch.device) -> int:
     return kv_dtype(device).itemsize
 
 
-def weight_facts(path) -> tuple[int, str]:
-    """(bytes of all tensors, the ggml type holding most matrix bytes) from the GGUF file."""
+def weight_facts(path) -> tuple[int, str, str | None]:
+    """(bytes of all tensors, the ggml type holding most matrix bytes, general.name) from the GGUF file."""
     from worker_orcd.gguf import open_gguf
 
     by_type: Counter[str] = Counter()
@@ -100,7 +103,14 @@ def weight_facts(path) -> tuple[int, str]:
             total += ref.nbytes
             if len(ref.shape) >= 2:
                 by_type[getattr(ref.ggml_type, "name", str(ref.ggml_type))] += ref.nbytes
-    return total, (by_type.most_common(1)[0][0] if by_type else "unknown")
+        name = f.metadata.get("general.name")
+    return total, (by_type.most_common(1)[0][0] if by_type else "unknown"), name if isinstance(name, str) else None
+
+
+def served_names(path, general_name: str | None, configured: list[str] | None) -> list[str]:
+    """The names `model` may take in a request; the first is the one responses and /v1/models report."""
+    names = configured or [path.name.removesuffix(".gguf"), (general_name or "").strip()[:256]]
+    return list(dict.fromkeys(n for n in names if n))
 
 
 class Worker:
@@ -108,7 +118,9 @@ class Worker:
         self.model = model
         self.tokenizer = model.tokenizer
         self.cfg = cfg
-        self.model_id = model.path.name.removesuffix(".gguf")
+        _, self.quant, general_name = weight_facts(model.path)
+        self.served_names = served_names(model.path, general_name, cfg.served_model_names)
+        self.model_id = self.served_names[0]
         self.architecture = str(getattr(model.config, "architecture", "unknown"))
         ctx, slots = plan_kv(kv_bytes_per_token(model.net), model.config.context_length, cfg)
         self.scheduler = Scheduler(model.net, model.tokenizer, slots, ctx, cfg.prefill_chunk, cfg.max_waiting,
@@ -116,7 +128,6 @@ class Worker:
         self.ctx = ctx
         self.max_tokens_in = min(cfg.max_tokens_in or ctx - 1, ctx - 1)
         self.max_piece_bytes = max(len(self.tokenizer.piece(i)) for i in range(self.tokenizer.vocab_size))
-        _, self.quant = weight_facts(model.path)
         # every tensor the model holds is on its device (no silent host fallback), and what they take
         self.vram_resident, weights = residency(model.net, model.device)
         self.vram_bytes = weights + self.scheduler.kv.nbytes
@@ -144,10 +155,15 @@ class Worker:
     def start(self) -> None:
         self.scheduler.start()
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name not in (self.model_id, self.model.path.name):
-            raise APIError(404, "MODEL_NOT_FOUND", f"model {name!r} is not served here; this worker serves "
-                                                   f"{self.model_id!r}", "model")
+    def check_model(self, name: str | None) -> str:
+        """The model name to report back: the one asked for, or the main name when `model` was omitted."""
+        if name is None:
+            return self.model_id
+        if name not in self.served_names and name != self.model.path.name:
+            names = ", ".join(repr(n) for n in self.served_names)
+            raise APIError(404, "MODEL_NOT_FOUND", f"model: {name[:200]!r} is not served here; this worker serves "
+                                                   f"{names}", "model")
+        return name
 
     def check_prompt_bytes(self, text: str, field: str, ignore_whitespace: bool = False) -> None:
         """Refuse, untokenized, a prompt whose bytes alone need more tokens than this worker takes: the
@@ -181,11 +197,13 @@ class Worker:
         return min(max_tokens, self.ctx - n_prompt)
 
     def submit(self, request_id: str, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
-               stop: list[str] | None, kind: str) -> Stream:
+               stop: list[str] | None, kind: str,
+               logits_processor: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None) -> Stream:
         if not self.ready or self.draining:
             msg = "the worker is draining" if self.draining else "the worker is not ready yet"
             raise APIError(503, "UNAVAILABLE", msg, retry_after=5)
-        req = Request(request_id, prompt_ids, max_tokens, params, stop, self.cfg.inference_timeout_sec)
+        req = Request(request_id, prompt_ids, max_tokens, params, stop, self.cfg.inference_timeout_sec,
+                      logits_processor)
         return Stream(self, req, kind)
 
     def finished(self, stream: Stream, outcome: str) -> None:

@@ -11,7 +11,8 @@ from fastapi.responses import JSONResponse
 
 from worker_orcd.engine.scheduler import EndEvent, ErrorEvent, TokenEvent
 from worker_orcd.server import sse
-from worker_orcd.server.errors import ERROR_RESPONSES, APIError, error_response
+from worker_orcd.server.auth import is_loopback
+from worker_orcd.server.errors import ERROR_RESPONSES, APIError, ErrorBody, error_response
 from worker_orcd.server.json_body import StrictJSONRoute
 from worker_orcd.server.schemas import Accepted, CancelRequest, ExecuteRequest, Health
 from worker_orcd.server.worker import Stream, Worker, sampling_params
@@ -83,8 +84,14 @@ async def ready(request: Request) -> JSONResponse:
     return error_response(503, "NOT_READY", f"the worker is {w.status}", retry_after=1)
 
 
-@router.post("/shutdown", status_code=202, response_model=Accepted)
+@router.post("/shutdown", status_code=202, response_model=Accepted,
+             responses={401: ERROR_RESPONSES[401], 403: {"model": ErrorBody, "description": "Not from loopback"}})
 async def shutdown(request: Request) -> Accepted:
-    """Drain: new work gets 503, running jobs finish, then the process exits 0."""
+    """Drain: new work gets 503, running jobs finish, then the process exits 0. Needs the API key; without
+    one configured, only a client on this machine may ask."""
+    w = _worker(request)
+    if not w.cfg.api_key and not is_loopback(request.client.host if request.client else None):
+        raise APIError(403, "FORBIDDEN", "shutdown is only accepted from this machine (loopback) when no "
+                                         "--api-key is set")
     request.app.state.begin_shutdown()
     return Accepted(status="draining")

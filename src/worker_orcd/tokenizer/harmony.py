@@ -35,6 +35,7 @@ class HarmonyDelta:
     channel: str | None
     recipient: str | None
     text: str
+    message: int = -1  # its index in HarmonyParser.messages
 
 
 @dataclass
@@ -97,7 +98,7 @@ class HarmonyParser:
         if text:
             message = self.messages[-1]
             message.content += text
-            deltas.append(HarmonyDelta(message.channel, message.recipient, text))
+            deltas.append(HarmonyDelta(message.channel, message.recipient, text, len(self.messages) - 1))
 
     def text(self, channel: str) -> str:
         """All body text of one channel, in order."""
