@@ -106,7 +106,7 @@ def moe_config() -> dict:
     """Row tiles, blocks per step, pipeline depth, and the program count that down's split-K aims for."""
     if INTERPRET:
         return {"BN": 32, "NB": 2, "STAGES": 0, "TARGET": 1, "num_warps": 1}
-    return {"BN": 8, "NB": 16, "STAGES": 0, "TARGET": 1024, "num_warps": 4}
+    return {"BN": 8, "NB": 8, "STAGES": 0, "TARGET": 1024, "num_warps": 2}  # H200 sweep: bench/gpu_tune.py
 
 
 def _packed(w: QuantTensor, name: str) -> PackedWeight:
