@@ -173,7 +173,8 @@ def test_health_ready_metrics(http, server):
     for name in ["worker_vram_bytes", "worker_requests_total", "worker_tokens_in_total",
                  "worker_tokens_generated_total", "worker_inference_duration_ms_bucket", "worker_uptime_seconds",
                  "worker_time_to_first_token_ms_bucket", "worker_inter_token_latency_ms_bucket",
-                 "worker_running_sequences", "worker_waiting_sequences", "worker_kv_cache_usage_ratio"]:
+                 "worker_running_sequences", "worker_waiting_sequences", "worker_kv_cache_usage_ratio",
+                 "worker_kv_blocks_used", "worker_kv_blocks_total"]:
         assert re.search(rf"^{name}[ {{]", text, re.M), f"{name} missing from /metrics"
 
 

@@ -14,7 +14,8 @@ class Metrics:
     """One registry per app, so several apps (tests) can live in one process."""
 
     def __init__(self, vram_bytes: int, running: Callable[[], int], waiting: Callable[[], int],
-                 kv_used: Callable[[], int], kv_total: int):
+                 kv_used: Callable[[], int], kv_total: int, kv_blocks_used: Callable[[], int] | None = None,
+                 kv_blocks_total: int = 0):
         self.registry = CollectorRegistry()
         r = self.registry
         started = time.monotonic()
@@ -36,6 +37,9 @@ class Metrics:
         Gauge("worker_kv_cache_capacity_tokens", "KV cache positions in all slots", registry=r).set(kv_total)
         Gauge("worker_kv_cache_usage_ratio", "Fraction of KV cache positions in use", registry=r).set_function(
             lambda: kv_used() / kv_total if kv_total else 0.0)
+        if kv_blocks_used is not None:  # the paged pool (engine/block_manager.py): blocks handed out, blocks in all
+            Gauge("worker_kv_blocks_used", "KV pool blocks held by sequences", registry=r).set_function(kv_blocks_used)
+            Gauge("worker_kv_blocks_total", "KV pool blocks", registry=r).set(kv_blocks_total)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

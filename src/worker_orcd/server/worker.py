@@ -140,7 +140,8 @@ class Worker:
         self.draining = False
         s = self.scheduler
         self.metrics = Metrics(self.vram_bytes, lambda: s.n_running, lambda: s.n_waiting,
-                               lambda: s.kv_tokens_used, s.kv_tokens_total)
+                               lambda: s.kv_tokens_used, s.kv_tokens_total, lambda: s.kv_blocks_used,
+                               s.kv_blocks_total)
 
     @property
     def status(self) -> str:
