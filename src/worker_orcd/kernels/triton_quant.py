@@ -452,7 +452,7 @@ def quant_matmul(
         )  # fmt: skip
     else:
         c = dict(cfg or gemm_config(w, M))
-        BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET")
+        BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET", 1)
         tiles = triton.cdiv(w.n, BN)
         splits, chunk = split_k(nblk, tiles, NB, target)
         part = y if splits == 1 else torch.empty(splits, M, w.n, dtype=torch.float32, device=x.device)
