@@ -200,8 +200,10 @@ def test_scheduler_on_cuda_decodes_through_bucketed_graphs(tmp_path):
 
 @pytest.mark.gpu
 def test_scheduler_on_cuda_texts_do_not_depend_on_company(tmp_path):
-    """16 greedy requests of different lengths decoding (and prefilling, packed) together give each the tokens
-    it gets alone: every GPU kernel computes a row the same way in any batch."""
+    """16 requests of different lengths (greedy, and seeded samples drawn on the device) decoding and
+    prefilling together give each the tokens it gets alone: every GPU kernel computes a row the same way in
+    any batch."""
+    from worker_orcd.engine.sampler import SamplingParams
     from worker_orcd.engine.scheduler import Request, Scheduler, TokenEvent
 
     class Tok:
@@ -213,9 +215,11 @@ def test_scheduler_on_cuda_texts_do_not_depend_on_company(tmp_path):
     _, net = load(tmp_path, "gpt-oss", "MXFP4", "cuda")
     s = Scheduler(net, Tok(), max_batch=16, ctx=256, prefill_chunk=64).start()
     try:
-        reqs = [Request(f"r{i}", prompt_ids(net.cfg.vocab_size, 3 + 9 * i, i), 20) for i in range(16)]
+        reqs = [Request(f"r{i}", prompt_ids(net.cfg.vocab_size, 3 + 9 * i, i), 20,
+                        SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=i) if i % 3 == 0 else
+                        SamplingParams()) for i in range(16)]
         alone = [[e.token for e in s.submit(r) if isinstance(e, TokenEvent)] for r in reqs]
-        handles = [s.submit(Request(r.id + "b", r.prompt_ids, r.max_tokens)) for r in reqs]
+        handles = [s.submit(Request(r.id + "b", r.prompt_ids, r.max_tokens, r.params)) for r in reqs]
         together = [[e.token for e in h if isinstance(e, TokenEvent)] for h in handles]
     finally:
         s.stop()

@@ -66,3 +66,19 @@ def test_extreme_but_valid_values_do_not_break_sampling():
     logits = torch.randn(100)
     assert Sampler(SamplingParams(temperature=5e-324, seed=1))(logits) == int(logits.argmax())
     assert Sampler(SamplingParams(temperature=1.0, top_p=1e-46, seed=1))(logits) == int(logits.argmax())
+
+
+def test_sample_rows_draws_what_each_sampler_draws():
+    """The batched device draw (one sort and one transfer for all rows) picks the token the per-row sampler
+    picks with the same seed, for every filter."""
+    from worker_orcd.engine.sampler import Sampler, SamplingParams, sample_rows
+
+    torch.manual_seed(0)
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m, seed=s)
+              for s, (t, k, p, m) in enumerate([(0.7, 0, 1.0, 0.0), (1.0, 5, 1.0, 0.0), (1.3, 0, 0.9, 0.0),
+                                                 (0.9, 0, 1.0, 0.05), (2.0, 40, 0.8, 0.02), (0.5, 1, 1.0, 0.0)])]
+    for _ in range(20):
+        logits = torch.randn(len(params), 300) * 3
+        want = [Sampler(p)(row) for p, row in zip(params, logits)]
+        draws = [Sampler(p).draw() for p in params]
+        assert sample_rows(logits, params, draws) == want

@@ -44,6 +44,15 @@ class Sampler:
         self.p = params
         self.gen = torch.Generator(device="cpu").manual_seed(params.seed)
 
+    def draw(self) -> float:
+        """The next uniform of this request's generator (what __call__ draws for a sampled pick)."""
+        return torch.rand((), generator=self.gen).item()
+
+    @property
+    def batchable(self) -> bool:
+        """A sampled pick that sample_rows can make together with other rows (no penalty on the history)."""
+        return self.p.temperature >= MIN_TEMPERATURE and self.p.repetition_penalty == 1.0
+
     @property
     def greedy(self) -> bool:
         """Whether the pick is the plain argmax (no penalty changes the logits first)."""
@@ -95,3 +104,28 @@ def sample_from(probs: torch.Tensor, ids: torch.Tensor, u: float) -> int:
     """Inverse-CDF draw with a uniform u in [0, 1)."""
     idx = int(torch.searchsorted(probs.cumsum(-1), torch.tensor([u], dtype=probs.dtype, device=probs.device)))
     return int(ids[min(idx, ids.shape[0] - 1)])
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[float]) -> list[int]:
+    """Temperature / top-k / top-p / min-p draws for every row of logits [B, vocab] at once, on the logits'
+    device, with one transfer back: the filters of `filtered_probs` as masks over each row sorted once, then
+    the inverse-CDF draw with each row's uniform (drawn by its request's own generator: seeds give the same
+    draws on any device). Rows with a repetition penalty go through `Sampler` instead."""
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=dev)[:, None]
+    sorted_logits, ids = torch.sort(logits.float() / temps, dim=-1, descending=True)
+    V = logits.shape[-1]
+    rank = torch.arange(V, device=dev)[None, :]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=dev)[:, None]
+    sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
+    keep = ((probs.cumsum(-1) - probs) < top_p) | (rank == 0)  # the most likely token always stays
+    min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
+    keep &= probs >= min_p * probs[:, :1]
+    probs = probs * keep
+    cdf = (probs / probs.sum(-1, keepdim=True)).cumsum(-1)
+    u = torch.tensor(uniforms, dtype=cdf.dtype, device=dev)[:, None]
+    kept = keep.sum(-1, keepdim=True)
+    pick = torch.minimum(torch.searchsorted(cdf, u), kept - 1)
+    return ids.gather(1, pick).squeeze(1).tolist()

@@ -30,7 +30,7 @@ import torch
 
 from worker_orcd.engine.cuda_graphs import BucketedDecoder
 from worker_orcd.engine.kv_cache import KVCache, SeqSpan
-from worker_orcd.engine.sampler import Sampler, SamplingParams
+from worker_orcd.engine.sampler import Sampler, SamplingParams, sample_rows
 from worker_orcd.engine.stop import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -526,13 +526,24 @@ class Scheduler:
 
 
 def _greedy_rows(decoding: list[_Seq], logits: torch.Tensor) -> list[int | None]:
-    """The argmax of every greedy row in one device op and one transfer (per-row argmaxes on a GPU would each
-    wait for the device); None for the rows that sample."""
-    greedy = [s.sampler.greedy and s.handle.request.logits_processor is None for s in decoding]
-    if not any(greedy) or logits.device.type == "cpu":
-        return [None] * len(decoding)
-    ids = logits[: len(decoding)].argmax(-1).tolist()
-    return [i if g else None for i, g in zip(ids, greedy)]
+    """On a GPU, the picks of the whole step on the device with one transfer each for the greedy rows (one
+    argmax) and the sampled ones (engine.sampler.sample_rows); per-row picks would each wait for the device.
+    None for rows picked on the host: a logits processor or a repetition penalty, and every row on CPU."""
+    picked: list[int | None] = [None] * len(decoding)
+    if logits.device.type == "cpu":
+        return picked
+    plain = [s.handle.request.logits_processor is None for s in decoding]
+    greedy = [i for i, s in enumerate(decoding) if plain[i] and s.sampler.greedy]
+    sampled = [i for i, s in enumerate(decoding) if plain[i] and s.sampler.batchable]
+    if greedy:
+        for i, token in zip(greedy, logits[greedy].argmax(-1).tolist()):
+            picked[i] = token
+    if sampled:
+        params = [decoding[i].sampler.p for i in sampled]
+        uniforms = [decoding[i].sampler.draw() for i in sampled]
+        for i, token in zip(sampled, sample_rows(logits[sampled], params, uniforms)):
+            picked[i] = token
+    return picked
 
 
 def error_code(error: BaseException) -> str:
