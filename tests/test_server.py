@@ -466,3 +466,13 @@ def expected_cpu_bytes(path, ctx: int, slots: int) -> int:
         weights = sum(t.nbytes for t in f.tensors.values())
         c = config_for(f)
     return weights + c.n_layers * 2 * slots * c.n_kv_heads * ctx * c.head_dim * 4
+
+
+def test_sse_lines_survive_clients_that_split_on_unicode_line_breaks():
+    """A token's text holding U+2028, U+2029 or NEL stays inside its `data:` line for str.splitlines clients."""
+    from worker_orcd.server.sse import data, event
+
+    text = "a\u2028b\x85c\u2029d\ne"
+    for frame in (event("token", {"t": text, "i": 0}), data({"t": text})):
+        payload = [line for line in frame.splitlines() if line.startswith("data: ")]
+        assert len(payload) == 1 and json.loads(payload[0][6:])["t"] == text

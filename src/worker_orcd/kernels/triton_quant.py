@@ -396,7 +396,9 @@ def gemm_config(w: PackedWeight, m: int) -> dict:
     if INTERPRET:
         return {"BM": 16, "BN": 16, "NB": 4, "TARGET": 1, "num_warps": 1, "num_stages": 1}
     if m <= DECODE_MAX_M:  # H200 sweep (bench/gpu_tune.py): best of 36 configs on the 20B's q|k|v, o and head
-        return {"BM": 16, "BN": 128, "NB": 2, "TARGET": 528, "num_warps": 4, "num_stages": 3}
+        # (NB blocks a step: tl.dot needs K >= 16 values per dot, i.e. 2 Q8_0 or 4 MXFP4 blocks)
+        return {"BM": 16, "BN": 128, "NB": 2 if w.kind == "q8_0" else 4, "TARGET": 528, "num_warps": 4,
+                "num_stages": 3}
     return {"BM": 128, "BN": 128, "NB": 4, "TARGET": 1, "num_warps": 8, "num_stages": 3}
 
 

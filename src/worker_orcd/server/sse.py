@@ -12,14 +12,23 @@ from starlette.types import Receive, Scope, Send
 SSE_RESPONSE = {200: {"description": "a text/event-stream of events", "content": {"text/event-stream": {}}}}
 
 
+# json.dumps escapes the C0 controls but writes these as they are, and clients that split a stream into lines
+# with str.splitlines (httpx, so the openai client) would cut a `data:` line inside a token's text
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False).translate(_LINE_BREAKS)
+
+
 def event(name: str, data: Any) -> str:
     """A named event (worker API): `event: name` then one `data:` line of JSON."""
-    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"event: {name}\ndata: {_json(data)}\n\n"
 
 
 def data(payload: Any) -> str:
     """An unnamed event (OpenAI API): `data: {json}`, or `data: [DONE]` for a string."""
-    body = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    body = payload if isinstance(payload, str) else _json(payload)
     return f"data: {body}\n\n"
 
 
