@@ -61,14 +61,7 @@ def test_gemma3_perplexity_matches_references(gemma3):
     _check_perplexity(gemma3, _ref("ppl_gemma3.json"))
 
 
-def test_smollm2_greedy_answers_paris(smollm2):
-    text = "".join(smollm2.generate("The capital of France is", max_tokens=12, temperature=0.0))
-    assert "Paris" in text
-
-
-def test_gemma3_greedy_names_colors(gemma3):
-    text = "".join(gemma3.generate("The three primary colors are", max_tokens=16, temperature=0.0)).lower()
-    assert sum(c in text for c in ("red", "blue", "yellow", "green")) >= 2, text
+# Greedy generations are compared id by id with llama.cpp's and transformers' in test_decode_path_real.py.
 
 
 def test_same_seed_same_output_different_seed_differs(smollm2):
