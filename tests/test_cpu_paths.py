@@ -163,12 +163,12 @@ def _chunked_logits(model, chunk: int = 16):
     return logits
 
 
-@pytest.mark.parametrize("name, windows", [("smollm2", 4), ("gemma3", 1)])
+@pytest.mark.parametrize("name, windows", [("smollm2", 2), ("gemma3", 1)])
 def test_packed_kernels_perplexity_and_top1_match_references(name, windows, smollm2_path, gemma3_path):
     """The CPU path this process runs (make test runs this file again on the forced portable path): the decode
     kernels' perplexity within 1.5% of llama.cpp, top-1 agreement >= 95% with transformers (float32, the same
-    weights), and with llama.cpp no more than 2 points under transformers' own agreement with it (95.5% for
-    SmolLM2's 4 windows, 95.7% for Gemma 3's first)."""
+    weights), and with llama.cpp no more than 2 points under transformers' own agreement with it (about 95.5%:
+    the two references disagree on near-ties)."""
     import json
     import math
     from pathlib import Path
