@@ -32,7 +32,7 @@ def main() -> None:
         for bn, nb, target, stages in itertools.product((32, 64, 128), (2, 4, 8), (264, 528), (2, 3)):
             cfg = {"BM": 16, "BN": bn, "NB": nb, "TARGET": target, "num_warps": 4, "num_stages": stages}
             try:
-                t = {m: time_us(lambda x=x, cfg=cfg: quant_matmul(p, x, cfg), iters=10 if n > 100000 else 30)
+                t = {m: time_us(lambda x=x, cfg=cfg, p=p: quant_matmul(p, x, cfg), iters=10 if n > 100000 else 30)
                      for m, x in xs.items()}
             except Exception as e:  # a config the compiler refuses (shared memory)
                 print(f"  skip {cfg}: {type(e).__name__}")
@@ -40,7 +40,7 @@ def main() -> None:
             results.append((t[1] + t[16] / 2 + t[64] / 4, cfg, t))
         results.sort(key=lambda r: r[0])
         print(f"Q8_0 {n}x{k}: best gemm configs (score = t1 + t16/2 + t64/4)")
-        for score, cfg, t in results[:4]:
+        for _, cfg, t in results[:4]:
             print(f"  {cfg}  M=1 {t[1]:.1f} us  M=16 {t[16]:.1f}  M=64 {t[64]:.1f}")
     E, F, D = 32, 2880, 2880
 
@@ -66,7 +66,7 @@ def main() -> None:
         results.append((tm[1] + tm[16] / 4 + tm[64] / 16, cfg, tm))
     results.sort(key=lambda r: r[0])
     print("MoE per-pair: best configs (score = t1 + t16/4 + t64/16)")
-    for score, cfg, tm in results[:5]:
+    for _, cfg, tm in results[:5]:
         print(f"  {cfg}  T=1 {tm[1]:.1f} us  T=16 {tm[16]:.1f}  T=64 {tm[64]:.1f}")
 
 
