@@ -38,8 +38,9 @@ class ScriptedNet:
         self._history: dict[int, list[int]] = {}  # KV slot -> tokens at positions 0..
         self._plan: dict[int, tuple[int, list[int]]] = {}  # slot -> (prompt length, reply ids + EOG)
 
-    def new_kv_cache(self, max_len: int, n_slots: int = 1, dtype: torch.dtype = torch.float32) -> KVCache:
-        return KVCache(1, 1, 1, max_len, n_slots, dtype, self.device)
+    def new_kv_cache(self, max_len: int, n_slots: int = 1, dtype: torch.dtype | None = None,
+                     n_blocks: int | None = None) -> KVCache:
+        return KVCache(1, 1, 1, max_len, n_slots, dtype or torch.float32, self.device, n_blocks=n_blocks)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv: KVCache, seqs: list[SeqSpan] | None = None,
                 logit_rows: torch.Tensor | None = None) -> torch.Tensor:

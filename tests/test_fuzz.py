@@ -35,6 +35,9 @@ def run_harness(harness: str, seconds: int, seeds: Path, out: Path) -> tuple[sub
     work.mkdir()
     cmd = [sys.executable, str(ROOT / "fuzz" / f"{harness}.py"), f"-max_total_time={seconds}", *FLAGS,
            f"-artifact_prefix={out}/", str(work), str(seeds)]
+    # through a shell that forks it: Linux carries a process's peak RSS across exec, so a harness exec'd
+    # straight from a pytest that has grown past -rss_limit_mb would report an "oom" on its first input
+    cmd = ["/bin/sh", "-c", '"$@"; exit $?', "sh", *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 180, cwd=out)
     stats = {k: int(v) for k, v in re.findall(r"stat::(\w+):\s+(\d+)", proc.stderr)}
     return proc, stats

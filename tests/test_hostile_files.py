@@ -326,6 +326,10 @@ def test_a_timeout_never_escapes_into_the_caller():
             else:
                 assert out == "x"
                 outcomes["finished"] += 1
+        if not outcomes["timed out"]:  # a starved watchdog (a loaded machine) let every near render finish
+            with pytest.raises(TokenizerError, match="ran longer than"):
+                _render(runaway, RenderLimits(timeout_s=0.001))
+            outcomes["timed out"] += 1
         deadline = time.monotonic() + 0.3
         n = 0
         while time.monotonic() < deadline:

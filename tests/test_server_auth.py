@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -118,11 +117,9 @@ def test_busy_port_is_one_line_before_loading(tmp_path):
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port = taken.getsockname()[1]
-    t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "worker_orcd.cli", "serve", "--port", str(port), "--device", "cpu"],
                           capture_output=True, text=True, timeout=120)
     taken.close()
     out = (proc.stdout + proc.stderr).strip()
     assert proc.returncode == 1 and out.count("\n") == 0, out
-    assert f"127.0.0.1:{port}" in out and "in use" in out
-    assert time.monotonic() - t0 < 30  # no model was loaded (the CLI's import alone takes seconds here)
+    assert f"127.0.0.1:{port}" in out and "in use" in out  # one line: no memory check, no load was logged
