@@ -318,7 +318,6 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if nondeterministic:  # read when the CUDA kernels are first imported, at load
         os.environ["WORKER_ORCD_NONDETERMINISTIC"] = "1"
-    _force_cpu_kernels(cpu_kernels)
     if gpu_device is not None and device in ("auto", "cuda"):
         device = f"cuda:{gpu_device}"
     cfg = ServeConfig(host=host, port=port, worker_id=worker_id, callback_url=callback_url, ctx=ctx,
@@ -331,6 +330,7 @@ def serve(
         sock = bind_socket(host, port)
     except OSError as e:
         _fail(e.strerror or str(e))
+    _force_cpu_kernels(cpu_kernels)  # after the port: a busy port is the one line printed
     _check_memory(model, device, cfg, _parse_size(vram_limit) if vram_limit is not None else None)
     m = _load(model, device, mmap)
     try:
