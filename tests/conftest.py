@@ -37,21 +37,25 @@ def gemma3_path():
     return gemma3_270m_path()
 
 
-# The CPU matmul paths a served (<= 16-row) decode can take. "native" is what this CPU picks; the forced
-# fallbacks of issue 13 (WORKER_ORCD_CPU_KERNELS=<name>) join by adding their names here.
-CPU_KERNEL_PATHS = ["native"]
+# The CPU matmul paths a served (<= 16-row) decode can take: what this CPU picks, and the portable path an
+# AVX2 or ARM64 CPU takes (issue 13; forced here). "reference" is the float32 path the tests compare with.
+CPU_KERNEL_PATHS = ["native", "portable"]
 SERVED_PATHS = [pytest.param(("cpu", k), id=f"cpu-{k}") for k in CPU_KERNEL_PATHS] + [
     pytest.param(("cuda", "native"), id="cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(scope="module", params=SERVED_PATHS)
 def served_device(request):
-    """The device to load a model on, with WORKER_ORCD_CPU_KERNELS forcing the CPU path while the module's
-    tests of this parameter run (models must be loaded inside, since kernels are chosen at load)."""
+    """The device to load a model on, with the CPU kernels forced to this parameter's path while the module's
+    tests of it run (models must be loaded inside, since kernels are chosen at load)."""
+    from worker_orcd.quant import cpu_caps
+
     device, kernels = request.param
+    asked = os.environ.get(cpu_caps.ENV, "auto")  # "native": whatever this run asks for (auto by default)
     with pytest.MonkeyPatch.context() as mp:
-        if kernels == "native":
-            mp.delenv("WORKER_ORCD_CPU_KERNELS", raising=False)
-        else:
-            mp.setenv("WORKER_ORCD_CPU_KERNELS", kernels)
-        yield device
+        mp.setenv(cpu_caps.ENV, asked)  # restored after, whatever force sets
+        cpu_caps.force(asked if kernels == "native" else kernels)
+        try:
+            yield device
+        finally:
+            cpu_caps.force(asked)
