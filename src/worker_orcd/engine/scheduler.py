@@ -479,7 +479,7 @@ class Scheduler:
             seq.prefilled += self._chunk_len(seq)
             if seq.decoding:
                 done.append(seq)
-        picked = _greedy_rows(decoding, logits)
+        picked = _device_picks(decoding, logits)
         for i, seq in enumerate(decoding):
             self._advance_or_fail(seq, logits[i], picked[i])
         for j, seq in enumerate(done):  # their rows follow the decode rows, in order
@@ -525,7 +525,7 @@ class Scheduler:
             self._finish(seq, EndEvent(reason, seq.handle.stats))
 
 
-def _greedy_rows(decoding: list[_Seq], logits: torch.Tensor) -> list[int | None]:
+def _device_picks(decoding: list[_Seq], logits: torch.Tensor) -> list[int | None]:
     """On a GPU, the picks of the whole step on the device with one transfer each for the greedy rows (one
     argmax) and the sampled ones (engine.sampler.sample_rows); per-row picks would each wait for the device.
     None for rows picked on the host: a logits processor or a repetition penalty, and every row on CPU."""

@@ -248,7 +248,6 @@ def cached_attention(
     T, H, _ = q.shape
     if plan.rows is not None:
         return gathered_attention(q, kv, layer, *plan.rows, plan.window, scale, sinks=sinks, softcap=softcap)
-    out = q.new_empty(T, H, v.shape[-1])
     if plan.tiles is not None:
         from worker_orcd.kernels.triton_attention import paged_attention
 
@@ -260,6 +259,7 @@ def cached_attention(
                             block_q, scale, sinks=sinks, softcap=softcap, window=plan.window, splits=t.splits,
                             out=out)
         return out
+    out = q.new_empty(T, H, v.shape[-1])
     lean = q.device.type == "cpu" and q.dtype == kv.k[layer].dtype and sinks is None and softcap is None
     q_scaled = None
     for s in plan.seqs:

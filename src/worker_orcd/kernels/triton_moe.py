@@ -275,8 +275,8 @@ def moe_grouped(
     Up to PREFILL_ABOVE tokens (every decode step) the per-pair kernels (moe_mxfp4); more (prompt chunks):
     moe_prefill."""
     T = x.shape[0]
-    gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
     if T > PREFILL_ABOVE and not INTERPRET and hasattr(torch, "_grouped_mm"):
+        gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
         return moe_prefill(x, top_ids, top_w, gp, gate_b, upk, up_b, dp, down_b, limit, alpha)
     out = torch.empty(T, x.shape[1], dtype=torch.float32, device=x.device)
     return moe_mxfp4(x, top_ids, top_w, gate, gate_b, up, up_b, down, down_b, cfg, limit, alpha, out=out)

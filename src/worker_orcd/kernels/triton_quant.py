@@ -436,9 +436,11 @@ def quant_matmul(
         return y.reshape(*lead, w.n)
     mx = _is_mxfp4(w)
     if cfg is None and M > DECODE_MAX_M and not INTERPRET:
-        wd = dequantize_packed(w, torch.bfloat16)
-        torch.matmul(x2.to(torch.bfloat16), wd.T, out=y) if dtype == torch.bfloat16 else \
-            y.copy_(torch.matmul(x2.to(torch.bfloat16), wd.T))
+        xb, wd = x2.to(torch.bfloat16), dequantize_packed(w, torch.bfloat16)
+        if dtype == torch.bfloat16:
+            torch.matmul(xb, wd.T, out=y)
+        else:
+            y.copy_(torch.matmul(xb, wd.T))
         return y.reshape(*lead, w.n)
     kind = "gemv" if (cfg is None and M <= GEMV_ROWS) or (cfg is not None and "BM" not in cfg) else "gemm"
     nblk = w.k // 32
