@@ -65,6 +65,43 @@ def _e8m0(e):
     return (tl.minimum(e.to(tl.int32), 254) << 23).to(tl.float32, bitcast=True)
 
 
+# ---------------------------------------------------------------- whole tiles for tl.dot
+# A step of NB blocks decodes to one [BN, NB*32] tile in the order the words give up their values; x is
+# loaded in the same order (k_order), so one dot covers the step. MXFP4 tile position 8w + 4a + 2b + h is
+# slot s = a + 2b, half h of word w (block w // 4, element 8s + 4h + w % 4); Q8_0 position 4w + 2a + b is
+# byte t = a + 2b of word w (block w // 8, element 8t + w % 8).
+
+
+@triton.jit
+def k_order(NB: tl.constexpr, IS_MXFP4: tl.constexpr):
+    """[NB*32] offsets into a step's x of the tile positions (see above)."""
+    pos = tl.arange(0, NB * 32)
+    if IS_MXFP4:
+        w = pos // 8
+        j = pos % 8
+        return (w // 4) * 32 + 8 * (j // 4 + 2 * ((j // 2) % 2)) + 4 * (j % 2) + w % 4
+    w = pos // 4
+    j = pos % 4
+    return (w // 8) * 32 + 8 * ((j // 2) + 2 * (j % 2)) + w % 8
+
+
+@triton.jit
+def decode_tile(w, s, IS_MXFP4: tl.constexpr):
+    """Words [BN, NW] and each word's block scale [BN, NW] (float32) -> [BN, NW * (8 | 4)] float32 weights."""
+    w = w.to(tl.uint32, bitcast=True)
+    if IS_MXFP4:
+        s = s * 16384.0
+        lo0, hi0 = _mx_pair(w, 0)
+        lo1, hi1 = _mx_pair(w, 1)
+        lo2, hi2 = _mx_pair(w, 2)
+        lo3, hi3 = _mx_pair(w, 3)
+        a = tl.join(tl.join(lo0 * s, lo1 * s), tl.join(lo2 * s, lo3 * s))  # [BN, NW, a, b] of half 0
+        b = tl.join(tl.join(hi0 * s, hi1 * s), tl.join(hi2 * s, hi3 * s))
+        return tl.reshape(tl.join(a, b), [w.shape[0], w.shape[1] * 8])  # [BN, NW, a, b, h] flattened
+    t = tl.join(tl.join(_q8_byte(w, 0) * s, _q8_byte(w, 1) * s), tl.join(_q8_byte(w, 2) * s, _q8_byte(w, 3) * s))
+    return tl.reshape(t, [w.shape[0], w.shape[1] * 4])
+
+
 # ---------------------------------------------------------------- GEMV tiles: acc[n] = x . W[n], one row of x
 # Blocks [kb_lo, kb_hi) of K (split-K programs take a slice); EVEN: the slice is whole steps of NB blocks.
 # STAGES >= 1: Triton pipelines the K loop (loads in flight through shared memory); 0: a register double
@@ -284,9 +321,10 @@ def _gemm_kernel(
     BN: tl.constexpr,
     NB: tl.constexpr,
     DOT_F32: tl.constexpr,
+    SWAP: tl.constexpr,
 ):
-    """y[split] = x W^T over the split's CHUNK blocks of K (one split: the whole row); per step, one
-    [BM, NB*words] x [NB*words, BN] dot for each value position in a word."""
+    """y[split] = x W^T over the split's CHUNK blocks of K (one split: the whole row); per step of NB blocks,
+    one dot of x [BM, NB*32] with the decoded weight tile (SWAP: W x^T, the weight as the left operand)."""
     m = tl.program_id(1) * BM + tl.arange(0, BM)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     split = tl.program_id(2)
@@ -296,31 +334,30 @@ def _gemm_kernel(
     kb_lo = split * CHUNK
     kb_hi = tl.minimum(kb_lo + CHUNK, nblk)
     dot_t = tl.float32 if DOT_F32 else tl.bfloat16
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
     WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
-    kk = tl.arange(0, NB * WPB)  # within a step: block kk // WPB, word kk % WPB
-    blk_of = kk // WPB
-    word_of = kk % WPB
+    kw = tl.arange(0, NB * WPB)  # the step's words: block kw // WPB
+    kx = k_order(NB, IS_MXFP4)  # the step's x, in the tile's order: block kx // 32 ... of tile position p
+    blk_x = tl.arange(0, NB * 32) // 32
+    w_row = w_ptr + n_in[:, None] * (nblk * WPB) + kw[None, :]
+    s_row = s_ptr + n_in[:, None] * nblk + (kw // WPB)[None, :]
+    x_row = x_ptr + m_in[:, None] * stride_xm + kx[None, :]
+    if SWAP:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
     for kb in range(kb_lo, kb_hi, NB):
-        blk = kb + blk_of  # [NB*WPB]
-        ok = (blk < kb_hi)[None, :]
-        w = tl.load(w_ptr + n_in[:, None] * (nblk * WPB) + (blk * WPB + word_of)[None, :], mask=ok, other=0)
-        w = w.to(tl.uint32, bitcast=True)
-        s = tl.load(s_ptr + n_in[:, None] * nblk + blk[None, :], mask=ok, other=0)  # [BN, NB*WPB], repeated
-        x_base = x_ptr + m_in[:, None] * stride_xm + (blk * 32 + word_of)[None, :]  # [BM, NB*WPB]
-        if IS_MXFP4:
-            s = _e8m0(s) * 16384.0
-            for p in tl.static_range(4):
-                lo, hi = _mx_pair(w, p)
-                xa = tl.load(x_base + 8 * p, mask=ok, other=0.0).to(dot_t)
-                xb = tl.load(x_base + 8 * p + 4, mask=ok, other=0.0).to(dot_t)
-                acc = tl.dot(xa, tl.trans((lo * s).to(dot_t)), acc)
-                acc = tl.dot(xb, tl.trans((hi * s).to(dot_t)), acc)
+        okw = (kb + kw // WPB < kb_hi)[None, :]
+        w = tl.load(w_row + kb * WPB, mask=okw, other=0)
+        sc = tl.load(s_row + kb, mask=okw, other=0)
+        sc = _e8m0(sc) if IS_MXFP4 else sc.to(tl.float32)
+        wt = decode_tile(w, sc, IS_MXFP4).to(dot_t)  # [BN, NB*32]
+        x = tl.load(x_row + kb * 32, mask=(kb + blk_x < kb_hi)[None, :], other=0.0).to(dot_t)
+        if SWAP:
+            acc = tl.dot(wt, tl.trans(x), acc)
         else:
-            s = s.to(tl.float32)
-            for t in tl.static_range(4):
-                xa = tl.load(x_base + 8 * t, mask=ok, other=0.0).to(dot_t)
-                acc = tl.dot(xa, tl.trans((_q8_byte(w, t) * s).to(dot_t)), acc)
+            acc = tl.dot(x, tl.trans(wt), acc)
+    if SWAP:
+        acc = tl.trans(acc)
     y = y_ptr + split * M * N + m[:, None] * stride_ym + n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(m < M)[:, None] & (n < N)[None, :])
 
@@ -457,6 +494,7 @@ def quant_matmul(
     else:
         c = dict(cfg or gemm_config(w, M))
         BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET", 1)
+        c.setdefault("SWAP", False)
         tiles = triton.cdiv(w.n, BN)
         splits, chunk = split_k(nblk, tiles, NB, target)
         part = y if splits == 1 else torch.empty(splits, M, w.n, dtype=torch.float32, device=x.device)
