@@ -22,6 +22,8 @@ from worker_orcd.kernels import triton_moe  # noqa: E402
 from worker_orcd.kernels.triton_quant import gemv_config, pack_q8_0, quant_matmul  # noqa: E402
 from worker_orcd.quant import QuantTensor  # noqa: E402
 
+VARIANTS = ((False, False), (True, False), (True, True), (False, True))  # (NATURAL, PREFETCH)
+
 
 def dense() -> None:
     dev = "cuda"
@@ -31,10 +33,9 @@ def dense() -> None:
         iters = 10 if n > 100000 else 30
         gemv = time_us(lambda p=p, x=xs[1]: quant_matmul(p, x, gemv_config(p)), iters=iters)
         results = []
-        for bn, nb, swap, stages, target in itertools.product((32, 64, 128), (2, 4, 8), (False, True), (3,),
-                                                              (264, 528)):
-            cfg = {"BM": 16, "BN": bn, "NB": nb, "TARGET": target, "num_warps": 4, "num_stages": stages,
-                   "SWAP": swap}
+        for bm, bn, (nat, pre) in itertools.product((16, 64), (64, 128), VARIANTS):
+            cfg = {"BM": bm, "BN": bn, "NB": 2, "TARGET": 528, "num_warps": 4, "num_stages": 1 if pre else 3,
+                   "NATURAL": nat, "PREFETCH": pre}
             try:
                 t = {m: time_us(lambda x=x, cfg=cfg, p=p: quant_matmul(p, x, cfg), iters=iters)
                      for m, x in xs.items()}
@@ -68,8 +69,9 @@ def moe() -> None:
            for t, a in inputs.items()}
     print("MoE per-pair (before): " + "  ".join(f"T={t} {us:.1f} us" for t, us in old.items()), flush=True)
     results = []
-    for bn, nb, (stages, warps), target in itertools.product((32, 64, 128), (2, 4, 8), ((3, 4), (4, 4)), (512,)):
-        cfg = {"BM": 16, "BN": bn, "NB": nb, "TARGET": target, "num_warps": warps, "num_stages": stages}
+    for bn, nb, (nat, pre) in itertools.product((32, 64, 128), (2, 4), VARIANTS):
+        cfg = {"BM": 16, "BN": bn, "NB": nb, "TARGET": 512, "num_warps": 4, "num_stages": 1 if pre else 3,
+               "NATURAL": nat, "PREFETCH": pre}
         try:
             tm = {t: time_us(lambda a=a, cfg=cfg: triton_moe.moe_tiles(*a, gate, gb, up, ub, down, db, cfg=cfg),
                              iters=20) for t, a in inputs.items()}
@@ -79,7 +81,7 @@ def moe() -> None:
         results.append((tm[1] + tm[16] / 2 + tm[64] / 4, cfg, tm))
     results.sort(key=lambda r: r[0])
     print("MoE tiles: best configs (score = t1 + t16/2 + t64/4)")
-    for _, cfg, tm in results[:8]:
+    for _, cfg, tm in results[:10]:
         print(f"  {cfg}  " + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()), flush=True)
 
 

@@ -21,11 +21,9 @@ from worker_orcd.kernels.activations import clamped_swiglu
 from worker_orcd.kernels.triton_quant import (
     INTERPRET,
     PackedWeight,
-    _e8m0,
     _mxfp4_gemv_tile,
-    decode_tile,
     dequantize_packed,
-    k_order,
+    dot_tiles,
     split_k,
     sum_partials_kernel,
 )
@@ -292,36 +290,11 @@ def moe_grouped(
 # tiles, steps and down's split of F follow the weights' shape: results do not depend on the batch.
 
 
-@triton.jit
-def _expert_dot(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_hi,
-                BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, TWO: tl.constexpr, DOT_F32: tl.constexpr):
-    """x rows (pointers [BM], masked by ok_m) . MXFP4 rows [BN] of W (and W2) over blocks [kb_lo, kb_hi)."""
-    nblk = K // 32
-    dot_t = tl.float32 if DOT_F32 else tl.bfloat16
-    kw = tl.arange(0, NB * 4)
-    w_off = rows[:, None] * (nblk * 4) + kw[None, :]
-    e_off = rows[:, None] * nblk + (kw // 4)[None, :]
-    x_ptrs = x_rows[:, None] + k_order(NB, True)[None, :]
-    blk_x = tl.arange(0, NB * 32) // 32
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    acc2 = tl.zeros([BM, BN], dtype=tl.float32)
-    for kb in range(kb_lo, kb_hi, NB):
-        okw = (kb + kw // 4 < kb_hi)[None, :]
-        x = tl.load(x_ptrs + kb * 32, mask=ok_m[:, None] & (kb + blk_x < kb_hi)[None, :], other=0.0).to(dot_t)
-        w = tl.load(w_ptr + w_off + kb * 4, mask=okw, other=0)
-        sc = _e8m0(tl.load(e_ptr + e_off + kb, mask=okw, other=0))
-        acc = tl.dot(x, tl.trans(decode_tile(w, sc, True).to(dot_t)), acc)
-        if TWO:
-            w2 = tl.load(w2_ptr + w_off + kb * 4, mask=okw, other=0)
-            sc2 = _e8m0(tl.load(e2_ptr + e_off + kb, mask=okw, other=0))
-            acc2 = tl.dot(x, tl.trans(decode_tile(w2, sc2, True).to(dot_t)), acc2)
-    return acc, acc2
-
-
 @triton.jit(do_not_specialize=["K_SLOTS"])
 def _tiles_gate_up_kernel(x_ptr, pairs_ptr, tile_e_ptr, gw_ptr, ge_ptr, gb_ptr, uw_ptr, ue_ptr, ub_ptr, h_ptr,
                           E, F, D, K_SLOTS, limit, alpha,
-                          BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr):
+                          BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr,
+                          NATURAL: tl.constexpr, PREFETCH: tl.constexpr):
     """h[p, f] = clamped SwiGLU of gate and up rows f of the tile's expert on token p // K_SLOTS."""
     tile = tl.program_id(1)
     e = tl.load(tile_e_ptr + tile)
@@ -331,8 +304,8 @@ def _tiles_gate_up_kernel(x_ptr, pairs_ptr, tile_e_ptr, gw_ptr, ge_ptr, gb_ptr, 
         x_rows = x_ptr + tl.where(ok_m, p // K_SLOTS, 0).to(tl.int64) * D
         f = tl.program_id(0) * BN + tl.arange(0, BN)
         rows = e * F + tl.minimum(f, F - 1)
-        g, u = _expert_dot(x_rows, ok_m, gw_ptr, ge_ptr, uw_ptr, ue_ptr, rows, D, 0, D // 32, BM, BN, NB, True,
-                           DOT_F32)  # fmt: skip
+        g, u = dot_tiles(x_rows, ok_m, gw_ptr, ge_ptr, uw_ptr, ue_ptr, rows, D, 0, D // 32, BM, BN, NB, True, True,
+                         DOT_F32, NATURAL, PREFETCH)  # fmt: skip
         g = tl.minimum(g + tl.load(gb_ptr + rows)[None, :], limit)
         u = tl.minimum(tl.maximum(u + tl.load(ub_ptr + rows)[None, :], -limit), limit)
         h = (u + 1.0) * g * tl.sigmoid(alpha * g)
@@ -342,7 +315,8 @@ def _tiles_gate_up_kernel(x_ptr, pairs_ptr, tile_e_ptr, gw_ptr, ge_ptr, gb_ptr, 
 
 @triton.jit
 def _tiles_down_kernel(h_ptr, pairs_ptr, tile_e_ptr, w_ptr, dw_ptr, de_ptr, db_ptr, part_ptr, E, F, D, CHUNK,
-                       BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr):
+                       BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr,
+                       NATURAL: tl.constexpr, PREFETCH: tl.constexpr):
     """part[p, split, d] = w[p] * (down rows d of the tile's expert . h[p] over the split's blocks of F
     (+ the bias in split 0))."""
     tile = tl.program_id(1)
@@ -356,8 +330,8 @@ def _tiles_down_kernel(h_ptr, pairs_ptr, tile_e_ptr, w_ptr, dw_ptr, de_ptr, db_p
         rows = e * D + tl.minimum(d, D - 1)
         kb_lo = split * CHUNK
         kb_hi = tl.minimum(kb_lo + CHUNK, F // 32)
-        y, _ = _expert_dot(h_ptr + p.to(tl.int64) * F, ok_m, dw_ptr, de_ptr, dw_ptr, de_ptr, rows, F, kb_lo, kb_hi,
-                           BM, BN, NB, False, DOT_F32)  # fmt: skip
+        y, _ = dot_tiles(h_ptr + p.to(tl.int64) * F, ok_m, dw_ptr, de_ptr, dw_ptr, de_ptr, rows, F, kb_lo, kb_hi,
+                         BM, BN, NB, True, False, DOT_F32, NATURAL, PREFETCH)  # fmt: skip
         y += tl.load(db_ptr + rows)[None, :] * (split == 0)
         y *= tl.load(w_ptr + p, mask=ok_m, other=0.0).to(tl.float32)[:, None]
         out = part_ptr + (p.to(tl.int64) * tl.num_programs(2) + split)[:, None] * D + d[None, :]
@@ -390,6 +364,8 @@ def moe_tiles(
     gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
     c = dict(cfg or tiles_config())
     BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET")
+    c.setdefault("NATURAL", False)
+    c.setdefault("PREFETCH", False)
     T, D = x.shape
     k = top_ids.shape[1]
     E, F, _ = gate.shape

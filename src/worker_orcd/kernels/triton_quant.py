@@ -73,33 +73,50 @@ def _e8m0(e):
 
 
 @triton.jit
-def k_order(NB: tl.constexpr, IS_MXFP4: tl.constexpr):
-    """[NB*32] offsets into a step's x of the tile positions (see above)."""
+def k_order(NB: tl.constexpr, IS_MXFP4: tl.constexpr, NATURAL: tl.constexpr):
+    """[NB*32] offsets into a step's x of the tile positions (see above; NATURAL: element order)."""
     pos = tl.arange(0, NB * 32)
-    if IS_MXFP4:
+    if NATURAL:
+        off = pos
+    elif IS_MXFP4:
         w = pos // 8
         j = pos % 8
-        return (w // 4) * 32 + 8 * (j // 4 + 2 * ((j // 2) % 2)) + 4 * (j % 2) + w % 4
-    w = pos // 4
-    j = pos % 4
-    return (w // 8) * 32 + 8 * ((j // 2) + 2 * (j % 2)) + w % 8
+        off = (w // 4) * 32 + 8 * (j // 4 + 2 * ((j // 2) % 2)) + 4 * (j % 2) + w % 4
+    else:
+        w = pos // 4
+        j = pos % 4
+        off = (w // 8) * 32 + 8 * ((j // 2) + 2 * (j % 2)) + w % 8
+    return off
 
 
 @triton.jit
-def decode_tile(w, s, IS_MXFP4: tl.constexpr):
-    """Words [BN, NW] and each word's block scale [BN, NW] (float32) -> [BN, NW * (8 | 4)] float32 weights."""
+def decode_tile(w, s, IS_MXFP4: tl.constexpr, NATURAL: tl.constexpr, dot_t: tl.constexpr):
+    """Words [BN, NW] and each word's block scale [BN, NW] (float32) -> [BN, NW * (8 | 4)] weights in dot_t,
+    in the words' order (see above) or, NATURAL, in element order."""
     w = w.to(tl.uint32, bitcast=True)
+    BN: tl.constexpr = w.shape[0]
+    NW: tl.constexpr = w.shape[1]
     if IS_MXFP4:
         s = s * 16384.0
         lo0, hi0 = _mx_pair(w, 0)
         lo1, hi1 = _mx_pair(w, 1)
         lo2, hi2 = _mx_pair(w, 2)
         lo3, hi3 = _mx_pair(w, 3)
-        a = tl.join(tl.join(lo0 * s, lo1 * s), tl.join(lo2 * s, lo3 * s))  # [BN, NW, a, b] of half 0
-        b = tl.join(tl.join(hi0 * s, hi1 * s), tl.join(hi2 * s, hi3 * s))
-        return tl.reshape(tl.join(a, b), [w.shape[0], w.shape[1] * 8])  # [BN, NW, a, b, h] flattened
-    t = tl.join(tl.join(_q8_byte(w, 0) * s, _q8_byte(w, 1) * s), tl.join(_q8_byte(w, 2) * s, _q8_byte(w, 3) * s))
-    return tl.reshape(t, [w.shape[0], w.shape[1] * 4])
+        lo0, lo1, lo2, lo3 = (lo0 * s).to(dot_t), (lo1 * s).to(dot_t), (lo2 * s).to(dot_t), (lo3 * s).to(dot_t)
+        hi0, hi1, hi2, hi3 = (hi0 * s).to(dot_t), (hi1 * s).to(dot_t), (hi2 * s).to(dot_t), (hi3 * s).to(dot_t)
+        a = tl.join(tl.join(lo0, lo1), tl.join(lo2, lo3))
+        b = tl.join(tl.join(hi0, hi1), tl.join(hi2, hi3))
+        t = tl.join(a, b)  # [BN, NW, a, b, h]: slot a + 2b, half h
+        if NATURAL:  # element 16b + 8a + 4h + i of block w // 4, i = w % 4
+            t = tl.permute(tl.reshape(t, [BN, NW // 4, 4, 2, 2, 2]), 0, 1, 4, 3, 5, 2)
+        t = tl.reshape(t, [BN, NW * 8])
+    else:
+        t = tl.join(tl.join((_q8_byte(w, 0) * s).to(dot_t), (_q8_byte(w, 1) * s).to(dot_t)),
+                    tl.join((_q8_byte(w, 2) * s).to(dot_t), (_q8_byte(w, 3) * s).to(dot_t)))  # [BN, NW, a, b]
+        if NATURAL:  # element 16b + 8a + i of block w // 8, i = w % 8
+            t = tl.permute(tl.reshape(t, [BN, NW // 8, 8, 2, 2]), 0, 1, 4, 3, 2)
+        t = tl.reshape(t, [BN, NW * 4])
+    return t
 
 
 # ---------------------------------------------------------------- GEMV tiles: acc[n] = x . W[n], one row of x
@@ -304,6 +321,61 @@ def split_k(nblk: int, tiles: int, nb: int, target: int) -> tuple[int, int]:
 # ---------------------------------------------------------------- GEMM tiles (prefill): dequantized tiles -> tl.dot
 
 
+@triton.jit
+def dot_tiles(x_rows, ok_m, w_ptr, s_ptr, w2_ptr, s2_ptr, rows, K, kb_lo, kb_hi,
+              BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, IS_MXFP4: tl.constexpr, TWO: tl.constexpr,
+              DOT_F32: tl.constexpr, NATURAL: tl.constexpr, PREFETCH: tl.constexpr):
+    """x rows (pointers [BM] to rows of K values, masked by ok_m) . weight rows [BN] (and W2's) over blocks
+    [kb_lo, kb_hi) -> float32 [BM, BN] (twice): one dot a step of NB blocks. PREFETCH: the next step's loads
+    are issued before this step's decode (a register double buffer; run with num_stages=1)."""
+    nblk = K // 32
+    dot_t = tl.float32 if DOT_F32 else tl.bfloat16
+    WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
+    kw = tl.arange(0, NB * WPB)
+    w_off = rows[:, None] * (nblk * WPB) + kw[None, :]
+    s_off = rows[:, None] * nblk + (kw // WPB)[None, :]
+    x_ptrs = x_rows[:, None] + k_order(NB, IS_MXFP4, NATURAL)[None, :]
+    blk_x = tl.arange(0, NB * 32) // 32
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc2 = tl.zeros([BM, BN], dtype=tl.float32)
+    if PREFETCH:
+        okw = (kb_lo + kw // WPB < kb_hi)[None, :]
+        x_n = tl.load(x_ptrs + kb_lo * 32, mask=ok_m[:, None] & (kb_lo + blk_x < kb_hi)[None, :], other=0.0)
+        w_n = tl.load(w_ptr + w_off + kb_lo * WPB, mask=okw, other=0)
+        s_n = tl.load(s_ptr + s_off + kb_lo, mask=okw, other=0)
+        if TWO:
+            w2_n = tl.load(w2_ptr + w_off + kb_lo * WPB, mask=okw, other=0)
+            s2_n = tl.load(s2_ptr + s_off + kb_lo, mask=okw, other=0)
+    for kb in range(kb_lo, kb_hi, NB):
+        if PREFETCH:
+            x, w, sc = x_n, w_n, s_n
+            if TWO:
+                w2, sc2 = w2_n, s2_n
+            nxt = kb + NB
+            okw = (nxt + kw // WPB < kb_hi)[None, :]
+            x_n = tl.load(x_ptrs + nxt * 32, mask=ok_m[:, None] & (nxt + blk_x < kb_hi)[None, :], other=0.0)
+            w_n = tl.load(w_ptr + w_off + nxt * WPB, mask=okw, other=0)
+            s_n = tl.load(s_ptr + s_off + nxt, mask=okw, other=0)
+            if TWO:
+                w2_n = tl.load(w2_ptr + w_off + nxt * WPB, mask=okw, other=0)
+                s2_n = tl.load(s2_ptr + s_off + nxt, mask=okw, other=0)
+        else:
+            okw = (kb + kw // WPB < kb_hi)[None, :]
+            x = tl.load(x_ptrs + kb * 32, mask=ok_m[:, None] & (kb + blk_x < kb_hi)[None, :], other=0.0)
+            w = tl.load(w_ptr + w_off + kb * WPB, mask=okw, other=0)
+            sc = tl.load(s_ptr + s_off + kb, mask=okw, other=0)
+            if TWO:
+                w2 = tl.load(w2_ptr + w_off + kb * WPB, mask=okw, other=0)
+                sc2 = tl.load(s2_ptr + s_off + kb, mask=okw, other=0)
+        x = x.to(dot_t)
+        sc = _e8m0(sc) if IS_MXFP4 else sc.to(tl.float32)
+        acc = tl.dot(x, tl.trans(decode_tile(w, sc, IS_MXFP4, NATURAL, dot_t)), acc)
+        if TWO:
+            sc2 = _e8m0(sc2) if IS_MXFP4 else sc2.to(tl.float32)
+            acc2 = tl.dot(x, tl.trans(decode_tile(w2, sc2, IS_MXFP4, NATURAL, dot_t)), acc2)
+    return acc, acc2
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(
     x_ptr,
@@ -321,43 +393,18 @@ def _gemm_kernel(
     BN: tl.constexpr,
     NB: tl.constexpr,
     DOT_F32: tl.constexpr,
-    SWAP: tl.constexpr,
+    NATURAL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    """y[split] = x W^T over the split's CHUNK blocks of K (one split: the whole row); per step of NB blocks,
-    one dot of x [BM, NB*32] with the decoded weight tile (SWAP: W x^T, the weight as the left operand)."""
+    """y[split] = x W^T over the split's CHUNK blocks of K (one split: the whole row)."""
     m = tl.program_id(1) * BM + tl.arange(0, BM)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     split = tl.program_id(2)
-    n_in = tl.minimum(n, N - 1)
-    m_in = tl.minimum(m, M - 1)
-    nblk = K // 32
     kb_lo = split * CHUNK
-    kb_hi = tl.minimum(kb_lo + CHUNK, nblk)
-    dot_t = tl.float32 if DOT_F32 else tl.bfloat16
-    WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
-    kw = tl.arange(0, NB * WPB)  # the step's words: block kw // WPB
-    kx = k_order(NB, IS_MXFP4)  # the step's x, in the tile's order: block kx // 32 ... of tile position p
-    blk_x = tl.arange(0, NB * 32) // 32
-    w_row = w_ptr + n_in[:, None] * (nblk * WPB) + kw[None, :]
-    s_row = s_ptr + n_in[:, None] * nblk + (kw // WPB)[None, :]
-    x_row = x_ptr + m_in[:, None] * stride_xm + kx[None, :]
-    if SWAP:
-        acc = tl.zeros([BN, BM], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for kb in range(kb_lo, kb_hi, NB):
-        okw = (kb + kw // WPB < kb_hi)[None, :]
-        w = tl.load(w_row + kb * WPB, mask=okw, other=0)
-        sc = tl.load(s_row + kb, mask=okw, other=0)
-        sc = _e8m0(sc) if IS_MXFP4 else sc.to(tl.float32)
-        wt = decode_tile(w, sc, IS_MXFP4).to(dot_t)  # [BN, NB*32]
-        x = tl.load(x_row + kb * 32, mask=(kb + blk_x < kb_hi)[None, :], other=0.0).to(dot_t)
-        if SWAP:
-            acc = tl.dot(wt, tl.trans(x), acc)
-        else:
-            acc = tl.dot(x, tl.trans(wt), acc)
-    if SWAP:
-        acc = tl.trans(acc)
+    kb_hi = tl.minimum(kb_lo + CHUNK, K // 32)
+    x_rows = x_ptr + tl.minimum(m, M - 1) * stride_xm
+    acc, _ = dot_tiles(x_rows, m < M, w_ptr, s_ptr, w_ptr, s_ptr, tl.minimum(n, N - 1), K, kb_lo, kb_hi, BM, BN, NB,
+                       IS_MXFP4, False, DOT_F32, NATURAL, PREFETCH)  # fmt: skip
     y = y_ptr + split * M * N + m[:, None] * stride_ym + n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(m < M)[:, None] & (n < N)[None, :])
 
@@ -494,7 +541,8 @@ def quant_matmul(
     else:
         c = dict(cfg or gemm_config(w, M))
         BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET", 1)
-        c.setdefault("SWAP", False)
+        c.setdefault("NATURAL", False)
+        c.setdefault("PREFETCH", False)
         tiles = triton.cdiv(w.n, BN)
         splits, chunk = split_k(nblk, tiles, NB, target)
         part = y if splits == 1 else torch.empty(splits, M, w.n, dtype=torch.float32, device=x.device)
