@@ -54,15 +54,16 @@ def main() -> None:
 
             def up_() -> None:
                 tm._tiles_gate_up_kernel[(triton.cdiv(F, BN), te.numel())](
-                    x, pairs, te, gp.codes, gp.scales, gb, upk.codes, upk.scales, ub, h, E, F, D, 4, 7.0, 1.702,
-                    BM=BM, BN=BN, NB=NB, DOT_F32=False, **c)
+                    x, pairs, te, gp.codes, gp.scales, gb, upk.codes, upk.scales, ub, h, h, E, F, D, 4, t * 4, 45,
+                    7.0, 1.702, BM=BM, BN=BN, NB=NB, DOT_F32=False, SPLIT=False, **c)
 
             def down_() -> None:
                 tm._tiles_down_kernel[(tiles, te.numel(), splits)](
                     h, pairs, te, wf, dp.codes, dp.scales, db, part, E, F, D, chunk, BM=BM, BN=BN, NB=NB,
                     DOT_F32=False, **c)
 
-            parts = {"group_pairs": lambda ids=ids: tm.group_pairs(ids, E, BM), "gate_up": up_, "down": down_,
+            parts = {"group_pairs": lambda ids=ids: tm.group_pairs(ids, E, BM),
+                     "route_tiles": lambda ids=ids: tm.route_tiles(ids, E, BM), "gate_up": up_, "down": down_,
                      "all": lambda x=x, ids=ids, w=w: tm.moe_tiles(x, ids, w, gate, gb, up, ub, down, db, cfg=cfg)}
             print(f"  T={t}: " + "  ".join(f"{k} {time_us(f, iters=20):.1f}" for k, f in parts.items())
                   + f"  (programs: gate_up {triton.cdiv(F, BN) * te.numel()}, down {tiles * te.numel() * splits})",

@@ -69,9 +69,9 @@ def moe() -> None:
            for t, a in inputs.items()}
     print("MoE per-pair (before): " + "  ".join(f"T={t} {us:.1f} us" for t, us in old.items()), flush=True)
     results = []
-    for bn, nb, (nat, pre) in itertools.product((32, 64, 128), (2, 4), VARIANTS):
-        cfg = {"BM": 16, "BN": bn, "NB": nb, "TARGET": 512, "num_warps": 4, "num_stages": 1 if pre else 3,
-               "NATURAL": nat, "PREFETCH": pre}
+    for bn, up_target, target, warps in itertools.product((32, 64, 128), (1, 256, 512), (512, 1024), (2, 4)):
+        cfg = {"BM": 16, "BN": bn, "NB": 2, "UP_TARGET": up_target, "TARGET": target, "num_warps": warps,
+               "num_stages": 3, "NATURAL": True}
         try:
             tm = {t: time_us(lambda a=a, cfg=cfg: triton_moe.moe_tiles(*a, gate, gb, up, ub, down, db, cfg=cfg),
                              iters=20) for t, a in inputs.items()}

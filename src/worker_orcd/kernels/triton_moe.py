@@ -290,27 +290,97 @@ def moe_grouped(
 # tiles, steps and down's split of F follow the weights' shape: results do not depend on the batch.
 
 
-@triton.jit(do_not_specialize=["K_SLOTS"])
+@triton.jit(do_not_specialize=["P"])
+def _route_tiles_kernel(ids_ptr, pairs_ptr, tile_e_ptr, P, E: tl.constexpr, N_SLOTS, BM: tl.constexpr,
+                        BP: tl.constexpr, BE: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr):
+    """group_pairs in one program: sort the P pairs by (expert, index), place each expert's run at the start of
+    its tiles, -1 in the rest of its last tile, and name each tile's expert (E past the used tiles)."""
+    i = tl.arange(0, BP)
+    e = tl.load(ids_ptr + i, mask=i < P, other=E).to(tl.int32)
+    key = tl.sort(e * BP + i)  # pads (expert E) sort last
+    se = key // BP
+    ee = tl.arange(0, BE)
+    counts = tl.sum((e[None, :] == ee[:, None]).to(tl.int32), axis=1)  # [BE]; pads and ee >= E count 0
+    start = tl.cumsum(counts, 0) - counts
+    tiles_per = (counts + BM - 1) // BM
+    tile_end = tl.cumsum(tiles_per, 0)
+    onehot = se[:, None] == ee[None, :]  # [BP, BE]
+    st = tl.sum(tl.where(onehot, start[None, :], 0), axis=1)
+    ts = tl.sum(tl.where(onehot, (tile_end - tiles_per)[None, :], 0), axis=1)
+    slot = tl.arange(0, BS)
+    tl.store(pairs_ptr + slot, tl.full([BS], -1, tl.int32), mask=slot < N_SLOTS)
+    tl.debug_barrier()  # the pads are written before any pair lands
+    tl.store(pairs_ptr + ts * BM + (i - st), key % BP, mask=se < E)
+    t = tl.arange(0, BT)
+    te = tl.sum(((tile_end[None, :] <= t[:, None]) & (ee < E)[None, :]).to(tl.int32), axis=1)
+    tl.store(tile_e_ptr + t, te, mask=t < N_SLOTS // BM)
+
+
+def route_tiles(top_ids: torch.Tensor, n_experts: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """group_pairs's result from one small kernel (decode-sized batches: up to 4096 pairs)."""
+    P = top_ids.numel()
+    n_tiles = -(-P // group) + min(n_experts, P)
+    pairs = torch.empty(n_tiles * group, dtype=torch.int32, device=top_ids.device)
+    tile_expert = torch.empty(n_tiles, dtype=torch.int32, device=top_ids.device)
+    pow2 = triton.next_power_of_2
+    _route_tiles_kernel[(1,)](
+        top_ids.reshape(-1), pairs, tile_expert, P, E=n_experts, N_SLOTS=n_tiles * group, BM=group, BP=pow2(P),
+        BE=pow2(n_experts + 1), BS=pow2(n_tiles * group), BT=pow2(n_tiles), num_warps=4,
+    )  # fmt: skip
+    return pairs, tile_expert
+
+
+@triton.jit(do_not_specialize=["K_SLOTS", "N_PAIRS"])
 def _tiles_gate_up_kernel(x_ptr, pairs_ptr, tile_e_ptr, gw_ptr, ge_ptr, gb_ptr, uw_ptr, ue_ptr, ub_ptr, h_ptr,
-                          E, F, D, K_SLOTS, limit, alpha,
+                          part_ptr, E, F, D, K_SLOTS, N_PAIRS, CHUNK, limit, alpha,
                           BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr,
-                          NATURAL: tl.constexpr, PREFETCH: tl.constexpr):
-    """h[p, f] = clamped SwiGLU of gate and up rows f of the tile's expert on token p // K_SLOTS."""
+                          NATURAL: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr):
+    """h[p, f] = clamped SwiGLU of gate and up rows f of the tile's expert on token p // K_SLOTS. SPLIT: over
+    this program's blocks of D only, gate and up stored to part[split, 0 | 1, p, f] for _swiglu_sum_kernel."""
     tile = tl.program_id(1)
+    split = tl.program_id(2)
     e = tl.load(tile_e_ptr + tile)
     if e < E:
         p = tl.load(pairs_ptr + tile * BM + tl.arange(0, BM))
         ok_m = p >= 0
-        x_rows = x_ptr + tl.where(ok_m, p // K_SLOTS, 0).to(tl.int64) * D
+        p = tl.where(ok_m, p, 0).to(tl.int64)
         f = tl.program_id(0) * BN + tl.arange(0, BN)
         rows = e * F + tl.minimum(f, F - 1)
-        g, u = dot_tiles(x_rows, ok_m, gw_ptr, ge_ptr, uw_ptr, ue_ptr, rows, D, 0, D // 32, BM, BN, NB, True, True,
-                         DOT_F32, NATURAL, PREFETCH)  # fmt: skip
-        g = tl.minimum(g + tl.load(gb_ptr + rows)[None, :], limit)
-        u = tl.minimum(tl.maximum(u + tl.load(ub_ptr + rows)[None, :], -limit), limit)
-        h = (u + 1.0) * g * tl.sigmoid(alpha * g)
-        out = h_ptr + tl.where(ok_m, p, 0).to(tl.int64)[:, None] * F + f[None, :]
-        tl.store(out, h.to(h_ptr.dtype.element_ty), mask=ok_m[:, None] & (f < F)[None, :])
+        kb_lo = split * CHUNK
+        kb_hi = tl.minimum(kb_lo + CHUNK, D // 32)
+        g, u = dot_tiles(x_ptr + (p // K_SLOTS) * D, ok_m, gw_ptr, ge_ptr, uw_ptr, ue_ptr, rows, D, kb_lo, kb_hi,
+                         BM, BN, NB, True, True, DOT_F32, NATURAL, PREFETCH)  # fmt: skip
+        ok = ok_m[:, None] & (f < F)[None, :]
+        if SPLIT:
+            out = part_ptr + (split * 2 * N_PAIRS + p)[:, None] * F + f[None, :]
+            tl.store(out, g, mask=ok)
+            tl.store(out + N_PAIRS * F, u, mask=ok)
+        else:
+            g = tl.minimum(g + tl.load(gb_ptr + rows)[None, :], limit)
+            u = tl.minimum(tl.maximum(u + tl.load(ub_ptr + rows)[None, :], -limit), limit)
+            h = (u + 1.0) * g * tl.sigmoid(alpha * g)
+            tl.store(h_ptr + p[:, None] * F + f[None, :], h.to(h_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["N_PAIRS"])
+def _swiglu_sum_kernel(part_ptr, ids_ptr, gb_ptr, ub_ptr, h_ptr, F, N_PAIRS, limit, alpha, S: tl.constexpr,
+                       BF: tl.constexpr):
+    """h[p, f] = clamped SwiGLU of (sum over splits, in order, of part[s, 0 | 1, p, f]) + pair p's biases."""
+    p = tl.program_id(0).to(tl.int64)
+    f = tl.program_id(1) * BF + tl.arange(0, BF)
+    ok = f < F
+    e = tl.load(ids_ptr + p).to(tl.int64)
+    g = tl.load(gb_ptr + e * F + f, mask=ok, other=0.0)
+    u = tl.load(ub_ptr + e * F + f, mask=ok, other=0.0)
+    gs = tl.zeros([BF], dtype=tl.float32)
+    us = tl.zeros([BF], dtype=tl.float32)
+    for s in tl.static_range(S):
+        gs += tl.load(part_ptr + ((2 * s) * N_PAIRS + p) * F + f, mask=ok, other=0.0)
+        us += tl.load(part_ptr + ((2 * s + 1) * N_PAIRS + p) * F + f, mask=ok, other=0.0)
+    g = tl.minimum(gs + g, limit)
+    u = tl.minimum(tl.maximum(us + u, -limit), limit)
+    h = (u + 1.0) * g * tl.sigmoid(alpha * g)
+    tl.store(h_ptr + p * F + f, h.to(h_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -339,10 +409,12 @@ def _tiles_down_kernel(h_ptr, pairs_ptr, tile_e_ptr, w_ptr, dw_ptr, de_ptr, db_p
 
 
 def tiles_config() -> dict:
-    """Pairs a tile, rows a tile, blocks a step, and the program count that down's split of F aims for."""
+    """Pairs a tile, rows a tile, blocks a step, and the program counts (per tile of pairs) that gate/up's and
+    down's splits of their inputs aim for."""
     if INTERPRET:
-        return {"BM": 16, "BN": 16, "NB": 2, "TARGET": 1, "num_warps": 1, "num_stages": 1}
-    return {"BM": 16, "BN": 64, "NB": 4, "TARGET": 512, "num_warps": 4, "num_stages": 3}
+        return {"BM": 16, "BN": 16, "NB": 2, "UP_TARGET": 1, "TARGET": 1, "num_warps": 1, "num_stages": 1}
+    return {"BM": 16, "BN": 64, "NB": 2, "UP_TARGET": 1, "TARGET": 512, "num_warps": 4, "num_stages": 3,
+            "NATURAL": True}
 
 
 def moe_tiles(
@@ -364,19 +436,28 @@ def moe_tiles(
     gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
     c = dict(cfg or tiles_config())
     BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET")
+    up_target = c.pop("UP_TARGET", 1)
     c.setdefault("NATURAL", False)
     c.setdefault("PREFETCH", False)
     T, D = x.shape
     k = top_ids.shape[1]
     E, F, _ = gate.shape
-    pairs, tile_expert = group_pairs(top_ids, E, BM)
+    P = T * k
+    pairs, tile_expert = route_tiles(top_ids, E, BM)
     n_tiles = tile_expert.numel()
     x = x.contiguous()
-    h = torch.empty(T * k, F, dtype=x.dtype, device=x.device)
-    _tiles_gate_up_kernel[(triton.cdiv(F, BN), n_tiles)](
-        x, pairs, tile_expert, gp.codes, gp.scales, gate_b.float().contiguous(), upk.codes, upk.scales,
-        up_b.float().contiguous(), h, E, F, D, k, limit, alpha, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, **c,
+    gb, ub = gate_b.float().contiguous(), up_b.float().contiguous()
+    h = torch.empty(P, F, dtype=x.dtype, device=x.device)
+    tiles = triton.cdiv(F, BN)
+    splits, chunk = split_k(D // 32, tiles, NB, up_target)  # by shape, never by the pair count
+    part = torch.empty(splits, 2, P, F, dtype=torch.float32, device=x.device) if splits > 1 else h
+    _tiles_gate_up_kernel[(tiles, n_tiles, splits)](
+        x, pairs, tile_expert, gp.codes, gp.scales, gb, upk.codes, upk.scales, ub, h, part, E, F, D, k, P, chunk,
+        limit, alpha, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, SPLIT=splits > 1, **c,
     )  # fmt: skip
+    if splits > 1:
+        _swiglu_sum_kernel[(P, triton.cdiv(F, 1024))](part, top_ids.reshape(-1), gb, ub, h, F, P, limit, alpha,
+                                                      S=splits, BF=1024)  # fmt: skip
     tiles = triton.cdiv(D, BN)
     splits, chunk = split_k(F // 32, tiles, NB, target)  # by shape: 4 tiles of pairs at T=1 multiply this
     part = torch.empty(T * k, splits, D, dtype=torch.float32, device=x.device)
