@@ -19,6 +19,7 @@ import triton.language as tl
 
 from worker_orcd.kernels.activations import clamped_swiglu
 from worker_orcd.kernels.triton_quant import (
+    GEMV_ROWS,
     INTERPRET,
     PackedWeight,
     _mxfp4_gemv_tile,
@@ -280,6 +281,8 @@ def moe_grouped(
         gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
         return moe_prefill(x, top_ids, top_w, gp, gate_b, upk, up_b, dp, down_b, limit, alpha)
     out = torch.empty(T, x.shape[1], dtype=torch.float32, device=x.device)
+    if T <= GEMV_ROWS:  # --nondeterministic: per-pair CUDA-core kernels for a lone row (faster, not invariant)
+        return moe_mxfp4(x, top_ids, top_w, gate, gate_b, up, up_b, down, down_b, None, limit, alpha, out=out)
     return moe_tiles(x, top_ids, top_w, gate, gate_b, up, up_b, down, down_b, cfg, limit, alpha, out=out)
 
 
@@ -413,7 +416,8 @@ def tiles_config() -> dict:
     down's splits of their inputs aim for."""
     if INTERPRET:
         return {"BM": 16, "BN": 16, "NB": 2, "UP_TARGET": 1, "TARGET": 1, "num_warps": 1, "num_stages": 1}
-    return {"BM": 16, "BN": 64, "NB": 2, "UP_TARGET": 1, "TARGET": 512, "num_warps": 4, "num_stages": 3,
+    # H200 sweep (bench/gpu_tune.py moe), us a layer: T=1 96, T=4 220, T=16 447, T=64 513, T=128 767
+    return {"BM": 16, "BN": 128, "NB": 2, "UP_TARGET": 256, "TARGET": 1024, "num_warps": 2, "num_stages": 3,
             "NATURAL": True}
 
 
