@@ -274,7 +274,7 @@ def moe_grouped(
     cfg: dict | None = None,
 ) -> torch.Tensor:
     """The MoE of moe_reference for any number of tokens: x [T, D], top_ids/top_w [T, k] -> y [T, D] float32.
-    Up to PREFILL_ABOVE tokens (every decode step) the per-pair kernels (moe_mxfp4); more (prompt chunks):
+    Up to PREFILL_ABOVE tokens (every decode step) the expert tiles (moe_tiles); more (prompt chunks):
     moe_prefill."""
     T = x.shape[0]
     if T > PREFILL_ABOVE and not INTERPRET and hasattr(torch, "_grouped_mm"):
