@@ -6,7 +6,7 @@ from gguf import GGMLQuantizationType as T
 
 from tests.test_triton_quant import random_blocks, rel_err
 from worker_orcd.kernels.activations import clamped_swiglu
-from worker_orcd.kernels.triton_moe import group_pairs, moe_grouped, moe_mxfp4, moe_reference
+from worker_orcd.kernels.triton_moe import group_pairs, moe_grouped, moe_mxfp4, moe_reference, moe_tiles, route_tiles
 from worker_orcd.quant import QuantTensor
 from worker_orcd.quant.mxfp4 import quantize_mxfp4
 
@@ -125,6 +125,29 @@ def test_moe_grouped_gpu_gpt_oss_20b(T_):
     if T_ <= 128:  # decode-sized batches: a token's result does not depend on the others (prompt chunks differ)
         alone = moe_grouped(x[:1], ids[:1], w[:1], *ws)
         assert torch.equal(alone[0], got[0])
+
+
+@pytest.mark.parametrize("T_,E,k,group", [(1, 32, 4, 16), (5, 4, 2, 2), (3, 5, 2, 2), (40, 32, 4, 16)])
+def test_route_tiles_kernel_is_group_pairs(T_, E, k, group):
+    """The one-program routing kernel places every pair exactly where the torch version does."""
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T_)])
+    want, got = group_pairs(ids, E, group), route_tiles(ids, E, group)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("natural", [False, True])
+def test_moe_tiles_with_gate_up_split(natural):
+    """gate/up split over D (partial sums added in order before the SwiGLU), tiles in either K order; a token
+    alone gives the same bits as among others."""
+    cfg = {"BM": 16, "BN": 16, "NB": 1, "UP_TARGET": 64, "TARGET": 64, "num_warps": 1, "num_stages": 1,
+           "NATURAL": natural}
+    g, gb, u, ub, d, db = experts(5, 96, 128, "cpu")
+    x = torch.randn(7, 128) * 0.5
+    ids, w = routes(7, 5, 3, "cpu")
+    out = torch.full((7, 128), float("nan"))
+    moe_tiles(x, ids, w, g, gb, u, ub, d, db, cfg=cfg, out=out)
+    assert rel_err(out, moe_reference(x, ids, w, g, gb, u, ub, d, db)) < 1e-5
+    assert torch.equal(moe_tiles(x[2:3], ids[2:3], w[2:3], g, gb, u, ub, d, db, cfg=cfg)[0], out[2])
 
 
 def test_moe_prefill_grouped_mm_matches_reference():

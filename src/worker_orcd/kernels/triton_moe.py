@@ -227,14 +227,15 @@ def moe_reference(
 
 
 # ---------------------------------------------------------------- any number of tokens
-# Decode-sized batches (up to PREFILL_ABOVE tokens) run the per-pair kernels above, pairs in expert order (an
-# expert's pairs share its weights through L2); a pair's sums never depend on the others. Prompt chunks
-# dequantize the experts once and run torch._grouped_mm over the pairs sorted by expert.
-# Measured on an H200 (bench/gpu_engine_kernels.py), GPT-OSS-20B shapes, per layer: T=1 61 us, T=4 148,
-# T=16 486, T=64 1,815. Tried and dropped: tl.dot tiles of one expert's pairs (T=1 195 us, T=64 795) and
+# Decode-sized batches (up to PREFILL_ABOVE tokens) run the expert tiles (moe_tiles, below); prompt chunks
+# dequantize the experts once and run torch._grouped_mm over the pairs sorted by expert. Tried and dropped:
 # CUDA-core tiles decoding an expert once for 2-8 pairs (T=1 147-240 us, T=64 1,742-2,547: register-bound).
 
 GROUP_M = 16  # rows of each expert's segment in the grouped GEMM are padded to this
+# Batch invariance needs one MoE kernel for every decode batch: the expert tiles. The per-pair kernels are faster
+# up to ~16 tokens (H200, us a layer: T=1 61 vs 96, T=4 134 vs 220, T=16 431 vs 447; T=64 1,592 vs 513), so
+# WORKER_ORCD_NONDETERMINISTIC=1 (serve --nondeterministic) takes them there, as the dense path takes its GEMV.
+PAIR_ROWS = 16 if GEMV_ROWS else 0
 PREFILL_ABOVE = 128  # tokens; as quant_matmul's DECODE_MAX_M
 
 
@@ -281,7 +282,7 @@ def moe_grouped(
         gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
         return moe_prefill(x, top_ids, top_w, gp, gate_b, upk, up_b, dp, down_b, limit, alpha)
     out = torch.empty(T, x.shape[1], dtype=torch.float32, device=x.device)
-    if T <= GEMV_ROWS:  # --nondeterministic: per-pair CUDA-core kernels for a lone row (faster, not invariant)
+    if T <= PAIR_ROWS:  # --nondeterministic: the per-pair kernels where they are faster (not batch-invariant)
         return moe_mxfp4(x, top_ids, top_w, gate, gate_b, up, up_b, down, down_b, None, limit, alpha, out=out)
     return moe_tiles(x, top_ids, top_w, gate, gate_b, up, up_b, down, down_b, cfg, limit, alpha, out=out)
 
