@@ -33,13 +33,12 @@ def main() -> None:
     gate, up, down = q(F, D), q(F, D), q(D, F)
     gp, upk, dp = tm._packed(gate, "g"), tm._packed(up, "u"), tm._packed(down, "d")
     gb, ub, db = (torch.randn(E, n, device=dev) for n in (F, F, D))
-    for cfg in ({"BM": 16, "BN": 128, "NB": 2, "TARGET": 512, "num_warps": 4, "num_stages": 3, "NATURAL": True},
-                {"BM": 16, "BN": 128, "NB": 2, "TARGET": 512, "num_warps": 8, "num_stages": 3, "NATURAL": True},
-                {"BM": 16, "BN": 64, "NB": 2, "TARGET": 512, "num_warps": 2, "num_stages": 3, "NATURAL": True},
-                {"BM": 16, "BN": 32, "NB": 2, "TARGET": 512, "num_warps": 1, "num_stages": 3, "NATURAL": True}):
+    for cfg in ({"BM": 16, "BN": 128, "NB": 2, "TARGET": 512, "num_warps": 4, "num_stages": 3},
+                {"BM": 16, "BN": 128, "NB": 2, "TARGET": 512, "num_warps": 8, "num_stages": 3},
+                {"BM": 16, "BN": 64, "NB": 2, "TARGET": 512, "num_warps": 2, "num_stages": 3},
+                {"BM": 16, "BN": 32, "NB": 2, "TARGET": 512, "num_warps": 1, "num_stages": 3}):
         c = dict(cfg)
         BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET")
-        c["PREFETCH"] = False
         print(cfg)
         for t in (1, 16, 64):
             x = torch.randn(t, D, device=dev, dtype=torch.bfloat16)

@@ -22,8 +22,6 @@ from worker_orcd.kernels import triton_moe  # noqa: E402
 from worker_orcd.kernels.triton_quant import gemv_config, pack_q8_0, quant_matmul  # noqa: E402
 from worker_orcd.quant import QuantTensor  # noqa: E402
 
-VARIANTS = ((False, False), (True, False), (True, True), (False, True))  # (NATURAL, PREFETCH)
-
 
 def dense() -> None:
     dev = "cuda"
@@ -33,9 +31,8 @@ def dense() -> None:
         iters = 10 if n > 100000 else 30
         gemv = time_us(lambda p=p, x=xs[1]: quant_matmul(p, x, gemv_config(p)), iters=iters)
         results = []
-        for bm, bn, (nat, pre) in itertools.product((16, 64), (64, 128), VARIANTS):
-            cfg = {"BM": bm, "BN": bn, "NB": 2, "TARGET": 528, "num_warps": 4, "num_stages": 1 if pre else 3,
-                   "NATURAL": nat, "PREFETCH": pre}
+        for bm, bn, nb, target in itertools.product((16, 64), (64, 128), (2, 4), (264, 528)):
+            cfg = {"BM": bm, "BN": bn, "NB": nb, "TARGET": target, "num_warps": 4, "num_stages": 3}
             try:
                 t = {m: time_us(lambda x=x, cfg=cfg, p=p: quant_matmul(p, x, cfg), iters=iters)
                      for m, x in xs.items()}
@@ -71,7 +68,7 @@ def moe() -> None:
     results = []
     for bn, up_target, target, warps in itertools.product((32, 64, 128), (1, 256, 512), (512, 1024), (2, 4)):
         cfg = {"BM": 16, "BN": bn, "NB": 2, "UP_TARGET": up_target, "TARGET": target, "num_warps": warps,
-               "num_stages": 3, "NATURAL": True}
+               "num_stages": 3}
         try:
             tm = {t: time_us(lambda a=a, cfg=cfg: triton_moe.moe_tiles(*a, gate, gb, up, ub, down, db, cfg=cfg),
                              iters=20) for t, a in inputs.items()}

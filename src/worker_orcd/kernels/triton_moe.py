@@ -22,9 +22,10 @@ from worker_orcd.kernels.triton_quant import (
     GEMV_ROWS,
     INTERPRET,
     PackedWeight,
+    _e8m0,
+    _mx_pair,
     _mxfp4_gemv_tile,
     dequantize_packed,
-    dot_tiles,
     split_k,
     sum_partials_kernel,
 )
@@ -294,6 +295,53 @@ def moe_grouped(
 # tiles, steps and down's split of F follow the weights' shape: results do not depend on the batch.
 
 
+@triton.jit
+def _mxfp4_tile(w, s, dot_t: tl.constexpr):
+    """Packed MXFP4 words [BN, NW] and each word's block exponent [BN, NW] -> weights [BN, NW*8] in dot_t, in
+    element order: word w holds element 8s + 4h + w % 4 of block w // 4 in slot s, half h (quant/packed.py)."""
+    w = w.to(tl.uint32, bitcast=True)
+    BN: tl.constexpr = w.shape[0]
+    NW: tl.constexpr = w.shape[1]
+    s = _e8m0(s) * 16384.0
+    lo0, hi0 = _mx_pair(w, 0)
+    lo1, hi1 = _mx_pair(w, 1)
+    lo2, hi2 = _mx_pair(w, 2)
+    lo3, hi3 = _mx_pair(w, 3)
+    lo0, lo1, lo2, lo3 = (lo0 * s).to(dot_t), (lo1 * s).to(dot_t), (lo2 * s).to(dot_t), (lo3 * s).to(dot_t)
+    hi0, hi1, hi2, hi3 = (hi0 * s).to(dot_t), (hi1 * s).to(dot_t), (hi2 * s).to(dot_t), (hi3 * s).to(dot_t)
+    t = tl.join(tl.join(tl.join(lo0, lo1), tl.join(lo2, lo3)), tl.join(tl.join(hi0, hi1), tl.join(hi2, hi3)))
+    # t [BN, NW, a, b, h] holds slot a + 2b, half h: element 16b + 8a + 4h + w % 4 of block w // 4
+    t = tl.permute(tl.reshape(t, [BN, NW // 4, 4, 2, 2, 2]), 0, 1, 4, 3, 5, 2)
+    return tl.reshape(t, [BN, NW * 8])
+
+
+@triton.jit
+def _expert_dot(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_hi, BM: tl.constexpr,
+                BN: tl.constexpr, NB: tl.constexpr, TWO: tl.constexpr, DOT_F32: tl.constexpr):
+    """x rows (pointers [BM] to K values, masked by ok_m) . MXFP4 rows [BN] of W (and of W2) over blocks
+    [kb_lo, kb_hi) -> float32 [BM, BN] (twice): each step of NB blocks one decode and one tl.dot."""
+    nblk = K // 32
+    dot_t = tl.float32 if DOT_F32 else tl.bfloat16
+    kw = tl.arange(0, NB * 4)
+    w_off = rows[:, None] * (nblk * 4) + kw[None, :]
+    e_off = rows[:, None] * nblk + (kw // 4)[None, :]
+    kx = tl.arange(0, NB * 32)
+    x_ptrs = x_rows[:, None] + kx[None, :]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc2 = tl.zeros([BM, BN], dtype=tl.float32)
+    for kb in range(kb_lo, kb_hi, NB):
+        okw = (kb + kw // 4 < kb_hi)[None, :]
+        x = tl.load(x_ptrs + kb * 32, mask=ok_m[:, None] & (kb + kx // 32 < kb_hi)[None, :], other=0.0).to(dot_t)
+        w = tl.load(w_ptr + w_off + kb * 4, mask=okw, other=0)
+        e = tl.load(e_ptr + e_off + kb, mask=okw, other=0)
+        acc = tl.dot(x, tl.trans(_mxfp4_tile(w, e, dot_t)), acc)
+        if TWO:
+            w2 = tl.load(w2_ptr + w_off + kb * 4, mask=okw, other=0)
+            e2 = tl.load(e2_ptr + e_off + kb, mask=okw, other=0)
+            acc2 = tl.dot(x, tl.trans(_mxfp4_tile(w2, e2, dot_t)), acc2)
+    return acc, acc2
+
+
 @triton.jit(do_not_specialize=["P"])
 def _route_tiles_kernel(ids_ptr, pairs_ptr, tile_e_ptr, P, E: tl.constexpr, N_SLOTS, BM: tl.constexpr,
                         BP: tl.constexpr, BE: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr):
@@ -338,7 +386,7 @@ def route_tiles(top_ids: torch.Tensor, n_experts: int, group: int) -> tuple[torc
 def _tiles_gate_up_kernel(x_ptr, pairs_ptr, tile_e_ptr, gw_ptr, ge_ptr, gb_ptr, uw_ptr, ue_ptr, ub_ptr, h_ptr,
                           part_ptr, E, F, D, K_SLOTS, N_PAIRS, CHUNK, limit, alpha,
                           BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr,
-                          NATURAL: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr):
+                          SPLIT: tl.constexpr):
     """h[p, f] = clamped SwiGLU of gate and up rows f of the tile's expert on token p // K_SLOTS. SPLIT: over
     this program's blocks of D only, gate and up stored to part[split, 0 | 1, p, f] for _swiglu_sum_kernel."""
     tile = tl.program_id(1)
@@ -352,8 +400,8 @@ def _tiles_gate_up_kernel(x_ptr, pairs_ptr, tile_e_ptr, gw_ptr, ge_ptr, gb_ptr, 
         rows = e * F + tl.minimum(f, F - 1)
         kb_lo = split * CHUNK
         kb_hi = tl.minimum(kb_lo + CHUNK, D // 32)
-        g, u = dot_tiles(x_ptr + (p // K_SLOTS) * D, ok_m, gw_ptr, ge_ptr, uw_ptr, ue_ptr, rows, D, kb_lo, kb_hi,
-                         BM, BN, NB, True, True, DOT_F32, NATURAL, PREFETCH)  # fmt: skip
+        g, u = _expert_dot(x_ptr + (p // K_SLOTS) * D, ok_m, gw_ptr, ge_ptr, uw_ptr, ue_ptr, rows, D, kb_lo, kb_hi,
+                           BM, BN, NB, True, DOT_F32)  # fmt: skip
         ok = ok_m[:, None] & (f < F)[None, :]
         if SPLIT:
             out = part_ptr + (split * 2 * N_PAIRS + p)[:, None] * F + f[None, :]
@@ -389,8 +437,7 @@ def _swiglu_sum_kernel(part_ptr, ids_ptr, gb_ptr, ub_ptr, h_ptr, F, N_PAIRS, lim
 
 @triton.jit
 def _tiles_down_kernel(h_ptr, pairs_ptr, tile_e_ptr, w_ptr, dw_ptr, de_ptr, db_ptr, part_ptr, E, F, D, CHUNK,
-                       BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr,
-                       NATURAL: tl.constexpr, PREFETCH: tl.constexpr):
+                       BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr):
     """part[p, split, d] = w[p] * (down rows d of the tile's expert . h[p] over the split's blocks of F
     (+ the bias in split 0))."""
     tile = tl.program_id(1)
@@ -404,8 +451,8 @@ def _tiles_down_kernel(h_ptr, pairs_ptr, tile_e_ptr, w_ptr, dw_ptr, de_ptr, db_p
         rows = e * D + tl.minimum(d, D - 1)
         kb_lo = split * CHUNK
         kb_hi = tl.minimum(kb_lo + CHUNK, F // 32)
-        y, _ = dot_tiles(h_ptr + p.to(tl.int64) * F, ok_m, dw_ptr, de_ptr, dw_ptr, de_ptr, rows, F, kb_lo, kb_hi,
-                         BM, BN, NB, True, False, DOT_F32, NATURAL, PREFETCH)  # fmt: skip
+        y, _ = _expert_dot(h_ptr + p.to(tl.int64) * F, ok_m, dw_ptr, de_ptr, dw_ptr, de_ptr, rows, F, kb_lo, kb_hi,
+                           BM, BN, NB, False, DOT_F32)  # fmt: skip
         y += tl.load(db_ptr + rows)[None, :] * (split == 0)
         y *= tl.load(w_ptr + p, mask=ok_m, other=0.0).to(tl.float32)[:, None]
         out = part_ptr + (p.to(tl.int64) * tl.num_programs(2) + split)[:, None] * D + d[None, :]
@@ -418,8 +465,7 @@ def tiles_config() -> dict:
     if INTERPRET:
         return {"BM": 16, "BN": 16, "NB": 2, "UP_TARGET": 1, "TARGET": 1, "num_warps": 1, "num_stages": 1}
     # H200 sweep (bench/gpu_tune.py moe), us a layer: T=1 96, T=4 220, T=16 447, T=64 513, T=128 767
-    return {"BM": 16, "BN": 128, "NB": 2, "UP_TARGET": 256, "TARGET": 1024, "num_warps": 2, "num_stages": 3,
-            "NATURAL": True}
+    return {"BM": 16, "BN": 128, "NB": 2, "UP_TARGET": 256, "TARGET": 1024, "num_warps": 2, "num_stages": 3}
 
 
 def moe_tiles(
@@ -442,8 +488,6 @@ def moe_tiles(
     c = dict(cfg or tiles_config())
     BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET")
     up_target = c.pop("UP_TARGET", 1)
-    c.setdefault("NATURAL", False)
-    c.setdefault("PREFETCH", False)
     T, D = x.shape
     k = top_ids.shape[1]
     E, F, _ = gate.shape

@@ -65,60 +65,6 @@ def _e8m0(e):
     return (tl.minimum(e.to(tl.int32), 254) << 23).to(tl.float32, bitcast=True)
 
 
-# ---------------------------------------------------------------- whole tiles for tl.dot
-# A step of NB blocks decodes to one [BN, NB*32] tile in the order the words give up their values; x is
-# loaded in the same order (k_order), so one dot covers the step. MXFP4 tile position 8w + 4a + 2b + h is
-# slot s = a + 2b, half h of word w (block w // 4, element 8s + 4h + w % 4); Q8_0 position 4w + 2a + b is
-# byte t = a + 2b of word w (block w // 8, element 8t + w % 8).
-
-
-@triton.jit
-def k_order(NB: tl.constexpr, IS_MXFP4: tl.constexpr, NATURAL: tl.constexpr):
-    """[NB*32] offsets into a step's x of the tile positions (see above; NATURAL: element order)."""
-    pos = tl.arange(0, NB * 32)
-    if NATURAL:
-        off = pos
-    elif IS_MXFP4:
-        w = pos // 8
-        j = pos % 8
-        off = (w // 4) * 32 + 8 * (j // 4 + 2 * ((j // 2) % 2)) + 4 * (j % 2) + w % 4
-    else:
-        w = pos // 4
-        j = pos % 4
-        off = (w // 8) * 32 + 8 * ((j // 2) + 2 * (j % 2)) + w % 8
-    return off
-
-
-@triton.jit
-def decode_tile(w, s, IS_MXFP4: tl.constexpr, NATURAL: tl.constexpr, dot_t: tl.constexpr):
-    """Words [BN, NW] and each word's block scale [BN, NW] (float32) -> [BN, NW * (8 | 4)] weights in dot_t,
-    in the words' order (see above) or, NATURAL, in element order."""
-    w = w.to(tl.uint32, bitcast=True)
-    BN: tl.constexpr = w.shape[0]
-    NW: tl.constexpr = w.shape[1]
-    if IS_MXFP4:
-        s = s * 16384.0
-        lo0, hi0 = _mx_pair(w, 0)
-        lo1, hi1 = _mx_pair(w, 1)
-        lo2, hi2 = _mx_pair(w, 2)
-        lo3, hi3 = _mx_pair(w, 3)
-        lo0, lo1, lo2, lo3 = (lo0 * s).to(dot_t), (lo1 * s).to(dot_t), (lo2 * s).to(dot_t), (lo3 * s).to(dot_t)
-        hi0, hi1, hi2, hi3 = (hi0 * s).to(dot_t), (hi1 * s).to(dot_t), (hi2 * s).to(dot_t), (hi3 * s).to(dot_t)
-        a = tl.join(tl.join(lo0, lo1), tl.join(lo2, lo3))
-        b = tl.join(tl.join(hi0, hi1), tl.join(hi2, hi3))
-        t = tl.join(a, b)  # [BN, NW, a, b, h]: slot a + 2b, half h
-        if NATURAL:  # element 16b + 8a + 4h + i of block w // 4, i = w % 4
-            t = tl.permute(tl.reshape(t, [BN, NW // 4, 4, 2, 2, 2]), 0, 1, 4, 3, 5, 2)
-        t = tl.reshape(t, [BN, NW * 8])
-    else:
-        t = tl.join(tl.join((_q8_byte(w, 0) * s).to(dot_t), (_q8_byte(w, 1) * s).to(dot_t)),
-                    tl.join((_q8_byte(w, 2) * s).to(dot_t), (_q8_byte(w, 3) * s).to(dot_t)))  # [BN, NW, a, b]
-        if NATURAL:  # element 16b + 8a + i of block w // 8, i = w % 8
-            t = tl.permute(tl.reshape(t, [BN, NW // 8, 8, 2, 2]), 0, 1, 4, 3, 2)
-        t = tl.reshape(t, [BN, NW * 4])
-    return t
-
-
 # ---------------------------------------------------------------- GEMV tiles: acc[n] = x . W[n], one row of x
 # Blocks [kb_lo, kb_hi) of K (split-K programs take a slice); EVEN: the slice is whole steps of NB blocks.
 # STAGES >= 1: Triton pipelines the K loop (loads in flight through shared memory); 0: a register double
@@ -321,61 +267,6 @@ def split_k(nblk: int, tiles: int, nb: int, target: int) -> tuple[int, int]:
 # ---------------------------------------------------------------- GEMM tiles (prefill): dequantized tiles -> tl.dot
 
 
-@triton.jit
-def dot_tiles(x_rows, ok_m, w_ptr, s_ptr, w2_ptr, s2_ptr, rows, K, kb_lo, kb_hi,
-              BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, IS_MXFP4: tl.constexpr, TWO: tl.constexpr,
-              DOT_F32: tl.constexpr, NATURAL: tl.constexpr, PREFETCH: tl.constexpr):
-    """x rows (pointers [BM] to rows of K values, masked by ok_m) . weight rows [BN] (and W2's) over blocks
-    [kb_lo, kb_hi) -> float32 [BM, BN] (twice): one dot a step of NB blocks. PREFETCH: the next step's loads
-    are issued before this step's decode (a register double buffer; run with num_stages=1)."""
-    nblk = K // 32
-    dot_t = tl.float32 if DOT_F32 else tl.bfloat16
-    WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
-    kw = tl.arange(0, NB * WPB)
-    w_off = rows[:, None] * (nblk * WPB) + kw[None, :]
-    s_off = rows[:, None] * nblk + (kw // WPB)[None, :]
-    x_ptrs = x_rows[:, None] + k_order(NB, IS_MXFP4, NATURAL)[None, :]
-    blk_x = tl.arange(0, NB * 32) // 32
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    acc2 = tl.zeros([BM, BN], dtype=tl.float32)
-    if PREFETCH:
-        okw = (kb_lo + kw // WPB < kb_hi)[None, :]
-        x_n = tl.load(x_ptrs + kb_lo * 32, mask=ok_m[:, None] & (kb_lo + blk_x < kb_hi)[None, :], other=0.0)
-        w_n = tl.load(w_ptr + w_off + kb_lo * WPB, mask=okw, other=0)
-        s_n = tl.load(s_ptr + s_off + kb_lo, mask=okw, other=0)
-        if TWO:
-            w2_n = tl.load(w2_ptr + w_off + kb_lo * WPB, mask=okw, other=0)
-            s2_n = tl.load(s2_ptr + s_off + kb_lo, mask=okw, other=0)
-    for kb in range(kb_lo, kb_hi, NB):
-        if PREFETCH:
-            x, w, sc = x_n, w_n, s_n
-            if TWO:
-                w2, sc2 = w2_n, s2_n
-            nxt = kb + NB
-            okw = (nxt + kw // WPB < kb_hi)[None, :]
-            x_n = tl.load(x_ptrs + nxt * 32, mask=ok_m[:, None] & (nxt + blk_x < kb_hi)[None, :], other=0.0)
-            w_n = tl.load(w_ptr + w_off + nxt * WPB, mask=okw, other=0)
-            s_n = tl.load(s_ptr + s_off + nxt, mask=okw, other=0)
-            if TWO:
-                w2_n = tl.load(w2_ptr + w_off + nxt * WPB, mask=okw, other=0)
-                s2_n = tl.load(s2_ptr + s_off + nxt, mask=okw, other=0)
-        else:
-            okw = (kb + kw // WPB < kb_hi)[None, :]
-            x = tl.load(x_ptrs + kb * 32, mask=ok_m[:, None] & (kb + blk_x < kb_hi)[None, :], other=0.0)
-            w = tl.load(w_ptr + w_off + kb * WPB, mask=okw, other=0)
-            sc = tl.load(s_ptr + s_off + kb, mask=okw, other=0)
-            if TWO:
-                w2 = tl.load(w2_ptr + w_off + kb * WPB, mask=okw, other=0)
-                sc2 = tl.load(s2_ptr + s_off + kb, mask=okw, other=0)
-        x = x.to(dot_t)
-        sc = _e8m0(sc) if IS_MXFP4 else sc.to(tl.float32)
-        acc = tl.dot(x, tl.trans(decode_tile(w, sc, IS_MXFP4, NATURAL, dot_t)), acc)
-        if TWO:
-            sc2 = _e8m0(sc2) if IS_MXFP4 else sc2.to(tl.float32)
-            acc2 = tl.dot(x, tl.trans(decode_tile(w2, sc2, IS_MXFP4, NATURAL, dot_t)), acc2)
-    return acc, acc2
-
-
 @triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(
     x_ptr,
@@ -393,18 +284,43 @@ def _gemm_kernel(
     BN: tl.constexpr,
     NB: tl.constexpr,
     DOT_F32: tl.constexpr,
-    NATURAL: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
-    """y[split] = x W^T over the split's CHUNK blocks of K (one split: the whole row)."""
+    """y[split] = x W^T over the split's CHUNK blocks of K (one split: the whole row); per step, one
+    [BM, NB*words] x [NB*words, BN] dot for each value position in a word."""
     m = tl.program_id(1) * BM + tl.arange(0, BM)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     split = tl.program_id(2)
+    n_in = tl.minimum(n, N - 1)
+    m_in = tl.minimum(m, M - 1)
+    nblk = K // 32
     kb_lo = split * CHUNK
-    kb_hi = tl.minimum(kb_lo + CHUNK, K // 32)
-    x_rows = x_ptr + tl.minimum(m, M - 1) * stride_xm
-    acc, _ = dot_tiles(x_rows, m < M, w_ptr, s_ptr, w_ptr, s_ptr, tl.minimum(n, N - 1), K, kb_lo, kb_hi, BM, BN, NB,
-                       IS_MXFP4, False, DOT_F32, NATURAL, PREFETCH)  # fmt: skip
+    kb_hi = tl.minimum(kb_lo + CHUNK, nblk)
+    dot_t = tl.float32 if DOT_F32 else tl.bfloat16
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
+    kk = tl.arange(0, NB * WPB)  # within a step: block kk // WPB, word kk % WPB
+    blk_of = kk // WPB
+    word_of = kk % WPB
+    for kb in range(kb_lo, kb_hi, NB):
+        blk = kb + blk_of  # [NB*WPB]
+        ok = (blk < kb_hi)[None, :]
+        w = tl.load(w_ptr + n_in[:, None] * (nblk * WPB) + (blk * WPB + word_of)[None, :], mask=ok, other=0)
+        w = w.to(tl.uint32, bitcast=True)
+        s = tl.load(s_ptr + n_in[:, None] * nblk + blk[None, :], mask=ok, other=0)  # [BN, NB*WPB], repeated
+        x_base = x_ptr + m_in[:, None] * stride_xm + (blk * 32 + word_of)[None, :]  # [BM, NB*WPB]
+        if IS_MXFP4:
+            s = _e8m0(s) * 16384.0
+            for p in tl.static_range(4):
+                lo, hi = _mx_pair(w, p)
+                xa = tl.load(x_base + 8 * p, mask=ok, other=0.0).to(dot_t)
+                xb = tl.load(x_base + 8 * p + 4, mask=ok, other=0.0).to(dot_t)
+                acc = tl.dot(xa, tl.trans((lo * s).to(dot_t)), acc)
+                acc = tl.dot(xb, tl.trans((hi * s).to(dot_t)), acc)
+        else:
+            s = s.to(tl.float32)
+            for t in tl.static_range(4):
+                xa = tl.load(x_base + 8 * t, mask=ok, other=0.0).to(dot_t)
+                acc = tl.dot(xa, tl.trans((_q8_byte(w, t) * s).to(dot_t)), acc)
     y = y_ptr + split * M * N + m[:, None] * stride_ym + n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(m < M)[:, None] & (n < N)[None, :])
 
@@ -541,8 +457,6 @@ def quant_matmul(
     else:
         c = dict(cfg or gemm_config(w, M))
         BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET", 1)
-        c.setdefault("NATURAL", False)
-        c.setdefault("PREFETCH", False)
         tiles = triton.cdiv(w.n, BN)
         splits, chunk = split_k(nblk, tiles, NB, target)
         part = y if splits == 1 else torch.empty(splits, M, w.n, dtype=torch.float32, device=x.device)
