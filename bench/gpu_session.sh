@@ -44,7 +44,7 @@ case "${1:-tests}" in
     model=/tmp/gpt-oss-20b-synthetic-q8_0.gguf
     [[ -f $model ]] || python3 bench/make_synthetic.py "$model" > "$out/make-synthetic.txt" 2>&1
     timeout 150 python3 bench/gpu.py --model "$model" 2>&1 | tee "$out/gpu-graphs.txt" | tail -11
-    WORKER_ORCD_NONDETERMINISTIC=1 timeout 100 python3 bench/gpu.py --model "$model" --streams 4 --long 0 \
+    WORKER_ORCD_NONDETERMINISTIC=1 timeout 100 python3 bench/gpu.py --model "$model" --streams 4,16 --long 0 \
       2>&1 | tee "$out/gpu-nondet.txt" | tail -7
     ;;
   http)
