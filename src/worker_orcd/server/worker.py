@@ -199,13 +199,22 @@ class Worker:
 
     def submit(self, request_id: str, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
                stop: list[str] | None, kind: str,
-               logits_processor: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None) -> Stream:
+               logits_processor: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None,
+               **fields) -> Stream:
+        """`fields`: the Request's other fields (logprobs, prompt_logprobs, stop_token_ids, ignore_eos)."""
         if not self.ready or self.draining:
             msg = "the worker is draining" if self.draining else "the worker is not ready yet"
             raise APIError(503, "UNAVAILABLE", msg, retry_after=5)
         req = Request(request_id, prompt_ids, max_tokens, params, stop, self.cfg.inference_timeout_sec,
-                      logits_processor)
+                      logits_processor, **fields)
         return Stream(self, req, kind)
+
+    def check_token_ids(self, ids: list[int], field: str) -> None:
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, "INVALID_REQUEST", f"{field}: token id {bad} is outside the vocabulary of {vocab}",
+                           field)
 
     def finished(self, stream: Stream, outcome: str) -> None:
         """Metrics and the one log line of a finished request (never its prompt)."""
