@@ -251,3 +251,19 @@ def test_invalid_sampling_fields_are_openai_400s(client, change, param):
         client.completions.create(model=M, prompt="hi", max_tokens=change.pop("max_tokens", 2),
                                   extra_body=change)
     assert e.value.param == param and e.value.type == "invalid_request_error"
+
+
+def test_worker_api_takes_the_same_sampling_fields(server, model):
+    ids = prompt_ids(server, prompt=PROMPT)
+    tokens, _ = greedy_reference(model, ids, 6, (1.2, 0.0, 0.5))
+    body = {"job_id": "pen-1", "prompt": PROMPT, "max_tokens": 6, "temperature": 0.0, "repetition_penalty": 1.2,
+            "frequency_penalty": 0.5, "stop_token_ids": [tokens[3]]}
+    with httpx.stream("POST", server.uri + "/execute", json=body, timeout=120) as resp:
+        events = list(sse_events(resp))
+    end = next(d for name, d in events if name == "end")
+    want = model.tokenizer.stream_decoder(continuation=True)
+    assert end["tokens_out"] == 4 and end["stop_reason"] == "eos"
+    assert "".join(d["t"] for name, d in events if name == "token") == "".join(want.push(t) for t in tokens[:3]) + \
+        want.flush()
+    bad = httpx.post(server.uri + "/execute", json={**body, "job_id": "pen-2", "logit_bias": {"x": 1}}, timeout=60)
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "logit_bias"

@@ -8,12 +8,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from worker_orcd.engine.sampler import Logprob, SamplingParams
+from worker_orcd.engine.sampler import Logprob
 from worker_orcd.engine.scheduler import EndEvent, ErrorEvent, Event, PromptEvent, TokenEvent
 from worker_orcd.server import sse, structured
 from worker_orcd.server.chat import ChatOutput, render_chat, tool_plan
@@ -32,7 +31,7 @@ from worker_orcd.server.schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from worker_orcd.server.worker import Stream, Worker, sampling_params
+from worker_orcd.server.worker import Stream, Worker, sampling_params, stop_fields
 
 router = APIRouter(tags=["openai"], route_class=StrictJSONRoute)
 
@@ -70,14 +69,6 @@ def _seeds(body: SamplingFields) -> list[int]:
     return [s - 2**64 if s >= 2**64 else s for s in (base + i for i in range(body.n or 1))]
 
 
-def _params(w: Worker, body: SamplingFields, seed: int) -> SamplingParams:
-    bias = body.bias()
-    w.check_token_ids([t for t, _ in bias], "logit_bias")
-    return replace(sampling_params(body.temperature, body.top_p, body.top_k, seed), min_p=body.min_p or 0.0,
-                   repetition_penalty=body.repetition_penalty or 1.0, presence_penalty=body.presence_penalty or 0.0,
-                   frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias)
-
-
 def _stops(stop: str | list[str] | None) -> list[str] | None:
     return [stop] if isinstance(stop, str) else stop
 
@@ -89,14 +80,13 @@ def _submit(w: Worker, rid: str, ids: list[int], max_tokens: int, body: Sampling
     if n > w.scheduler.max_batch:
         raise APIError(400, "INVALID_REQUEST", f"n: {n} choices are more than this worker decodes at once "
                                                f"({w.scheduler.max_batch}, --max-batch)", "n")
-    w.check_token_ids(body.stop_token_ids or [], "stop_token_ids")
+    w.check_extras(body)
     streams: list[Stream] = []
     try:
         for i, seed in enumerate(_seeds(body)):
-            streams.append(w.submit(f"{rid}-{i}" if n > 1 else rid, ids, max_tokens, _params(w, body, seed),
-                                    _stops(body.stop), kind, constraints[i],
-                                    stop_token_ids=tuple(body.stop_token_ids or ()),
-                                    ignore_eos=bool(body.ignore_eos), **fields))
+            params = sampling_params(body.temperature, body.top_p, body.top_k, seed, body)
+            streams.append(w.submit(f"{rid}-{i}" if n > 1 else rid, ids, max_tokens, params, _stops(body.stop),
+                                    kind, constraints[i], **stop_fields(body), **fields))
     except APIError:
         for stream in streams:
             stream.close()

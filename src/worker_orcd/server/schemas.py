@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
@@ -28,9 +28,33 @@ class Strict(BaseModel):
     model_config = ConfigDict(strict=True)
 
 
+class SamplingExtras(Strict):
+    """Sampling fields both APIs take: OpenAI's penalties and logit_bias, vLLM's extensions (null: off)."""
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    # token id (a decimal string, as OpenAI's API has it) -> added to its logit; clamped to [-100, 100] as vLLM does
+    logit_bias: Annotated[dict[str, Annotated[float, Field(allow_inf_nan=False)]], Field(max_length=1024)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
+    ignore_eos: bool | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _ids_as_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"keys are token ids, got {key[:40]!r}")
+        return bias
+
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (id, bias) pairs, each bias clamped to [-100, 100]."""
+        return tuple((int(k), min(max(v, -100.0), 100.0)) for k, v in (self.logit_bias or {}).items())
+
+
 # -- worker API -------------------------------------------------------------------------------------
 
-class ExecuteRequest(Strict):
+class ExecuteRequest(SamplingExtras):
     job_id: Annotated[str, Field(min_length=1, max_length=256)]
     prompt: Annotated[str, Field(min_length=1)]
     max_tokens: MaxTokens = 256
@@ -110,7 +134,7 @@ class StructuredOutputs(OpenAIStrict):
         return self
 
 
-class SamplingFields(OpenAIStrict):
+class SamplingFields(OpenAIStrict, SamplingExtras):
     model: str | None = None  # optional: this worker serves one model, under any of its names
     max_tokens: MaxTokens | None = None
     temperature: Temperature = 1.0
@@ -123,15 +147,6 @@ class SamplingFields(OpenAIStrict):
     user: str | None = None  # metadata: no effect on the output
     structured_outputs: StructuredOutputs | None = None  # vLLM's extension (regex, choice, grammar, json)
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None  # choices, decoded together; choice i seeded seed + i
-    frequency_penalty: Penalty | None = None
-    presence_penalty: Penalty | None = None
-    # token id (a decimal string, as OpenAI's API has it) -> added to its logit; clamped to [-100, 100] as vLLM does
-    logit_bias: Annotated[dict[str, Annotated[float, Field(allow_inf_nan=False)]], Field(max_length=1024)] | None = None
-    # vLLM's extensions
-    min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)] | None = None
-    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
-    ignore_eos: bool | None = None
 
     UNSUPPORTED: ClassVar[dict[str, tuple]] = {}
 
@@ -142,15 +157,7 @@ class SamplingFields(OpenAIStrict):
         refuse_unsupported(self, self.UNSUPPORTED)
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "INVALID_REQUEST", "stream_options: only allowed with stream: true", "stream_options")
-        for key in self.logit_bias or {}:
-            if not key.isascii() or not key.isdigit():
-                raise APIError(400, "INVALID_REQUEST", f"logit_bias: keys are token ids, got {key[:40]!r}",
-                               "logit_bias")
         return self
-
-    def bias(self) -> tuple[tuple[int, float], ...]:
-        """logit_bias as (id, bias) pairs, each bias clamped to [-100, 100]."""
-        return tuple((int(k), min(max(v, -100.0), 100.0)) for k, v in (self.logit_bias or {}).items())
 
 
 class CompletionRequest(SamplingFields):
