@@ -201,3 +201,24 @@ def test_sample_rows_draws_what_the_reference_draws():
         draws = [Sampler(p).draw() for p in params]
         want = [reference_draw(row, p, u) for p, row, u in zip(params, logits, draws)]
         assert sample_rows(logits, params, draws).tolist() == want
+
+
+@pytest.mark.gpu
+def test_pick_rows_on_cuda_picks_what_the_cpu_picks():
+    """The same torch code on CUDA tensors: greedy, sampled, biased and penalized rows pick the same tokens as
+    on the CPU (same uniforms, counts kept on each device), and the logprobs agree."""
+    params = [SamplingParams(), SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=1),
+              SamplingParams(temperature=1.0, min_p=0.05, repetition_penalty=1.3, frequency_penalty=0.4, seed=2),
+              SamplingParams(presence_penalty=0.7, logit_bias=((11, 3.0), (12, -100.0)))]
+    on = {dev: [Sampler(p, [5, 6, 7]) for p in params] for dev in ("cpu", "cuda")}
+    torch.manual_seed(4)
+    for _ in range(10):
+        logits = torch.randn(len(params), 49152) * 3
+        picks = {}
+        for dev, samplers in on.items():
+            x = logits.to(dev)
+            picks[dev] = pick_rows(x, params, [s.draw() for s in samplers], [s.counts_for(x) for s in samplers])
+        assert picks["cuda"].tolist() == picks["cpu"].tolist()
+        cpu = token_logprobs(logits, picks["cpu"], 5)
+        cuda = token_logprobs(logits.cuda(), picks["cuda"], 5)
+        assert torch.allclose(cpu[0], cuda[0].cpu(), atol=1e-5) and torch.equal(cpu[2], cuda[2].cpu())
