@@ -161,12 +161,15 @@ def apply_penalties(logits: torch.Tensor, generated: torch.Tensor, seen: torch.T
     """Penalties on logits [P, vocab] given each row's generated counts and seen ids [P, vocab] (vLLM's and HF's
     formulas): repetition scales the logits of seen ids toward zero, frequency and presence subtract."""
     dev = logits.device
-    rep = torch.tensor([p.repetition_penalty for p in params]).to(dev)[:, None]
-    freq = torch.tensor([p.frequency_penalty for p in params]).to(dev)[:, None]
-    pres = torch.tensor([p.presence_penalty for p in params]).to(dev)[:, None]
-    scale = torch.where(seen, rep, 1.0)
-    logits = torch.where(logits > 0, logits / scale, logits * scale)
-    return logits - freq * generated - pres * (generated > 0)
+    if any(p.repetition_penalty != 1.0 for p in params):
+        rep = torch.tensor([p.repetition_penalty for p in params]).to(dev)[:, None]
+        scale = torch.where(seen, rep, 1.0)
+        logits = torch.where(logits > 0, logits / scale, logits * scale)
+    if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
+        freq = torch.tensor([p.frequency_penalty for p in params]).to(dev)[:, None]
+        pres = torch.tensor([p.presence_penalty for p in params]).to(dev)[:, None]
+        logits = logits - freq * generated - pres * (generated > 0)
+    return logits
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[float]) -> torch.Tensor:
