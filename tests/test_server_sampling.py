@@ -267,3 +267,20 @@ def test_worker_api_takes_the_same_sampling_fields(server, model):
         want.flush()
     bad = httpx.post(server.uri + "/execute", json={**body, "job_id": "pen-2", "logit_bias": {"x": 1}}, timeout=60)
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "logit_bias"
+
+
+def test_langchain_reads_logprobs_and_n_choices(server, client):
+    """A second client library: langchain-openai's ChatOpenAI gets the same logprobs and n choices."""
+    from langchain_core.messages import HumanMessage
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=server.uri + "/v1", api_key="unused", model=M, max_tokens=8, temperature=0,
+                     logprobs=True, top_logprobs=2, n=2)
+    result = llm.generate([[HumanMessage(MSGS[0]["content"])]])
+    gens = result.generations[0]
+    want = client.chat.completions.create(model=M, messages=MSGS, max_tokens=8, temperature=0, logprobs=True,
+                                          top_logprobs=2)
+    assert len(gens) == 2 and all(g.text == want.choices[0].message.content for g in gens)
+    got = gens[0].generation_info["logprobs"]["content"]
+    assert [(c["token"], c["logprob"]) for c in got] == \
+        [(c.token, c.logprob) for c in want.choices[0].logprobs.content]
