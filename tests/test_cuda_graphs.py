@@ -202,9 +202,11 @@ def test_scheduler_on_cuda_decodes_through_bucketed_graphs(tmp_path):
 def test_scheduler_on_cuda_texts_do_not_depend_on_company(tmp_path):
     """16 requests of different lengths (greedy, and seeded samples drawn on the device) decoding and
     prefilling together give each the tokens it gets alone: every GPU kernel computes a row the same way in
-    any batch."""
+    any batch. Penalties, logit bias, min_p, logprobs and prompt logprobs are computed on the device too."""
+    from dataclasses import replace
+
     from worker_orcd.engine.sampler import SamplingParams
-    from worker_orcd.engine.scheduler import Request, Scheduler, TokenEvent
+    from worker_orcd.engine.scheduler import PromptEvent, Request, Scheduler, TokenEvent
 
     class Tok:
         eog_ids: list[int] = []
@@ -215,12 +217,20 @@ def test_scheduler_on_cuda_texts_do_not_depend_on_company(tmp_path):
     _, net = load(tmp_path, "gpt-oss", "MXFP4", "cuda")
     s = Scheduler(net, Tok(), max_batch=16, ctx=256, prefill_chunk=64).start()
     try:
-        reqs = [Request(f"r{i}", prompt_ids(net.cfg.vocab_size, 3 + 9 * i, i), 20,
-                        SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=i) if i % 3 == 0 else
-                        SamplingParams()) for i in range(16)]
-        alone = [[e.token for e in s.submit(r) if isinstance(e, TokenEvent)] for r in reqs]
-        handles = [s.submit(Request(r.id + "b", r.prompt_ids, r.max_tokens, r.params)) for r in reqs]
-        together = [[e.token for e in h if isinstance(e, TokenEvent)] for h in handles]
+        kinds = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=0), SamplingParams(),
+                 SamplingParams(temperature=1.1, min_p=0.05, repetition_penalty=1.2, frequency_penalty=0.3,
+                                presence_penalty=0.2, logit_bias=((5, 2.0), (7, -100.0)), seed=1),
+                 SamplingParams(repetition_penalty=1.3, logit_bias=((9, 1.5),))]
+        reqs = [Request(f"r{i}", prompt_ids(net.cfg.vocab_size, 3 + 9 * i, i), 20, replace(kinds[i % 4], seed=i),
+                        logprobs=3 if i % 2 else None, prompt_logprobs=2 if i % 5 == 0 else None)
+                for i in range(16)]
+
+        def events(handle) -> list:
+            return [(e.token, e.logprob) if isinstance(e, TokenEvent) else e.logprobs for e in handle
+                    if isinstance(e, TokenEvent | PromptEvent)]
+
+        alone = [events(s.submit(r)) for r in reqs]
+        together = [events(h) for h in [s.submit(replace(r, id=r.id + "b")) for r in reqs]]
     finally:
         s.stop()
     assert together == alone

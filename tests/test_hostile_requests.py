@@ -343,8 +343,11 @@ def test_malformed_json_is_400(http, still_serving, body, field, what):
     ({"temperature": 1e308}, 400, "temperature"),
     ({"top_k": 10**30}, 200, None),  # above the vocabulary: every token stays, as top_k=0
     ({"n": 10**6}, 400, "n"),
-    ({"logprobs": 5}, 400, "logprobs"),
-    ({"echo": True}, 400, "echo"),
+    ({"logprobs": 21}, 400, "logprobs"),
+    ({"logprobs": 5, "echo": True}, 200, None),
+    ({"best_of": 2}, 400, "best_of"),
+    ({"logit_bias": {str(10**9): 1}}, 400, "logit_bias"),
+    ({"stop_token_ids": [10**9]}, 400, "stop_token_ids"),
     ({"prompt": [10**9]}, 400, "prompt"),
     ({"prompt": [-1]}, 400, "prompt"),
     ({"prompt": ["a", "b"]}, 400, "prompt"),
@@ -363,18 +366,21 @@ def test_huge_and_unsupported_fields(http, still_serving, change, status, field)
 
 def test_chat_unsupported_fields(http, still_serving):
     chat = {"model": M, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    assert_error(http.post("/v1/chat/completions", json={**chat, "logprobs": True}), 400, "logprobs")
-    assert_error(http.post("/v1/chat/completions", json={**chat, "n": 3}), 400, "n")
+    assert_error(http.post("/v1/chat/completions", json={**chat, "top_logprobs": 3}), 400, "top_logprobs")
+    assert_error(http.post("/v1/chat/completions", json={**chat, "n": 10**6}), 400, "n")
     assert_error(http.post("/v1/chat/completions", json={**chat, "max_completion_tokens": 10**12}), 400,
                  "max_completion_tokens")
     still_serving()
 
 
 @pytest.mark.parametrize("change,field,code", [
-    ({"frequency_penalty": 1.0}, "frequency_penalty", "unsupported_parameter"),
-    ({"presence_penalty": -0.5}, "presence_penalty", "unsupported_parameter"),
-    ({"logit_bias": {"1": -100}}, "logit_bias", "unsupported_parameter"),
-    ({"top_logprobs": 3}, "top_logprobs", "unsupported_parameter"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty", "invalid_value"),
+    ({"presence_penalty": -3}, "presence_penalty", "invalid_value"),
+    ({"logit_bias": {"x1": -100}}, "logit_bias", "invalid_value"),
+    ({"top_logprobs": 3}, "top_logprobs", "invalid_value"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "invalid_value"),
+    ({"min_p": 1.5}, "min_p", "invalid_value"),
     ({"modalities": ["text", "audio"]}, "modalities", "unsupported_parameter"),
     ({"store": True}, "store", "unsupported_parameter"),
     ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),

@@ -94,6 +94,32 @@ def test_greedy_batch_of_8_equals_alone(sched, forward_sizes):
     assert max(forward_sizes) == 8, f"at most {max(forward_sizes)} sequences shared a forward"
 
 
+def test_every_sampling_option_is_batch_invariant(sched):
+    """Penalties, logit bias, min_p, logprobs and prompt logprobs: each request's tokens and logprobs among 7
+    others are what it gets alone (its counts and generator are its own; the pick treats rows one by one)."""
+    from dataclasses import replace
+
+    from worker_orcd.engine.scheduler import PromptEvent
+
+    kinds = [SamplingParams(temperature=0.9, min_p=0.1, seed=0), SamplingParams(repetition_penalty=1.3),
+             SamplingParams(temperature=1.2, presence_penalty=0.5, frequency_penalty=0.5, top_k=40, seed=0),
+             SamplingParams(logit_bias=((500, 5.0), (501, -100.0)))]
+    reqs = [Request(f"k{i}", prompt(i, 4 + 5 * i), 12, replace(kinds[i % 4], seed=i), logprobs=2 if i % 2 else None,
+                    prompt_logprobs=1 if i % 3 == 0 else None) for i in range(8)]
+
+    def events(handle) -> list:
+        return [(e.token, e.logprob) if isinstance(e, TokenEvent) else e.logprobs for e in handle
+                if isinstance(e, TokenEvent | PromptEvent)]
+
+    alone = [events(sched.submit(r)) for r in reqs]
+    together = [events(h) for h in [sched.submit(replace(r, id=r.id + "b")) for r in reqs]]
+    assert together == alone
+    for i, r in enumerate(reqs):  # the prompt's logprobs first (None for its first token), then each token's
+        if r.prompt_logprobs is not None:
+            assert len(alone[i][0]) == len(r.prompt_ids) and alone[i][0][0] is None
+        assert all((lp is not None) == (i % 2 == 1) for _, lp in alone[i][r.prompt_logprobs is not None:])
+
+
 def test_sampled_request_is_seeded(sched):
     params = SamplingParams(temperature=0.9, top_p=0.95, seed=42)
     a = tokens_of(sched.submit(Request("s1", prompt(1), 16, params)))[0]

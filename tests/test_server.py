@@ -259,7 +259,7 @@ CASES = [
     ("/v1/completions", {"model": M, "prompt": "hi", "max_tokens": "five"}, 400, "max_tokens"),
     ("/v1/completions", {"model": M, "prompt": 12}, 400, "prompt"),
     ("/v1/chat/completions", {"model": M, "messages": "hi"}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, 400,
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 2.5}, 400,
      "frequency_penalty"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "mirostat": 2}, 400, "mirostat"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "foo": 1}]}, 400, "messages[0].foo"),
@@ -273,7 +273,7 @@ CASES = [
     ("/v1/completions", {"model": M, "prompt": "hi", "temperature": -0.5}, 400, "temperature"),
     ("/v1/completions", {"model": M, "prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"model": M, "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
-    ("/v1/completions", {"model": M, "prompt": "hi", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": M, "prompt": "hi", "n": 9}, 400, "n"),  # more than --max-batch 8
     ("/v1/completions", {"model": M, "prompt": LONG}, 400, "prompt"),
     ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
     ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400,
@@ -317,8 +317,8 @@ def test_openai_client_raises_bad_request_with_param(server):
         client.chat.completions.create(model=M, messages=[{"role": "user", "content": LONG}])
     assert e.value.code == CLE and e.value.param == "messages" and e.value.type == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=M, messages=[{"role": "user", "content": "hi"}], logit_bias={"1": -100})
-    assert e.value.param == "logit_bias" and e.value.code == "unsupported_parameter"
+        client.chat.completions.create(model=M, messages=[{"role": "user", "content": "hi"}], logit_bias={"a": -100})
+    assert e.value.param == "logit_bias" and e.value.code == "invalid_value"
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-4", prompt="hi")
     assert e.value.code == "model_not_found" and e.value.param == "model"

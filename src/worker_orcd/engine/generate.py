@@ -37,7 +37,7 @@ def generate_steps(
     if len(prompt_ids) >= ctx:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {ctx}")
     max_tokens = min(max_tokens, ctx - len(prompt_ids))
-    sampler = Sampler(params)
+    sampler = Sampler(params, prompt_ids)
     kv = model.new_kv_cache(len(prompt_ids) + max_tokens)
     decoder = tokenizer.stream_decoder(continuation=True)  # generated text keeps a leading space
     stops = StopMatcher(stop)
@@ -48,7 +48,7 @@ def generate_steps(
     logits = model.forward(tokens, positions, kv, logit_rows=torch.tensor([len(prompt_ids) - 1]))[-1]
     decode = _decoder(model, kv)
     for i in range(max_tokens):
-        token = sampler(logits, history)
+        token = sampler(logits)
         history.append(token)
         if token in tokenizer.eog_ids:
             yield _last_step(token, "", decoder, stops, "eos")

@@ -30,7 +30,7 @@ import torch
 
 from worker_orcd.engine.cuda_graphs import BucketedDecoder
 from worker_orcd.engine.kv_cache import KVCache, SeqSpan
-from worker_orcd.engine.sampler import Sampler, SamplingParams, sample_rows
+from worker_orcd.engine.sampler import Logprob, Sampler, SamplingParams, logprob_entries, pick_rows, token_logprobs
 from worker_orcd.engine.stop import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,13 @@ class TokenEvent:
     token: int
     text: str  # UTF-8-complete text released by this token (may be empty)
     index: int  # 0-based index of the generated token
+    logprob: Logprob | None = None  # when the request asked for logprobs
+
+
+@dataclass
+class PromptEvent:
+    """The prompt's logprobs (Request.prompt_logprobs), sent once its prefill is done, before any token."""
+    logprobs: list[Logprob | None]  # one per prompt token; None for the first (nothing predicts it)
 
 
 @dataclass
@@ -56,7 +63,7 @@ class ErrorEvent:
     stats: RequestStats
 
 
-Event = TokenEvent | EndEvent | ErrorEvent
+Event = TokenEvent | PromptEvent | EndEvent | ErrorEvent
 
 
 @dataclass
@@ -93,6 +100,11 @@ class Request:
     timeout_s: float = 300.0
     # (logits [vocab], ids so far) -> logits, applied before sampling: a grammar's mask (structured output)
     logits_processor: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None
+    logprobs: int | None = None  # each token's logprob and this many most likely tokens' (None: no logprobs)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (a PromptEvent); its chunks compute
+    # logits for every row, so such a prompt must prefill all of its tokens (no cached prefix)
+    stop_token_ids: tuple[int, ...] = ()  # ids that end the request as end-of-generation does
+    ignore_eos: bool = False  # end-of-generation ids do not end it (they add no text)
 
 
 class QueueFull(Exception):
@@ -141,7 +153,8 @@ class _Seq:
         self.blocks = blocks  # KV blocks reserved for the whole request
         self.prefilled = 0  # prompt tokens already in the KV cache
         self.history = list(req.prompt_ids)
-        self.sampler = Sampler(req.params)
+        self.sampler = Sampler(req.params, req.prompt_ids)
+        self.prompt_logprobs: list[Logprob | None] = [None]
         self.decoder = tokenizer.stream_decoder(continuation=True)  # generated text keeps a leading space
         self.stops = StopMatcher(req.stop)
         self.deadline = handle.stats.queued_at + req.timeout_s
@@ -465,7 +478,9 @@ class Scheduler:
             tokens += prompt[start:end]
             positions += range(start, end)
             spans.append(SeqSpan(seq.slot, n, len(tokens)))
-            if end == len(prompt):
+            if seq.handle.request.prompt_logprobs is not None:
+                rows += range(n, len(tokens))  # every row: each predicts the prompt's next token
+            elif end == len(prompt):
                 rows.append(len(tokens) - 1)
         if not rows:  # only mid-prompt chunks: the forward still computes one row of logits
             rows.append(len(tokens) - 1)
@@ -473,77 +488,110 @@ class Scheduler:
                                 self.kv, spans, torch.tensor(rows))
 
     def _apply(self, decoding: list[_Seq], prefills: list[_Seq], logits: torch.Tensor) -> None:
-        """Advance the group past a successful forward: the chunks count as prefilled, each row samples."""
-        done = []
+        """Advance the group past a successful forward: the chunks count as prefilled (their prompt logprobs
+        kept), then every sequence with a row to sample picks, all in one batch."""
+        picking, rows = list(decoding), list(range(len(decoding)))
+        r = len(decoding)  # the prompt chunks' rows follow the decode rows, in the order `_logits` put them
         for seq in prefills:
-            seq.prefilled += self._chunk_len(seq)
+            start, n = seq.prefilled, self._chunk_len(seq)
+            seq.prefilled += n
+            k = seq.handle.request.prompt_logprobs
+            if k is not None:
+                self._keep_prompt_logprobs(seq, logits[r:r + n], start, k)
+                r += n
+            elif seq.decoding:
+                r += 1
             if seq.decoding:
-                done.append(seq)
-        picked = _device_picks(decoding, logits)
-        for i, seq in enumerate(decoding):
-            self._advance_or_fail(seq, logits[i], picked[i])
-        for j, seq in enumerate(done):  # their rows follow the decode rows, in order
-            self._advance_or_fail(seq, logits[len(decoding) + j])
+                picking.append(seq)
+                rows.append(r - 1)
+                if k is not None:
+                    seq.handle.emit(PromptEvent(seq.prompt_logprobs))
+        if picking:
+            rows_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]
+            for seq, (token, logprob) in zip(*self._pick(picking, rows_logits)):
+                self._advance_or_fail(seq, token, logprob)
 
-    def _advance_or_fail(self, seq: _Seq, logits: torch.Tensor, picked: int | None = None) -> None:
-        """A failure while sampling or decoding one sequence ends that sequence only."""
+    def _keep_prompt_logprobs(self, seq: _Seq, logits: torch.Tensor, start: int, k: int) -> None:
+        """Row j of a chunk starting at `start` predicts prompt token start + j + 1 (the last row of the last
+        chunk predicts the first generated token: it is sampled, not kept here)."""
+        prompt = seq.handle.request.prompt_ids
+        targets = prompt[start + 1:start + 1 + logits.shape[0]]
+        if targets:
+            ids = torch.tensor(targets, dtype=torch.long).to(logits.device)
+            seq.prompt_logprobs += logprob_entries(targets, *token_logprobs(logits[:len(targets)], ids, k),
+                                                   [k] * len(targets))
+
+    def _pick(self, seqs: list[_Seq], logits: torch.Tensor) -> tuple[list[_Seq], list[tuple[int, Logprob | None]]]:
+        """The next token of each sequence (row i of logits [B, vocab]), all on the logits' device with one
+        transfer of the tokens (engine.sampler.pick_rows); a sequence whose logits processor fails ends alone."""
+        processed = logits
+        for i, seq in enumerate(seqs):
+            processor = seq.handle.request.logits_processor
+            if processor is None:
+                continue
+            if processed is logits:
+                processed = logits.clone()
+            try:
+                processed[i] = processor(processed[i], seq.history)
+            except Exception as e:
+                log.exception("request %s failed in its logits processor", seq.handle.request.id)
+                with self._cv:
+                    self._finish(seq, ErrorEvent("INTERNAL", f"{type(e).__name__}: {e}", seq.handle.stats))
+        live = [i for i, s in enumerate(seqs) if not s.handle.done]
+        if len(live) < len(seqs):
+            seqs, logits, processed = [seqs[i] for i in live], logits[live], processed[live]
+        if not seqs:
+            return [], []
+        samplers = [s.sampler for s in seqs]
+        picks = pick_rows(processed, [s.p for s in samplers], [s.draw() for s in samplers],
+                          [s.counts_for(logits) for s in samplers])
+        asked = [i for i, s in enumerate(seqs) if s.handle.request.logprobs is not None]
+        logprobs: list[Logprob | None] = [None] * len(seqs)
+        if asked:
+            ks = [seqs[i].handle.request.logprobs for i in asked]
+            index = torch.tensor(asked).to(logits.device)
+            rows = token_logprobs(logits[index], picks[index], max(ks))
+        tokens = picks.tolist()
+        if asked:
+            for i, entry in zip(asked, logprob_entries([tokens[i] for i in asked], *rows, ks)):
+                logprobs[i] = entry
+        return seqs, list(zip(tokens, logprobs))
+
+    def _advance_or_fail(self, seq: _Seq, token: int, logprob: Logprob | None) -> None:
+        """A failure while decoding one sequence's token ends that sequence only."""
         try:
-            self._advance(seq, logits, picked)
+            self._advance(seq, token, logprob)
         except Exception as e:
-            log.exception("request %s failed while sampling", seq.handle.request.id)
+            log.exception("request %s failed while decoding its token", seq.handle.request.id)
             with self._cv:
                 self._finish(seq, ErrorEvent("INTERNAL", f"{type(e).__name__}: {e}", seq.handle.stats))
 
-    def _advance(self, seq: _Seq, logits: torch.Tensor, picked: int | None = None) -> None:
-        """Sample one token (or take `picked`, the greedy choice made for the whole batch) and emit it;
-        finish on EOG, a stop string, max_tokens or a full context."""
+    def _advance(self, seq: _Seq, token: int, logprob: Logprob | None) -> None:
+        """Emit the picked token; finish on a stop id (end-of-generation unless ignored, stop_token_ids), a
+        stop string, max_tokens or a full context."""
         req, stats = seq.handle.request, seq.handle.stats
-        if picked is None and req.logits_processor is not None:
-            logits = req.logits_processor(logits, seq.history)
-        token = picked if picked is not None else seq.sampler(logits, seq.history)
         seq.history.append(token)
         index = stats.completion_tokens
         stats.completion_tokens += 1
         if stats.first_token_at is None:
             stats.first_token_at = time.monotonic()
-        if token in self.eog:
+        if token in req.stop_token_ids or (token in self.eog and not req.ignore_eos):
             text, reason = _release(seq, "", "eos")
-            self._end(seq, token, index, text, reason)
+            self._end(seq, token, index, text, reason, logprob)
             return
-        text = seq.stops.push(seq.decoder.push(token))
+        text = seq.stops.push("" if token in self.eog else seq.decoder.push(token))
         if seq.stops.stopped:
-            self._end(seq, token, index, text, "stop_sequence")
+            self._end(seq, token, index, text, "stop_sequence", logprob)
         elif stats.completion_tokens >= req.max_tokens or len(seq.history) >= self.ctx:
             text, reason = _release(seq, text, "max_tokens")
-            self._end(seq, token, index, text, reason)
+            self._end(seq, token, index, text, reason, logprob)
         else:
-            seq.handle.emit(TokenEvent(token, text, index))
+            seq.handle.emit(TokenEvent(token, text, index, logprob))
 
-    def _end(self, seq: _Seq, token: int, index: int, text: str, reason: str) -> None:
-        seq.handle.emit(TokenEvent(token, text, index))
+    def _end(self, seq: _Seq, token: int, index: int, text: str, reason: str, logprob: Logprob | None) -> None:
+        seq.handle.emit(TokenEvent(token, text, index, logprob))
         with self._cv:
             self._finish(seq, EndEvent(reason, seq.handle.stats))
-
-
-def _device_picks(decoding: list[_Seq], logits: torch.Tensor) -> list[int | None]:
-    """On a GPU, the picks of the whole step on the device with one transfer each for the greedy rows (one
-    argmax) and the sampled ones (engine.sampler.sample_rows); per-row picks would each wait for the device.
-    None for rows picked on the host: a logits processor or a repetition penalty, and every row on CPU."""
-    picked: list[int | None] = [None] * len(decoding)
-    if logits.device.type == "cpu":
-        return picked
-    plain = [s.handle.request.logits_processor is None for s in decoding]
-    greedy = [i for i, s in enumerate(decoding) if plain[i] and s.sampler.greedy]
-    sampled = [i for i, s in enumerate(decoding) if plain[i] and s.sampler.batchable]
-    if greedy:
-        for i, token in zip(greedy, logits[greedy].argmax(-1).tolist()):
-            picked[i] = token
-    if sampled:
-        params = [decoding[i].sampler.p for i in sampled]
-        uniforms = [decoding[i].sampler.draw() for i in sampled]
-        for i, token in zip(sampled, sample_rows(logits[sampled], params, uniforms)):
-            picked[i] = token
-    return picked
 
 
 def error_code(error: BaseException) -> str:

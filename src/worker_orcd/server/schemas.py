@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
@@ -18,16 +18,43 @@ StopString = Annotated[str, Field(max_length=512)]
 StopList = Annotated[list[StopString], Field(max_length=16)]
 TokenId = Annotated[int, Field(ge=0)]
 TokenPrompt = Annotated[list[TokenId], Field(min_length=1)]
-OneTextPrompt = Annotated[list[str], Field(min_length=1, max_length=1)]  # n=1: a batch of one prompt
+OneTextPrompt = Annotated[list[str], Field(min_length=1, max_length=1)]  # a batch of one prompt
+MAX_N = 128  # choices per request (the worker's --max-batch bounds it further)
+MAX_LOGPROBS = 20  # most likely tokens reported per position (vLLM's default max_logprobs)
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(strict=True)
 
 
+class SamplingExtras(Strict):
+    """Sampling fields both APIs take: OpenAI's penalties and logit_bias, vLLM's extensions (null: off)."""
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    # token id (a decimal string, as OpenAI's API has it) -> added to its logit; clamped to [-100, 100] as vLLM does
+    logit_bias: Annotated[dict[str, Annotated[float, Field(allow_inf_nan=False)]], Field(max_length=1024)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
+    ignore_eos: bool | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _ids_as_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"keys are token ids, got {key[:40]!r}")
+        return bias
+
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (id, bias) pairs, each bias clamped to [-100, 100]."""
+        return tuple((int(k), min(max(v, -100.0), 100.0)) for k, v in (self.logit_bias or {}).items())
+
+
 # -- worker API -------------------------------------------------------------------------------------
 
-class ExecuteRequest(Strict):
+class ExecuteRequest(SamplingExtras):
     job_id: Annotated[str, Field(min_length=1, max_length=256)]
     prompt: Annotated[str, Field(min_length=1)]
     max_tokens: MaxTokens = 256
@@ -60,7 +87,7 @@ class Health(BaseModel):
 
 # -- OpenAI-compatible API --------------------------------------------------------------------------
 # Unknown fields are refused (400 unknown_parameter); OpenAI fields this worker does not implement are
-# declared, so a no-op value (frequency_penalty 0, n 1, logprobs false) passes and any other is refused
+# declared, so a no-op value (best_of 1, store false, modalities ["text"]) passes and any other is refused
 # naming the field (400 unsupported_parameter): never accepted and silently ignored.
 
 class OpenAIStrict(BaseModel):
@@ -107,7 +134,7 @@ class StructuredOutputs(OpenAIStrict):
         return self
 
 
-class SamplingFields(OpenAIStrict):
+class SamplingFields(OpenAIStrict, SamplingExtras):
     model: str | None = None  # optional: this worker serves one model, under any of its names
     max_tokens: MaxTokens | None = None
     temperature: Temperature = 1.0
@@ -119,14 +146,9 @@ class SamplingFields(OpenAIStrict):
     seed: Seed | None = None
     user: str | None = None  # metadata: no effect on the output
     structured_outputs: StructuredOutputs | None = None  # vLLM's extension (regex, choice, grammar, json)
-    # declared, not implemented: only their no-op values pass (see UNSUPPORTED)
-    n: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None  # choices, decoded together; choice i seeded seed + i
 
-    UNSUPPORTED: ClassVar[dict[str, tuple]] = {"n": (1,), "frequency_penalty": (0.0, 0),
-                                               "presence_penalty": (0.0, 0), "logit_bias": ({},)}
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {}
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> SamplingFields:
@@ -140,14 +162,22 @@ class SamplingFields(OpenAIStrict):
 
 class CompletionRequest(SamplingFields):
     prompt: str | TokenPrompt | OneTextPrompt
-    max_tokens: MaxTokens | None = 16  # OpenAI's default for completions
-    logprobs: int | None = None
-    echo: bool | None = None
+    # OpenAI's default for completions; 0 only with echo (the prompt's logprobs alone: lm-evaluation-harness)
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # the k most likely at each position
+    echo: bool | None = None  # true: the prompt is returned before the text (and its logprobs, with logprobs)
     best_of: int | None = None
     suffix: str | None = None
 
-    UNSUPPORTED: ClassVar[dict[str, tuple]] = {**SamplingFields.UNSUPPORTED, "logprobs": (), "echo": (False,),
-                                               "best_of": (1,), "suffix": ("",)}
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {**SamplingFields.UNSUPPORTED, "best_of": (1,), "suffix": ("",)}
+
+    @model_validator(mode="after")
+    def _echo_only_for_zero(self) -> CompletionRequest:
+        from worker_orcd.server.errors import APIError
+
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "INVALID_REQUEST", "max_tokens: 0 is only allowed with echo: true", "max_tokens")
+        return self
 
 
 class TextPart(OpenAIStrict):
@@ -223,8 +253,8 @@ class ChatRequest(SamplingFields):
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # false: at most one call is returned
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = None  # true: each generated token's logprob (choices[i].logprobs.content)
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # needs logprobs: true
     response_format: ResponseFormat | None = None
     # OpenAI metadata with no effect on the output
     metadata: dict[str, str] | None = None
@@ -242,7 +272,7 @@ class ChatRequest(SamplingFields):
     verbosity: str | None = None
 
     UNSUPPORTED: ClassVar[dict[str, tuple]] = {
-        **SamplingFields.UNSUPPORTED, "logprobs": (False,), "top_logprobs": (0,), "store": (False,),
+        **SamplingFields.UNSUPPORTED, "store": (False,),
         "service_tier": ("auto", "default"), "modalities": (["text"],), "audio": (), "prediction": (),
         "functions": (), "function_call": (), "web_search_options": (), "verbosity": ()}
 
@@ -250,6 +280,8 @@ class ChatRequest(SamplingFields):
     def _tools_consistent(self) -> ChatRequest:
         from worker_orcd.server.errors import APIError
 
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "INVALID_REQUEST", "top_logprobs: needs logprobs: true", "top_logprobs")
         fmt = self.response_format
         if fmt is not None and fmt.type != "text" and self.structured_outputs is not None:
             raise APIError(400, "INVALID_REQUEST", "structured_outputs: give it or response_format, not both",
@@ -307,11 +339,18 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]  # None for the prompt's first token (echo)
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -341,10 +380,26 @@ class ChatMessageOut(BaseModel):
     tool_calls: list[ToolCallOut] | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     finish_reason: str | None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatResponse(BaseModel):

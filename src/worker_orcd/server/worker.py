@@ -28,6 +28,7 @@ from worker_orcd.engine.scheduler import (
 )
 from worker_orcd.server.errors import APIError
 from worker_orcd.server.metrics import Metrics
+from worker_orcd.server.schemas import SamplingExtras
 
 log = logging.getLogger("worker_orcd.server")
 
@@ -38,9 +39,19 @@ GREEDY_BELOW = 1e-5  # as vLLM: a smaller temperature is greedy (dividing by it 
 MIN_TOP_P = 1e-6  # below float32's range top_p rounds to 0 and filters out every token; this keeps only the top one
 
 
-def sampling_params(temperature: float, top_p: float, top_k: int, seed: int) -> SamplingParams:
+def sampling_params(temperature: float, top_p: float, top_k: int, seed: int,
+                    extras: SamplingExtras | None = None) -> SamplingParams:
+    more = {} if extras is None else dict(
+        min_p=extras.min_p or 0.0, repetition_penalty=extras.repetition_penalty or 1.0,
+        presence_penalty=extras.presence_penalty or 0.0, frequency_penalty=extras.frequency_penalty or 0.0,
+        logit_bias=extras.bias())
     return SamplingParams(temperature=0.0 if temperature < GREEDY_BELOW else temperature,
-                          top_p=max(top_p, MIN_TOP_P), top_k=top_k, seed=seed)
+                          top_p=max(top_p, MIN_TOP_P), top_k=top_k, seed=seed, **more)
+
+
+def stop_fields(extras: SamplingExtras) -> dict:
+    """The Request fields that end a request early or late."""
+    return {"stop_token_ids": tuple(extras.stop_token_ids or ()), "ignore_eos": bool(extras.ignore_eos)}
 
 
 @dataclass
@@ -199,13 +210,27 @@ class Worker:
 
     def submit(self, request_id: str, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
                stop: list[str] | None, kind: str,
-               logits_processor: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None) -> Stream:
+               logits_processor: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None,
+               **fields) -> Stream:
+        """`fields`: the Request's other fields (logprobs, prompt_logprobs, stop_token_ids, ignore_eos)."""
         if not self.ready or self.draining:
             msg = "the worker is draining" if self.draining else "the worker is not ready yet"
             raise APIError(503, "UNAVAILABLE", msg, retry_after=5)
         req = Request(request_id, prompt_ids, max_tokens, params, stop, self.cfg.inference_timeout_sec,
-                      logits_processor)
+                      logits_processor, **fields)
         return Stream(self, req, kind)
+
+    def check_extras(self, extras: SamplingExtras) -> None:
+        """Token ids in logit_bias and stop_token_ids must be in the vocabulary."""
+        self.check_token_ids([t for t, _ in extras.bias()], "logit_bias")
+        self.check_token_ids(extras.stop_token_ids or [], "stop_token_ids")
+
+    def check_token_ids(self, ids: list[int], field: str) -> None:
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, "INVALID_REQUEST", f"{field}: token id {bad} is outside the vocabulary of {vocab}",
+                           field)
 
     def finished(self, stream: Stream, outcome: str) -> None:
         """Metrics and the one log line of a finished request (never its prompt)."""

@@ -15,7 +15,7 @@ from worker_orcd.server.auth import is_loopback
 from worker_orcd.server.errors import ERROR_RESPONSES, APIError, ErrorBody, error_response
 from worker_orcd.server.json_body import StrictJSONRoute
 from worker_orcd.server.schemas import Accepted, CancelRequest, ExecuteRequest, Health
-from worker_orcd.server.worker import Stream, Worker, sampling_params
+from worker_orcd.server.worker import Stream, Worker, sampling_params, stop_fields
 
 router = APIRouter(tags=["worker"], route_class=StrictJSONRoute)
 
@@ -34,8 +34,9 @@ async def execute(body: ExecuteRequest, request: Request) -> sse.EventStream:
         raise APIError(400, "INVALID_REQUEST", f"job_id {body.job_id!r} is already running", "job_id")
     ids = await w.tokenize(body.prompt, "prompt")
     max_tokens = w.check_lengths(len(ids), body.max_tokens, "prompt")
-    params = sampling_params(body.temperature, body.top_p, body.top_k, body.seed)
-    stream = w.submit(body.job_id, ids, max_tokens, params, body.stop, "execute")
+    w.check_extras(body)
+    params = sampling_params(body.temperature, body.top_p, body.top_k, body.seed, body)
+    stream = w.submit(body.job_id, ids, max_tokens, params, body.stop, "execute", **stop_fields(body))
     return sse.EventStream(_execute_events(stream, w.model_id), stream.close)
 
 
