@@ -124,7 +124,7 @@ class RowsLinear:
         self.exp = 0  # the weight is kept as weight * 2**-exp
         if dtype == torch.float16:
             scaled, exp = _unit_scale(weight.float().reshape(1, -1))
-            weight, self.exp = scaled.reshape(weight.shape), int(exp)
+            weight, self.exp = scaled.reshape(weight.shape), int(exp)  # max |weight| in [0.5, 1)
         self.weight = weight.to(dtype).contiguous()
         self.nbytes = self.weight.numel() * self.weight.element_size()
 
@@ -132,19 +132,25 @@ class RowsLinear:
         x2 = x.reshape(-1, x.shape[-1])
         if self.weight.dtype == torch.float16:
             x2, exp = _unit_scale(x2.float())
-            exp = exp + self.exp
         x2 = x2.to(self.weight.dtype)
         with _aten_kernels():
-            y = torch.cat([torch.nn.functional.linear(x2[i : i + 1], self.weight) for i in range(x2.shape[0])])
+            rows = [torch.nn.functional.linear(x2[i : i + 1], self.weight) for i in range(x2.shape[0])]
+        y = rows[0] if len(rows) == 1 else torch.cat(rows)
         if self.weight.dtype == torch.float16:
-            y = torch.ldexp(y.float(), exp)
+            y = y.float() * _pow2(exp) * 2.0**self.exp
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 def _unit_scale(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of x times powers of two (exact) so each row's largest magnitude is in [0.5, 1); x = out * 2**exp."""
     _, exp = torch.frexp(x.abs().amax(-1, keepdim=True))
-    return torch.ldexp(x, -exp), exp
+    exp = exp.clamp(-126, 127)  # a row under 2**-126 is as good as zero: scaled less, still exactly
+    return x * _pow2(-exp), exp
+
+
+def _pow2(exp: torch.Tensor) -> torch.Tensor:
+    """2.0**exp for int32 exponents in [-126, 127], exactly (the float's bits; exp2 and ldexp go through pow)."""
+    return ((exp + 127) << 23).view(torch.float32)
 
 
 @contextmanager
