@@ -33,8 +33,8 @@ def candidates(w: torch.Tensor) -> dict:
     out = {"f32 F.linear": lambda x: F.linear(x, w)}
     wb = w.bfloat16()
     out["bf16 F.linear"] = lambda x: F.linear(x.bfloat16(), wb).float()
-    rows = RowsLinear(w, torch.bfloat16)  # the portable path: ATen's GEMV per row, oneDNN off
-    out["bf16 GEMV per row"] = rows
+    out["f16 GEMV per row"] = RowsLinear(w, torch.float16)  # the portable path: ATen's GEMV per row, oneDNN off
+    out["bf16 GEMV per row"] = RowsLinear(w, torch.bfloat16)  # its fallback where float16 fails the probe
     try:
         p = torch.ops.mkldnn._reorder_linear_weight(wb, 2)
         out["bf16 oneDNN prepacked"] = lambda x: torch.ops.mkldnn._linear_pointwise(
@@ -56,6 +56,20 @@ def candidates(w: torch.Tensor) -> dict:
     sz = torch.stack([scale.T, zero.T], -1).bfloat16().contiguous()
     out["int4pack (lossy)"] = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
         x.bfloat16(), packed, 32, sz).float()
+    sz32 = sz.float()
+    out["int4pack f32 activations"] = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz32)
+    q8t = q8.T.contiguous()
+
+    def int_mm(x: torch.Tensor) -> torch.Tensor:  # int8 activations per row, as llama.cpp's Q8 dot products
+        sx = x.abs().amax(-1, keepdim=True) / 127
+        return torch._int_mm(torch.round(x / sx).to(torch.int8), q8t).float() * sx * s8
+
+    out["_int_mm int8 x int8"] = int_mm
+    if hasattr(torch.ops.aten, "_dyn_quant_matmul_4bit"):  # KleidiAI on ARM64; a reference loop elsewhere
+        s4 = g.abs().amax(-1) / 7
+        c4 = (torch.round(g / s4[..., None]).clamp(-8, 7) + 8).to(torch.uint8).reshape(n, k)
+        dq = torch.ops.aten._dyn_quant_pack_4bit_weight(c4[:, ::2] | (c4[:, 1::2] << 4), s4, None, 32, k, n)
+        out["dyn_quant 4bit (lossy)"] = lambda x: torch.ops.aten._dyn_quant_matmul_4bit(x, dq, 32, k, n)
     try:
         qw = torch.quantize_per_channel(w, s8.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8)
         pk = torch.ops.quantized.linear_prepack(qw, None)

@@ -13,9 +13,9 @@ any implementation may pick either token, and every later id follows from that p
 Bars (native CPU path when set; NOTES.md, issue 17, has the margins):
 - decoded vs the float path over the 512 positions: mean cosine >= 0.999 (measured 0.99992 SmolLM2, 0.99995
   Gemma 3), relative error of the logits <= 0.02 (0.0101, 0.0111), no top-1 flip where the float path's
-  top-2 margin is >= 0.5 logits (every flip measured is at < 0.1), top-1 agreement >= 97% for SmolLM2
-  (99.0%) and >= 95% for Gemma 3 (96.5%: its 262k vocabulary has more near-ties; 18 flips, all at margins
-  < 0.092 logits).
+  top-2 margin is >= 0.5 logits (every flip measured is at < 0.1), top-1 agreement >= 97% (SmolLM2 99.0%;
+  Gemma 3 99.4% with float16 dense weights, the portable path), but >= 95% for Gemma 3 where its dense
+  weights are bf16 (oneDNN, native AVX-512: 96.5%, 18 flips, all at margins < 0.092 logits).
 - decoded vs llama.cpp: at most 3 points of top-1 agreement below the float path's own (llama.cpp's Q8
   activations are not exact either: the float path agrees 96.9% / 95.7%; decoded 97.3% / 93.3%).
 """
@@ -37,7 +37,11 @@ MODELS = ["smollm2", "gemma3"]
 MIN_MEAN_COSINE = 0.999
 MAX_REL_ERR = 0.02
 CLEAR_MARGIN = 0.5  # logits between the float path's top-1 and top-2 where a flip is an error, not a near-tie
-MIN_AGREE_FLOAT = {"smollm2": 0.97, "gemma3": 0.95}
+# Gemma 3's dense (Q5_0/Q6_K/Q8_0) weights in bf16 (oneDNN, the native AVX-512 path) flip near-ties: 96.5%;
+# in float16 (the portable path) 99.4%. Activations split into two bf16 halves did not help (97.7% vs 97.5%).
+# CUDA's matmul inputs are bf16 too (never measured on Gemma 3: its package does not travel to the device).
+MIN_AGREE_FLOAT = {("gemma3", "onednn-bf16"): 0.95, ("gemma3", "cuda"): 0.95}
+MIN_AGREE = 0.97
 LLAMA_CPP_SLACK = 0.03
 
 # A reference's id is binding where its top-1 leads its top-2 by at least this many logits. transformers f32
@@ -112,6 +116,13 @@ def served_models(served_device):
     cache.clear()
 
 
+def dense_kind(model) -> str:
+    """How the served path multiplies dense weights: the CPU path's kind (cpu_caps.py), or the device's."""
+    from worker_orcd.quant import cpu_caps
+
+    return cpu_caps.cpu_kernels().dense if model.device.type == "cpu" else model.device.type
+
+
 def agreement(a: list[int], b: list[int]) -> float:
     assert len(a) == len(b)
     return sum(x == y for x, y in zip(a, b)) / len(a)
@@ -143,7 +154,7 @@ def test_teacher_forced_window_decodes_like_the_float_path_and_llama_cpp(exact, 
     assert float(cosines.mean()) >= MIN_MEAN_COSINE, summary
     assert rel_err <= MAX_REL_ERR, summary
     assert not clear_flips, summary
-    assert agree_float >= MIN_AGREE_FLOAT[name], summary
+    assert agree_float >= MIN_AGREE_FLOAT.get((name, dense_kind(model)), MIN_AGREE), summary
     assert agree_cpp >= float_cpp - LLAMA_CPP_SLACK, summary
 
 

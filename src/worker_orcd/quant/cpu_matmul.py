@@ -4,10 +4,12 @@ CPU decode is memory-bound: float32 copies of a 135M model stream ~500 MB per to
 blocks ~90 MB. So blocks are repacked once, at load, into what torch's CPU kernels take:
 - 4-bit formats with a scale and offset per 32 weights (Q4_0, Q4_1, Q4_K) become int4pack:
   w = (q - 8) * s + z per group, bf16 activations, float32 accumulation.
-- 5-, 6- and 8-bit formats (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0) become dense bf16 (2 bytes a weight, one
-  GEMM per matrix). torch's int8 kernel takes one scale per output row, so these formats' per-32
-  scales needed one call per group (~1,800 calls per Gemma 3 token), whose cost grew with every row.
-Scales and activations are rounded to bf16 (~2^-9 relative); accumulation is float32.
+- 5-, 6- and 8-bit formats (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0) become dense 2-byte weights: bf16 through
+  oneDNN (one GEMM per matrix) or float16 through torch's GEMV (one call per row; the portable path).
+  torch's int8 kernel takes one scale per output row, so these formats' per-32 scales needed one call
+  per group (~1,800 calls per Gemma 3 token), whose cost grew with every row.
+int4pack's scales and activations and oneDNN's bf16 are rounded to ~2^-9 relative, float16 to ~2^-12;
+accumulation is float32.
 F32/F16/BF16 weights return None: the caller keeps them exact (dequantize, one row at a time).
 Which kernels this CPU runs (oneDNN's prepacked bf16 needs AVX-512 or AVX-NE-CONVERT; the portable path
 does not) is decided once by cpu_caps.py, forced with WORKER_ORCD_CPU_KERNELS or `--cpu-kernels`.
@@ -107,22 +109,48 @@ class Bf16Linear:
 
 
 class RowsLinear:
-    """Dense weight in `dtype` (bf16: the portable path; float32: the reference), one GEMV per row.
+    """Dense weight in `dtype` (float16: the portable path; bf16 its fallback; float32: the reference), one GEMV
+    per row.
 
-    torch's bf16 GEMV (one row) runs on any CPU at memory speed (49152 x 576 head: ~1.6 ms on AVX2) where its
-    bf16 GEMM (two or more rows, without oneDNN's bf16 ISA) is 4-15x slower; and a row alone is what it is in
-    any batch, by construction."""
+    torch's half-precision GEMVs (one row) run on any CPU at memory speed (49152 x 576 head: ~1.6 ms on AVX2)
+    where its GEMMs (two or more rows, without oneDNN's bf16 ISA) are 4-15x slower; and a row alone is what it
+    is in any batch, by construction. float16 costs what bf16 costs and keeps 3 more mantissa bits (a Q8_0 head:
+    3.6e-4 relative error instead of 2.9e-3), which is what moves near-ties: its narrow range is handled by
+    powers of two (exact), the weight scaled once so its largest entry is in [0.5, 1), each activation row per
+    call, so no product or sum of K of them can overflow."""
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
         self.out_features = weight.shape[0]
+        self.exp = 0  # the weight is kept as weight * 2**-exp
+        if dtype == torch.float16:
+            scaled, exp = _unit_scale(weight.float().reshape(1, -1))
+            weight, self.exp = scaled.reshape(weight.shape), int(exp)  # max |weight| in [0.5, 1)
         self.weight = weight.to(dtype).contiguous()
         self.nbytes = self.weight.numel() * self.weight.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.weight.dtype == torch.float16:
+            x2, exp = _unit_scale(x2.float())
+        x2 = x2.to(self.weight.dtype)
         with _aten_kernels():
-            y = torch.cat([torch.nn.functional.linear(x2[i : i + 1], self.weight) for i in range(x2.shape[0])])
+            rows = [torch.nn.functional.linear(x2[i : i + 1], self.weight) for i in range(x2.shape[0])]
+        y = rows[0] if len(rows) == 1 else torch.cat(rows)
+        if self.weight.dtype == torch.float16:
+            y = y.float() * _pow2(exp) * 2.0**self.exp
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def _unit_scale(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x times powers of two (exact) so each row's largest magnitude is in [0.5, 1); x = out * 2**exp."""
+    _, exp = torch.frexp(x.abs().amax(-1, keepdim=True))
+    exp = exp.clamp(-126, 127)  # a row under 2**-126 is as good as zero: scaled less, still exactly
+    return x * _pow2(-exp), exp
+
+
+def _pow2(exp: torch.Tensor) -> torch.Tensor:
+    """2.0**exp for int32 exponents in [-126, 127], exactly (the float's bits; exp2 and ldexp go through pow)."""
+    return ((exp + 127) << 23).view(torch.float32)
 
 
 @contextmanager
@@ -138,12 +166,15 @@ def _aten_kernels() -> Iterator[None]:
         torch._C._set_mkldnn_enabled(was)
 
 
+ROWS_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
+
+
 def dense_linear(weight: torch.Tensor) -> Bf16Linear | RowsLinear:
     """A dense weight on the kernel this CPU runs (cpu_caps.py)."""
     kind = cpu_kernels().dense
     if kind == "onednn-bf16":
         return Bf16Linear(weight)
-    return RowsLinear(weight, torch.bfloat16 if kind == "bf16" else torch.float32)
+    return RowsLinear(weight, ROWS_DTYPES[kind])
 
 
 CpuLinear = Int4Linear | Bf16Linear | RowsLinear
