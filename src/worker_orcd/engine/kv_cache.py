@@ -4,7 +4,8 @@ Position p of the sequence held in slot s lives in block `table[s][p // block_si
 `p % block_size`. Blocks are handed out on demand by the host-side BlockManager (engine/block_manager.py),
 so a short sequence holds few blocks and the pool is sized by tokens, not by slots x context.
 On CPU the default block is the whole context (one block per slot: reads are views, no gathers);
-on CUDA blocks are 16 positions and the attention kernel follows each sequence's block table.
+on CUDA blocks are 16 positions and the attention kernel follows each sequence's block table. A new sequence
+may start with a cached prefix (`reuse_prefix`): shared blocks on CUDA, rows copied into its block on CPU.
 """
 
 from __future__ import annotations
@@ -73,6 +74,19 @@ class KVCache:
         new = self.blocks.ensure(slot, length)
         if new:
             self.tables[slot, have : have + len(new)] = torch.tensor(new, dtype=torch.int32)
+
+    def reuse_prefix(self, slot: int, tokens: list[int], n_pages: int) -> int:
+        """Start slot's table with the first n_pages cached pages of `tokens` (blocks.cached_pages said they
+        are); returns how many positions that covers."""
+        copy = self.blocks.share(slot, tokens, n_pages)
+        table = self.blocks.table(slot)
+        if table:
+            self.tables[slot, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        if copy is not None:
+            src, dst, n = copy
+            for pool in self.k + self.v:
+                pool[dst, :, :n] = pool[src, :, :n]
+        return n_pages * self.blocks.page
 
     def release(self, slot: int) -> None:
         """The slot's blocks go back to the pool (its sequence ended)."""

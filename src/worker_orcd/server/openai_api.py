@@ -74,7 +74,8 @@ def _stops(stop: str | list[str] | None) -> list[str] | None:
 def _usage(stream: Stream) -> dict:
     st = stream.stats
     return {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.completion_tokens,
-            "total_tokens": st.prompt_tokens + st.completion_tokens}
+            "total_tokens": st.prompt_tokens + st.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": st.cached_tokens}}
 
 
 def _error_chunk(ev: ErrorEvent) -> dict:
