@@ -146,11 +146,11 @@ class Tok:
         return type("D", (), {"push": lambda self, t: "", "flush": lambda self: ""})()
 
 
-def tiny_net(tmp_path, arch: str, gtype: str = "F32", **overrides):
+def tiny_net(tmp_path, arch: str, gtype: str = "F32", device: str = "cpu", **overrides):
     import worker_orcd
 
     hf = fixtures.make_tiny_model(arch, seed=0, **overrides)
-    return worker_orcd.load(fixtures.write_gguf(hf, tmp_path / f"{arch}-{gtype}.gguf", gtype), device="cpu").net
+    return worker_orcd.load(fixtures.write_gguf(hf, tmp_path / f"{arch}-{gtype}.gguf", gtype), device=device).net
 
 
 def shared_prompts(vocab: int, n: int, stems: int, stem_len: int, seed: int = 0) -> list[list[int]]:
@@ -212,6 +212,23 @@ def test_fifty_requests_sharing_prefixes_equal_without_the_cache(tmp_path, arch)
     on = Run(net, prompts, True, max_batch=4, ctx=256, prefill_chunk=64)
     assert off.cached == 0 and on.close_to(off, 1e-5 if arch == "gpt-oss" else 0.0)
     assert on.cached > sum(len(p) for p in prompts) // 4, f"only {on.cached} prompt tokens came from the cache"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch,gtype,kv_blocks", [("llama", "Q8_0", None), ("gemma3", "Q8_0", None),
+                                                  ("gpt-oss", "MXFP4", None), ("gpt-oss", "MXFP4", 40)])
+def test_fifty_requests_on_cuda_equal_without_the_cache(tmp_path, arch, gtype, kv_blocks):
+    """The same on the GPU, where runs are shared by reference (16-position blocks) and decode replays CUDA
+    graphs: bitwise the same logits with the cache on and off, GPT-OSS's MoE included (prompt chunks of <= 64
+    rows: every kernel computes a row alone). kv_blocks=40: a pool far smaller than the working set."""
+    net = tiny_net(tmp_path, arch, gtype, "cuda")
+    prompts = shared_prompts(net.cfg.vocab_size, 50, 4, 200)
+    kw = dict(max_batch=4, ctx=256, prefill_chunk=64, kv_blocks=kv_blocks)
+    off = Run(net, prompts, False, **kw)
+    on = Run(net, prompts, True, **kw)
+    query = sum(len(p) for p in prompts)
+    print(f"{arch} {gtype} pool {kv_blocks or 'full'}: hit rate {on.cached / query:.1%}")
+    assert off.cached == 0 and on == off and on.cached > 0
 
 
 class PagedNet:
