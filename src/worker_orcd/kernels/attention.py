@@ -120,11 +120,6 @@ class AttentionPlan:
 
 
 PREFILL_TILE = 16  # query rows of one sequence per program of the paged kernel
-# torch's CPU flash attention splits the keys into blocks of min(keys, 512), so below 512 keys a row's result
-# depends on how many keys the call has. A prompt chunk reads at least this many (masked past its end, while
-# the pool holds them): its rows then come out the same wherever the prompt's chunks end, as prefix caching
-# needs (a prompt prefilled after a cached prefix must compute what it would without it).
-MIN_PREFILL_KEYS = 512
 
 
 def plan_attention(positions: torch.Tensor, seqs, window: int | None, kv, kernel: bool | None = None) -> AttentionPlan:
@@ -153,8 +148,8 @@ def window_variants(positions: torch.Tensor, seqs, kv, windows, kernel: bool | N
         per_seq = []
         for s, length in zip(seqs, lengths):
             mask = None
-            if not kernel and s.end - s.start > 1:
-                length = min(max(length, MIN_PREFILL_KEYS), len(kv.blocks.table(s.slot)) * kv.block_size)
+            if not kernel and s.end - s.start > 1:  # masked past its end: see KVCache.min_prefill_keys
+                length = min(max(length, kv.min_prefill_keys), len(kv.blocks.table(s.slot)) * kv.block_size)
             if not kernel and (s.end - s.start > 1 or (window is not None and length > window)):
                 k_pos = torch.arange(length, device=positions.device)
                 mask = attention_mask(positions[s.start : s.end], k_pos, window).to(dev)
