@@ -131,13 +131,14 @@ class BlockManager:
         return src, dst, n_pages * self.page
 
     def commit(self, seq: int, tokens: list[int]) -> None:
-        """Register seq's full pages among `tokens`, the ids at positions 0.. whose KV is written."""
+        """Register seq's full pages among `tokens`, the ids at positions 0.. whose KV is written (as far as its
+        blocks go: a stand-in model that keeps no KV holds none)."""
         if not self.caching:
             return
         chain = self._chains.setdefault(seq, [])
-        table = self._tables[seq]
+        table = self._tables.get(seq, [])
         per_block = self.block_size // self.page
-        n = min(len(tokens) // self.page, self._max_pages(len(tokens)))
+        n = min(self._max_pages(len(tokens)), len(table) * per_block)
         for i in range(len(chain), n):
             h = _page_hash(chain[-1] if chain else b"", tokens[i * self.page : (i + 1) * self.page])
             self._register(h, table[i // per_block], i % per_block)
