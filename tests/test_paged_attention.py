@@ -1,6 +1,8 @@
 """The paged attention kernel (Triton) against kernels/attention.py's torch attention over each sequence's
 gathered K/V, on fresh random pools whose block tables are shuffled."""
 
+from collections import OrderedDict
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from worker_orcd.kernels.triton_attention import paged_attention
 
 def random_cache(Hkv, hd, n_slots, max_len, page, device="cpu", dtype=torch.float32):
     kv = KVCache(1, Hkv, hd, max_len, n_slots, dtype, device, block_size=page)
-    kv.blocks._free = torch.randperm(kv.blocks.n_blocks).tolist()  # tables far from contiguous
+    kv.blocks._free = OrderedDict.fromkeys(torch.randperm(kv.blocks.n_blocks).tolist())  # tables far from contiguous
     kv.k[0].copy_(torch.randn_like(kv.k[0], dtype=torch.float32))
     kv.v[0].copy_(torch.randn_like(kv.v[0], dtype=torch.float32))
     return kv

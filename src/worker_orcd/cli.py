@@ -294,6 +294,9 @@ def serve(
                                                     help="for a request's head, then its body: else 408")] = 30.0,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs",
                                               help="decode steps through CUDA graphs (CUDA only)")] = True,
+    prefix_cache: Annotated[bool, typer.Option(
+        "--prefix-cache/--no-prefix-cache", envvar="WORKER_ORCD_PREFIX_CACHE",
+        help="reuse the KV of cached prompt prefixes (a repeated system prompt, a growing conversation)")] = True,
     nondeterministic: Annotated[bool, typer.Option(
         "--nondeterministic", help="CUDA: the fastest kernel per batch size; a sequence's tokens may then "
                                    "change with what else runs beside it")] = False,
@@ -324,6 +327,7 @@ def serve(
                       max_batch=max_batch, max_tokens_in=max_tokens_in, max_tokens_out=max_tokens_out,
                       inference_timeout_sec=inference_timeout_sec, kv_cache_size_mb=kv_cache_size_mb,
                       max_body_bytes=max_body_bytes, read_timeout_sec=read_timeout_sec, cuda_graphs=cuda_graphs,
+                      prefix_cache=prefix_cache,
                       api_key=api_key or None, served_model_names=served_model_name or None,
                       allowed_origins=[o.strip() for v in allowed_origins or [] for o in v.split(",") if o.strip()])
     try:

@@ -4,7 +4,8 @@ Position p of the sequence held in slot s lives in block `table[s][p // block_si
 `p % block_size`. Blocks are handed out on demand by the host-side BlockManager (engine/block_manager.py),
 so a short sequence holds few blocks and the pool is sized by tokens, not by slots x context.
 On CPU the default block is the whole context (one block per slot: reads are views, no gathers);
-on CUDA blocks are 16 positions and the attention kernel follows each sequence's block table.
+on CUDA blocks are 16 positions and the attention kernel follows each sequence's block table. A new sequence
+may start with a cached prefix (`reuse_prefix`): shared blocks on CUDA, rows copied into its block on CPU.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import torch
 from worker_orcd.engine.block_manager import BlockManager
 
 GPU_BLOCK_SIZE = 16
+# torch's CPU flash attention splits the keys into blocks of min(keys, 512), so below 512 keys a row's result
+# depends on how many keys the call has. The scheduler's pool has its prompt chunks read at least this many
+# (masked past their end, while the pool holds them), so a row comes out the same wherever its prompt's chunks
+# end: prefix caching needs it (a prompt prefilled after a cached prefix must compute what it would without).
+SPLIT_INVARIANT_KEYS = 512
 
 
 def kv_dtype(device: torch.device | str) -> torch.dtype:
@@ -48,6 +54,7 @@ class KVCache:
         shape_v = (n_blocks, n_kv_heads, self.block_size, head_dim_v or head_dim)
         self.k = [torch.zeros(shape_k, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape_v, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.min_prefill_keys = 0  # keys a prompt chunk reads at least on the torch path (SPLIT_INVARIANT_KEYS)
         # every slot's block table on the device (what the attention kernels read); unused entries are 0
         self.tables = torch.zeros(n_slots, self.max_blocks, dtype=torch.int32, device=device)
 
@@ -73,6 +80,19 @@ class KVCache:
         new = self.blocks.ensure(slot, length)
         if new:
             self.tables[slot, have : have + len(new)] = torch.tensor(new, dtype=torch.int32)
+
+    def reuse_prefix(self, slot: int, tokens: list[int], n_pages: int) -> int:
+        """Start slot's table with the first n_pages cached pages of `tokens` (blocks.cached_pages said they
+        are); returns how many positions that covers."""
+        copy = self.blocks.share(slot, tokens, n_pages)
+        table = self.blocks.table(slot)
+        if table:
+            self.tables[slot, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        if copy is not None:
+            src, dst, n = copy
+            for pool in self.k + self.v:
+                pool[dst, :, :n] = pool[src, :, :n]
+        return n_pages * self.blocks.page
 
     def release(self, slot: int) -> None:
         """The slot's blocks go back to the pool (its sequence ended)."""

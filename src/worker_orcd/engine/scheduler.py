@@ -13,6 +13,13 @@ one shape per matrix whatever the row count (fixed tiles, split-K by shape), but
 chunks take different kernels (GEMV-sized tiles vs tensor-core GEMMs), so they run as two forwards:
 decode through a CUDA graph per batch size, the chunk eagerly. A request is admitted once the pool can hold
 its prompt plus max_tokens (capped at the context): no sequence ever waits for a block mid-stream.
+
+Prefix caching (engine/block_manager.py): an admitted prompt starts from the longest run of whole pages whose
+KV is cached (a finished or running sequence computed them) and prefills only the rest. It must not change
+the result either, so every prompt row meets the same kernels whether its prefix was cached or not: chunks
+end on multiples of prefill_chunk, no chunk is "small" (CPU: <= 16 rows, torch's packed kernels; CUDA: one
+row, a decode tile) unless the whole prompt is, a run stops short of the prompt's last small_chunk + 1
+tokens, and on CPU a prompt chunk's attention reads at least 512 keys (engine/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -29,9 +36,10 @@ from dataclasses import dataclass, field
 import torch
 
 from worker_orcd.engine.cuda_graphs import BucketedDecoder
-from worker_orcd.engine.kv_cache import KVCache, SeqSpan
+from worker_orcd.engine.kv_cache import SPLIT_INVARIANT_KEYS, KVCache, SeqSpan
 from worker_orcd.engine.sampler import Logprob, Sampler, SamplingParams, logprob_entries, pick_rows, token_logprobs
 from worker_orcd.engine.stop import StopMatcher
+from worker_orcd.quant.cpu_matmul import PACKED_MAX_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,7 @@ Event = TokenEvent | PromptEvent | EndEvent | ErrorEvent
 class RequestStats:
     prompt_tokens: int
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     queued_at: float = 0.0  # time.monotonic() of submit
     started_at: float | None = None  # first prefill chunk
     first_token_at: float | None = None
@@ -172,7 +181,7 @@ class _Seq:
 class Scheduler:
     def __init__(self, net, tokenizer, max_batch: int = 8, ctx: int = 2048, prefill_chunk: int = 256,
                  max_waiting: int | None = None, kv_dtype: torch.dtype | None = None, mix_rows: int | None = None,
-                 graphs: bool | None = None, kv_blocks: int | None = None):
+                 graphs: bool | None = None, kv_blocks: int | None = None, prefix_cache: bool | None = None):
         if max_batch < 1 or ctx < 2 or prefill_chunk < 1:
             raise ValueError(f"need max_batch >= 1, ctx >= 2, prefill_chunk >= 1; got {max_batch}, {ctx}, "
                              f"{prefill_chunk}")
@@ -188,6 +197,8 @@ class Scheduler:
         # prompt chunks packed into one prefill forward while their rows stay within this (CUDA: the kernels'
         # decode-sized row count, where every matmul row is computed on its own; CPU: one prompt per forward)
         self.pack_rows = 128 if on_cuda else 0
+        # a prompt chunk of at most this many rows takes other kernels than a longer one (see above)
+        self.small_chunk = 1 if on_cuda else PACKED_MAX_ROWS
         self.max_waiting = max_batch if max_waiting is None else max_waiting
         # CUDA graphs for decode-only steps (on by default on CUDA; WORKER_ORCD_CUDA_GRAPHS=0 or
         # --no-cuda-graphs turns them off); one scratch slot takes the rows that pad a batch bucket
@@ -195,6 +206,10 @@ class Scheduler:
             on_cuda and hasattr(net, "decode") and os.environ.get("WORKER_ORCD_CUDA_GRAPHS", "1") != "0")
         n_slots = max_batch + int(self.graphs)
         self.kv: KVCache = net.new_kv_cache(ctx, n_slots, dtype=kv_dtype, n_blocks=kv_blocks)
+        # on by default; WORKER_ORCD_PREFIX_CACHE=0 or --no-prefix-cache turns it off
+        self.kv.blocks.caching = prefix_cache if prefix_cache is not None else (
+            os.environ.get("WORKER_ORCD_PREFIX_CACHE", "1") != "0")
+        self.kv.min_prefill_keys = SPLIT_INVARIANT_KEYS  # with the cache on or off: the same results either way
         self._reserved = self.kv.blocks.blocks_for(1) if self.graphs else 0  # the scratch slot's one block
         if self.graphs:
             self.kv.prepare(max_batch, 1)
@@ -345,11 +360,24 @@ class Scheduler:
                 return  # first come, first served: it waits for blocks to come back
             self._waiting.popleft()
             try:
-                self._running.append(_Seq(handle, self._free.pop(), self.tokenizer, need))
-                self._reserved += need
+                seq = _Seq(handle, self._free.pop(), self.tokenizer, need)
             except Exception as e:  # a sampler or decoder that cannot be built fails this request only
                 self._ids.discard(handle.request.id)
                 handle.emit(ErrorEvent("INTERNAL", f"{type(e).__name__}: {e}", handle.stats))
+                continue
+            self._running.append(seq)
+            self._reserved += need
+            self._reuse_prefix(seq)
+
+    def _reuse_prefix(self, seq: _Seq) -> None:
+        """Start the sequence from the longest cached run of whole pages of its prompt. Its reservation stays
+        whole: blocks it shares count for it too, so the pool never runs short of what was promised."""
+        prompt = seq.handle.request.prompt_ids
+        blocks = self.kv.blocks
+        if seq.handle.request.prompt_logprobs is not None:  # every prompt row's logits are asked for
+            return
+        pages = min(blocks.cached_pages(prompt), max(0, (len(prompt) - self.small_chunk - 1) // blocks.page))
+        seq.prefilled = seq.handle.stats.cached_tokens = self.kv.reuse_prefix(seq.slot, prompt, pages)
 
     def _reap(self) -> None:
         """Cancelled and timed-out requests leave now, waiting or running."""
@@ -419,7 +447,15 @@ class Scheduler:
         return group
 
     def _chunk_len(self, seq: _Seq) -> int:
-        return min(self.prefill_chunk, len(seq.handle.request.prompt_ids) - seq.prefilled)
+        """Up to the next multiple of prefill_chunk, so a prompt splits alike with or without a cached prefix;
+        longer where that chunk, or what it leaves, would be small (see the module's docstring)."""
+        n, start, small = len(seq.handle.request.prompt_ids), seq.prefilled, self.small_chunk
+        end = start - start % self.prefill_chunk + self.prefill_chunk
+        while end - start <= small:
+            end += self.prefill_chunk
+        if n - end <= small:
+            end = n
+        return min(end, n) - start
 
     def _forward(self, decoding: list[_Seq], prefills: list[_Seq]) -> None:
         """One forward over the group; if it fails, find out which sequences fail on their own."""
@@ -473,7 +509,7 @@ class Scheduler:
             prompt = seq.handle.request.prompt_ids
             start, n = seq.prefilled, len(tokens)
             end = start + self._chunk_len(seq)
-            if start == 0:
+            if seq.handle.stats.started_at is None:
                 seq.handle.stats.started_at = time.monotonic()
             tokens += prompt[start:end]
             positions += range(start, end)
@@ -495,6 +531,7 @@ class Scheduler:
         for seq in prefills:
             start, n = seq.prefilled, self._chunk_len(seq)
             seq.prefilled += n
+            self.kv.blocks.commit(seq.slot, seq.handle.request.prompt_ids[: seq.prefilled])
             k = seq.handle.request.prompt_logprobs
             if k is not None:
                 self._keep_prompt_logprobs(seq, logits[r:r + n], start, k)
@@ -506,6 +543,8 @@ class Scheduler:
                 rows.append(r - 1)
                 if k is not None:
                     seq.handle.emit(PromptEvent(seq.prompt_logprobs))
+        for seq in decoding:  # this step wrote the KV of each one's last token
+            self.kv.blocks.commit(seq.slot, seq.history)
         if picking:
             rows_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]
             for seq, (token, logprob) in zip(*self._pick(picking, rows_logits)):

@@ -87,7 +87,8 @@ def fused_attention_with_sinks(
 
 @dataclass
 class SeqAttention:
-    """One sequence's rows [start, end) of the batch, its KV slot, how many cached positions it sees."""
+    """One sequence's rows [start, end) of the batch, its KV slot, how many cached positions it reads (a
+    prompt chunk on the torch path may read past its own, masked)."""
 
     start: int
     end: int
@@ -147,6 +148,8 @@ def window_variants(positions: torch.Tensor, seqs, kv, windows, kernel: bool | N
         per_seq = []
         for s, length in zip(seqs, lengths):
             mask = None
+            if not kernel and s.end - s.start > 1:  # masked past its end: see KVCache.min_prefill_keys
+                length = min(max(length, kv.min_prefill_keys), len(kv.blocks.table(s.slot)) * kv.block_size)
             if not kernel and (s.end - s.start > 1 or (window is not None and length > window)):
                 k_pos = torch.arange(length, device=positions.device)
                 mask = attention_mask(positions[s.start : s.end], k_pos, window).to(dev)

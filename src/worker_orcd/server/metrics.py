@@ -25,6 +25,10 @@ class Metrics:
         self.requests = Counter("worker_requests_total", "Finished requests by outcome", ["outcome"], registry=r)
         self.tokens_in = Counter("worker_tokens_in_total", "Prompt tokens admitted", registry=r)
         self.tokens_out = Counter("worker_tokens_generated_total", "Tokens generated", registry=r)
+        self.prefix_queries = Counter("worker_prefix_cache_queries_total",
+                                      "Prompt tokens of admitted requests looked up in the prefix cache", registry=r)
+        self.prefix_hits = Counter("worker_prefix_cache_hits_total",
+                                   "Prompt tokens whose KV came from the prefix cache", registry=r)
         self.duration = Histogram("worker_inference_duration_ms", "Request time from submit to the last event",
                                   buckets=MS_BUCKETS, registry=r)
         self.ttft = Histogram("worker_time_to_first_token_ms", "Time from submit to the first token",

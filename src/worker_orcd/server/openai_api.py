@@ -126,7 +126,8 @@ def _usage(streams: list[Stream], dropped: int = 0) -> dict:
     """The prompt counts once (as OpenAI counts it for n > 1); `dropped`: generated tokens not returned."""
     prompt = streams[0].stats.prompt_tokens
     completion = sum(s.stats.completion_tokens for s in streams) - dropped
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": streams[0].stats.cached_tokens}}
 
 
 def _error_chunk(ev: ErrorEvent) -> dict:

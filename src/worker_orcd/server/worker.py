@@ -74,6 +74,7 @@ class ServeConfig:
     max_body_bytes: int = 2 * 2**20
     read_timeout_sec: float = 30.0  # for the request head, then again for the body (slow clients: 408)
     cuda_graphs: bool = True  # decode steps replay CUDA graphs on CUDA (--no-cuda-graphs: eager)
+    prefix_cache: bool | None = None  # reuse cached prompt prefixes (None: unless WORKER_ORCD_PREFIX_CACHE=0)
     served_model_names: list[str] | None = None  # None: the file's stem and the GGUF's general.name
     api_key: str | None = None  # Bearer token for every endpoint but /health and /ready
     allowed_origins: list[str] | None = None  # CORS; None: no CORS headers
@@ -135,7 +136,7 @@ class Worker:
         self.architecture = str(getattr(model.config, "architecture", "unknown"))
         ctx, slots = plan_kv(kv_bytes_per_token(model.net), model.config.context_length, cfg)
         self.scheduler = Scheduler(model.net, model.tokenizer, slots, ctx, cfg.prefill_chunk, cfg.max_waiting,
-                                   graphs=False if not cfg.cuda_graphs else None)
+                                   graphs=False if not cfg.cuda_graphs else None, prefix_cache=cfg.prefix_cache)
         self.ctx = ctx
         self.max_tokens_in = min(cfg.max_tokens_in or ctx - 1, ctx - 1)
         self.max_piece_bytes = max(len(self.tokenizer.piece(i)) for i in range(self.tokenizer.vocab_size))
@@ -239,14 +240,18 @@ class Worker:
         m.requests.labels(outcome=outcome).inc()
         m.tokens_in.inc(st.prompt_tokens)
         m.tokens_out.inc(st.completion_tokens)
+        if st.started_at is not None:  # admitted: its prompt was looked up in the prefix cache
+            m.prefix_queries.inc(st.prompt_tokens)
+            m.prefix_hits.inc(st.cached_tokens)
         m.duration.observe(st.total_ms)
         if st.ttft_ms is not None:
             m.ttft.observe(st.ttft_ms)
         tps = st.completion_tokens / (st.decode_ms / 1000) if st.decode_ms > 0 else 0.0
         ttft = f"{st.ttft_ms:.1f}" if st.ttft_ms is not None else "-"
-        log.info("request id=%s kind=%s outcome=%s prompt_tokens=%d completion_tokens=%d ttft_ms=%s "
-                 "decode_ms=%.1f total_ms=%.1f decode_tok_s=%.1f", stream.request.id, stream.kind, outcome,
-                 st.prompt_tokens, st.completion_tokens, ttft, st.decode_ms, st.total_ms, tps)
+        log.info("request id=%s kind=%s outcome=%s prompt_tokens=%d cached_tokens=%d completion_tokens=%d "
+                 "ttft_ms=%s decode_ms=%.1f total_ms=%.1f decode_tok_s=%.1f", stream.request.id, stream.kind,
+                 outcome, st.prompt_tokens, st.cached_tokens, st.completion_tokens, ttft, st.decode_ms,
+                 st.total_ms, tps)
 
 
 class Stream:

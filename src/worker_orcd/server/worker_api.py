@@ -51,7 +51,8 @@ async def _execute_events(stream: Stream, model: str) -> AsyncIterator[str]:
         elif isinstance(ev, EndEvent):
             st = ev.stats
             tps = st.completion_tokens / (st.decode_ms / 1000) if st.decode_ms > 0 else None
-            yield sse.event("metrics", {"prompt_tokens": st.prompt_tokens, "tokens_out": st.completion_tokens,
+            yield sse.event("metrics", {"prompt_tokens": st.prompt_tokens, "cached_tokens": st.cached_tokens,
+                                        "tokens_out": st.completion_tokens,
                                         "time_to_first_token_ms": st.ttft_ms, "decode_time_ms": st.decode_ms,
                                         "tokens_per_sec": tps})
             yield sse.event("end", {"tokens_out": st.completion_tokens, "decode_time_ms": round(st.decode_ms, 3),
