@@ -342,7 +342,7 @@ def _expert_dot(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_h
     return acc, acc2
 
 
-@triton.jit(do_not_specialize=["P"])
+@triton.jit(do_not_specialize=["P", "N_SLOTS"])
 def _route_tiles_kernel(ids_ptr, pairs_ptr, tile_e_ptr, P, E: tl.constexpr, N_SLOTS, BM: tl.constexpr,
                         BP: tl.constexpr, BE: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr):
     """group_pairs in one program: sort the P pairs by (expert, index), place each expert's run at the start of
@@ -368,16 +368,31 @@ def _route_tiles_kernel(ids_ptr, pairs_ptr, tile_e_ptr, P, E: tl.constexpr, N_SL
     tl.store(tile_e_ptr + t, te, mask=t < N_SLOTS // BM)
 
 
+ROUTE_MIN_PAIRS = 64  # the routing kernel's sizes come in powers of two from here: 4 compiles cover 512 pairs
+_route_warm: set[tuple] = set()
+
+
 def route_tiles(top_ids: torch.Tensor, n_experts: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """group_pairs's result from one small kernel (decode-sized batches: up to 4096 pairs)."""
+    """group_pairs's result from one small kernel (decode-sized batches: up to 4096 pairs). Its block sizes are
+    bucketed, and every bucket up to PREFILL_ABOVE tokens is compiled at the first call (outside a graph
+    capture): a first batch of a new size must not stall serving for a compile (~1 s each)."""
     P = top_ids.numel()
+    k = top_ids.shape[-1]
+    key = (top_ids.device, n_experts, group, k)
+    if key not in _route_warm and top_ids.is_cuda and not torch.cuda.is_current_stream_capturing():
+        _route_warm.add(key)
+        bucket = ROUTE_MIN_PAIRS
+        while bucket <= triton.next_power_of_2(PREFILL_ABOVE * k):
+            route_tiles(torch.zeros(-(-bucket // k), k, dtype=top_ids.dtype, device=top_ids.device), n_experts, group)
+            bucket *= 2
     n_tiles = -(-P // group) + min(n_experts, P)
     pairs = torch.empty(n_tiles * group, dtype=torch.int32, device=top_ids.device)
     tile_expert = torch.empty(n_tiles, dtype=torch.int32, device=top_ids.device)
-    pow2 = triton.next_power_of_2
+    BP = max(ROUTE_MIN_PAIRS, triton.next_power_of_2(P))
+    BT = triton.next_power_of_2(-(-BP // group) + min(n_experts, BP))  # the bucket's most tiles
     _route_tiles_kernel[(1,)](
-        top_ids.reshape(-1), pairs, tile_expert, P, E=n_experts, N_SLOTS=n_tiles * group, BM=group, BP=pow2(P),
-        BE=pow2(n_experts + 1), BS=pow2(n_tiles * group), BT=pow2(n_tiles), num_warps=4,
+        top_ids.reshape(-1), pairs, tile_expert, P, E=n_experts, N_SLOTS=n_tiles * group, BM=group, BP=BP,
+        BE=triton.next_power_of_2(n_experts + 1), BS=BT * group, BT=BT, num_warps=4,
     )  # fmt: skip
     return pairs, tile_expert
 
