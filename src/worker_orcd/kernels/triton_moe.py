@@ -373,7 +373,7 @@ _route_warm: set[tuple] = set()
 
 
 def route_tiles(top_ids: torch.Tensor, n_experts: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """group_pairs's result from one small kernel (decode-sized batches: up to 4096 pairs). Its block sizes are
+    """group_pairs's result from one small kernel (decode-sized batches). Its block sizes are
     bucketed, and every bucket up to PREFILL_ABOVE tokens is compiled at the first call (outside a graph
     capture): a first batch of a new size must not stall serving for a compile (~1 s each)."""
     P = top_ids.numel()
