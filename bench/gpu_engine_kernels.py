@@ -32,6 +32,21 @@ from worker_orcd.quant import QuantTensor  # noqa: E402
 BW = 4.2e12  # H200 device copy bandwidth measured (DESIGN.md)
 
 
+GPT_OSS_MOE = (32, 2880, 2880)  # experts, expert width, model width of GPT-OSS-20B
+
+
+def gpt_oss_experts(dev: str) -> tuple:
+    """One GPT-OSS-20B MoE layer of random MXFP4 experts, packed for the GPU kernels, with random biases:
+    (gate, gate_b, up, up_b, down, down_b)."""
+    E, F, D = GPT_OSS_MOE
+
+    def q(r: int, c: int) -> QuantTensor:
+        return QuantTensor(random_blocks(T.MXFP4, E * r, c, dev), T.MXFP4, (E, r, c)).pack_resident()
+
+    gb, ub, db = (torch.randn(E, n, device=dev) for n in (F, F, D))
+    return q(F, D), gb, q(F, D), ub, q(D, F), db
+
+
 def time_us(fn, iters: int = 50) -> float:
     for _ in range(3):
         fn()
@@ -59,13 +74,8 @@ def main() -> None:
                 us = time_us(lambda p=p, x=x, cfg=cfg: quant_matmul(p, x, cfg))
                 gbs = p.nbytes / us / 1e3
                 rows.append((f"Q8_0 {n}x{k} M={m} {name}", f"{us:8.1f} us", f"{gbs:7.0f} GB/s ({gbs * 1e9 / BW:.0%})"))
-    E, F, D = 32, 2880, 2880
-
-    def q(r: int, c: int) -> QuantTensor:
-        return QuantTensor(random_blocks(T.MXFP4, E * r, c, dev), T.MXFP4, (E, r, c)).pack_resident()
-
-    gate, up, down = q(F, D), q(F, D), q(D, F)
-    gb, ub, db = (torch.randn(E, n, device=dev) for n in (F, F, D))
+    E, F, D = GPT_OSS_MOE
+    gate, gb, up, ub, down, db = gpt_oss_experts(dev)
     for t in (1, 4, 16, 64, 2048):
         x = torch.randn(t, D, device=dev, dtype=torch.bfloat16)
         ids = torch.stack([torch.randperm(E)[:4] for _ in range(t)]).to(dev)

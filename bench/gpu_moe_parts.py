@@ -11,28 +11,20 @@ from pathlib import Path
 
 import torch
 import triton
-from gguf import GGMLQuantizationType as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gpu_engine_kernels import time_us  # noqa: E402
+from gpu_engine_kernels import GPT_OSS_MOE, gpt_oss_experts, time_us  # noqa: E402
 
-from tests.test_triton_quant import random_blocks  # noqa: E402
 from worker_orcd.kernels import triton_moe as tm  # noqa: E402
 from worker_orcd.kernels.triton_quant import split_k  # noqa: E402
-from worker_orcd.quant import QuantTensor  # noqa: E402
 
 
 def main() -> None:
     dev = "cuda"
-    E, F, D = 32, 2880, 2880
-
-    def q(r: int, c: int) -> QuantTensor:
-        return QuantTensor(random_blocks(T.MXFP4, E * r, c, dev), T.MXFP4, (E, r, c)).pack_resident()
-
-    gate, up, down = q(F, D), q(F, D), q(D, F)
+    E, F, D = GPT_OSS_MOE
+    gate, gb, up, ub, down, db = gpt_oss_experts(dev)
     gp, upk, dp = tm._packed(gate, "g"), tm._packed(up, "u"), tm._packed(down, "d")
-    gb, ub, db = (torch.randn(E, n, device=dev) for n in (F, F, D))
     for cfg in ({"BM": 16, "BN": 128, "NB": 2, "TARGET": 512, "num_warps": 4, "num_stages": 3},
                 {"BM": 16, "BN": 128, "NB": 2, "TARGET": 512, "num_warps": 8, "num_stages": 3},
                 {"BM": 16, "BN": 64, "NB": 2, "TARGET": 512, "num_warps": 2, "num_stages": 3},

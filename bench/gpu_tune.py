@@ -15,12 +15,11 @@ from gguf import GGMLQuantizationType as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gpu_engine_kernels import BW, time_us  # noqa: E402
+from gpu_engine_kernels import BW, GPT_OSS_MOE, gpt_oss_experts, time_us  # noqa: E402
 
 from tests.test_triton_quant import random_blocks  # noqa: E402
 from worker_orcd.kernels import triton_moe  # noqa: E402
 from worker_orcd.kernels.triton_quant import gemv_config, pack_q8_0, quant_matmul  # noqa: E402
-from worker_orcd.quant import QuantTensor  # noqa: E402
 
 
 def dense() -> None:
@@ -50,13 +49,8 @@ def dense() -> None:
 
 def moe() -> None:
     dev = "cuda"
-    E, F, D = 32, 2880, 2880
-
-    def q(r: int, c: int) -> QuantTensor:
-        return QuantTensor(random_blocks(T.MXFP4, E * r, c, dev), T.MXFP4, (E, r, c)).pack_resident()
-
-    gate, up, down = q(F, D), q(F, D), q(D, F)
-    gb, ub, db = (torch.randn(E, n, device=dev) for n in (F, F, D))
+    E, F, D = GPT_OSS_MOE
+    gate, gb, up, ub, down, db = gpt_oss_experts(dev)
     inputs = {}
     for t in (1, 4, 16, 64, 128):
         x = torch.randn(t, D, device=dev, dtype=torch.bfloat16)
