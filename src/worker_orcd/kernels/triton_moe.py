@@ -152,8 +152,15 @@ def moe_mxfp4(
     order = torch.argsort(ids, stable=True).to(torch.int32)  # pairs by expert, on the device
     h = moe_gate_up(x, ids, k, gate, gate_b, up, up_b, cfg, limit, alpha, order)
     part = moe_down(h, ids, top_w.reshape(-1).contiguous(), down, down_b, cfg, order)
-    y = torch.empty(T, D, dtype=x.dtype, device=x.device) if out is None else out
-    R = part.shape[0] // T * part.shape[1]  # the k experts (and down's K splits) of each token, in a fixed order
+    return _token_sums(part, T, x.dtype, out)
+
+
+def _token_sums(part: torch.Tensor, T: int, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    """part [T*k, splits, D] float32 -> y [T, D] (into `out`): each token's k experts and down's splits added
+    in a fixed order, so a token's sum never depends on the others."""
+    D = part.shape[-1]
+    y = torch.empty(T, D, dtype=dtype, device=part.device) if out is None else out
+    R = part.shape[0] // T * part.shape[1]
     sum_partials_kernel[(T, triton.cdiv(D, 1024))](part, y, D, R * D, D, R=R, BJ=1024)
     return y
 
@@ -529,9 +536,7 @@ def moe_tiles(
         h, pairs, tile_expert, top_w.reshape(-1).float().contiguous(), dp.codes, dp.scales,
         down_b.float().contiguous(), part, E, F, D, chunk, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, **c,
     )  # fmt: skip
-    y = torch.empty(T, D, dtype=x.dtype, device=x.device) if out is None else out
-    sum_partials_kernel[(T, triton.cdiv(D, 1024))](part, y, D, k * splits * D, D, R=k * splits, BJ=1024)
-    return y
+    return _token_sums(part, T, x.dtype, out)
 
 
 def moe_prefill(
