@@ -222,3 +222,18 @@ def test_pick_rows_on_cuda_picks_what_the_cpu_picks():
         cpu = token_logprobs(logits, picks["cpu"], 5)
         cuda = token_logprobs(logits.cuda(), picks["cuda"], 5)
         assert torch.allclose(cpu[0], cuda[0].cpu(), atol=1e-5) and torch.equal(cpu[2], cuda[2].cpu())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+def test_extreme_penalties_and_non_finite_logits_still_pick_a_token(temperature):
+    """A repetition penalty of 5e-324 (zero in float32) sends seen positive logits to +inf; NaN and -inf rows come
+    from broken inputs. The draw still returns an id of the vocab, never -1 or an index error."""
+    logits = torch.randn(4, 100) + 2.0
+    logits[1, :] = float("-inf")
+    logits[2, 5] = float("nan")
+    logits[3, 7] = float("inf")
+    params = [SamplingParams(temperature=temperature, repetition_penalty=5e-324, seed=i) for i in range(4)]
+    counts = [TokenCounts([1, 2, 3], 100, logits.device) for _ in range(4)]
+    picks = pick_rows(logits, params, [0.999, 0.5, 0.0, 0.7], counts)
+    assert ((picks >= 0) & (picks < 100)).all()
+    assert int(picks[3]) in (1, 2, 3, 7)  # the infinite logits win the draw

@@ -172,13 +172,19 @@ def apply_penalties(logits: torch.Tensor, generated: torch.Tensor, seen: torch.T
     return logits
 
 
+_HIGHEST = torch.finfo(torch.float32).max / 2
+_LOWEST = -_HIGHEST
+
+
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[float]) -> torch.Tensor:
     """Temperature / top-k / top-p / min-p draws for every row of logits [B, vocab] at once, as a long tensor
     [B] on their device: the filters as masks over each row sorted once, then the inverse-CDF draw with each
     row's uniform."""
     dev = logits.device
     temps = torch.tensor([p.temperature for p in params]).to(dev)[:, None]
-    sorted_logits, ids = torch.sort(logits.float() / temps, dim=-1, descending=True, stable=True)
+    # extreme penalties or biases can push logits to +-inf or NaN: clamp to finite so softmax stays a distribution
+    scaled = torch.nan_to_num(logits.float() / temps, nan=_LOWEST, posinf=_HIGHEST, neginf=_LOWEST)
+    sorted_logits, ids = torch.sort(scaled, dim=-1, descending=True, stable=True)
     V = logits.shape[-1]
     rank = torch.arange(V, device=dev)[None, :]
     top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params]).to(dev)[:, None]
@@ -188,7 +194,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], uniforms: li
     # the smallest prefix whose mass reaches top_p; the most likely token always stays
     keep = ((probs.cumsum(-1) - probs) < top_p) | (rank == 0)
     min_p = torch.tensor([p.min_p for p in params]).to(dev)[:, None]
-    keep &= probs >= min_p * probs[:, :1]
+    keep &= (probs >= min_p * probs[:, :1]) | (rank == 0)
     probs = probs * keep
     cdf = (probs / probs.sum(-1, keepdim=True)).cumsum(-1)
     u = torch.tensor(uniforms, dtype=cdf.dtype).to(dev)[:, None]
