@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -150,6 +151,7 @@ class Worker:
         self.ready = False
         self.failed = False
         self.draining = False
+        self._mailbox: Mailbox | None = None
         s = self.scheduler
         self.metrics = Metrics(self.vram_bytes, lambda: s.n_running, lambda: s.n_waiting,
                                lambda: s.kv_tokens_used, s.kv_tokens_total, lambda: s.kv_blocks_used,
@@ -167,6 +169,13 @@ class Worker:
 
     def start(self) -> None:
         self.scheduler.start()
+
+    def mailbox(self) -> Mailbox:
+        """The running event loop's mailbox for scheduler events (made on first use in that loop)."""
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = Mailbox(loop)
+        return self._mailbox
 
     def check_model(self, name: str | None) -> str:
         """The model name to report back: the one asked for, or the main name when `model` was omitted."""
@@ -254,6 +263,35 @@ class Worker:
                  st.total_ms, tps)
 
 
+class Mailbox:
+    """Events from the scheduler thread into one event loop, with one wake-up per burst: a step emits a token
+    for every running stream, and a call_soon_threadsafe each (a self-pipe write apiece) was most of what
+    emitting cost at 64 streams (bench/host_overhead.py)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: deque[tuple[asyncio.Queue, Event]] = deque()
+        self._lock = threading.Lock()
+        self._woken = False
+
+    def put(self, queue: asyncio.Queue, event: Event) -> None:
+        with self._lock:
+            self._items.append((queue, event))
+            if self._woken:
+                return
+            self._woken = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items, self._woken = self._items, deque(), False
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
 class Stream:
     """Events of one request as an async iterator; leaving it early cancels the request."""
 
@@ -261,7 +299,7 @@ class Stream:
         self.worker = worker
         self.request = request
         self.kind = kind
-        self.loop = asyncio.get_running_loop()
+        self.mailbox = worker.mailbox()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         try:
             self.handle = worker.scheduler.submit(request, self._put)
@@ -275,10 +313,7 @@ class Stream:
         self.closed = False
 
     def _put(self, event: Event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-            pass
+        self.mailbox.put(self.queue, event)
 
     async def events(self, client: StarletteRequest | None = None) -> AsyncIterator[Event]:
         """`client`: a non-streaming request to watch, so its going away cancels the job too."""
