@@ -259,3 +259,44 @@ def test_bucketed_static_decode_batch_of_8_equals_alone(net):
     # the head's output is bf16 (2^-8 relative steps): hidden states a few ulps apart round to neighbouring values
     assert got.shape == want.shape and float((got - want).norm() / want.norm()) < 1e-2
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_overlapped_decode_gives_what_the_serial_loop_gives(net):
+    """Decode step N + 1 launched before step N's tokens are handled (the default with CUDA graphs), run on
+    CPU: the same tokens, logprobs and endings as the serial loop, for greedy, seeded, penalized and biased
+    rows, logprobs, a stop string and end-of-generation, max_tokens, a logits processor (its steps land first),
+    a cancel mid-stream, and requests joining while others decode."""
+    from dataclasses import replace
+
+    def ban_500(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        logits[500] = float("-inf")
+        return logits
+
+    kinds = [SamplingParams(), SamplingParams(temperature=0.9, min_p=0.1, seed=0),
+             SamplingParams(repetition_penalty=1.3, presence_penalty=0.4), SamplingParams(logit_bias=((EOS, 4.0),))]
+    reqs = [Request(f"o{i}", prompt(i, 4 + 5 * i), 6 + 3 * i, replace(kinds[i % 4], seed=i),
+                    logprobs=2 if i % 2 else None, logits_processor=ban_500 if i == 6 else None) for i in range(8)]
+
+    def run(overlap: bool) -> list:
+        s = Scheduler(net, IdTokenizer(), max_batch=8, ctx=256, prefill_chunk=64, graphs=True, overlap=overlap)
+        assert s.overlap == overlap
+        s.start()
+        try:
+            first = [s.submit(r) for r in reqs[:5]]
+            wait_for(lambda: any(h.stats.completion_tokens >= 2 for h in first), "the first requests to decode")
+            rest = [s.submit(r) for r in reqs[5:]]
+            cancelled = s.submit(Request("cancel-me", prompt(9, 10), 200))
+            wait_for(lambda: cancelled.stats.completion_tokens >= 3, "the request to cancel to decode")
+            s.cancel("cancel-me")
+            assert isinstance(tokens_of(cancelled)[1], ErrorEvent)
+            return [[(e.token, e.text, e.logprob) if isinstance(e, TokenEvent) else type(e).__name__ for e in h]
+                    for h in first + rest]
+        finally:
+            s.stop()
+
+    base = run(False)  # then two requests end early: on a stop id, on a stop string, each at its 4th token
+    reqs[1] = replace(reqs[1], stop_token_ids=(base[1][3][0],))
+    reqs[5] = replace(reqs[5], stop=[base[5][3][1]])
+    serial, overlapped = run(False), run(True)
+    assert overlapped == serial
+    assert len(serial[1]) <= 5 and len(serial[5]) <= 5 and serial[1][-1] == serial[5][-1] == "EndEvent"

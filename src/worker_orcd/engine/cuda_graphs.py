@@ -43,7 +43,7 @@ class GraphedDecoder:
         for s, p in zip(slots, positions):
             self.kv.prepare(s, p + 1)
         # a pageable source is staged by the driver before copy_ returns, so the list may go right away
-        if isinstance(tokens, torch.Tensor) and tokens.is_cuda:
+        if isinstance(tokens, torch.Tensor):
             self.inputs[1:].copy_(torch.tensor([positions, slots]), non_blocking=True)
             self.inputs[0].copy_(tokens.reshape(-1))
         else:
@@ -91,13 +91,18 @@ class BucketedDecoder:
         for size in reversed(sizes):
             self.step([0] * size, [0] * size, [self.scratch] * size)
 
-    def step(self, tokens: Sequence[int], positions: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
-        """Logits [len(tokens), vocab] (a view of the bucket's output buffer: valid until the next step)."""
+    def step(self, tokens: Sequence[int] | torch.Tensor, positions: Sequence[int], slots: Sequence[int]
+             ) -> torch.Tensor:
+        """Logits [len(tokens), vocab] (a view of the bucket's output buffer: valid until the next step).
+        `tokens` may be a tensor on the model's device (the previous step's picks)."""
         n = len(tokens)
         size = self.bucket(n)
         pad = size - n
         if size not in self.decoders:
             self.decoders[size] = GraphedDecoder(self.model, self.kv, size, self.capture, self.pool)
-        logits = self.decoders[size].step([*tokens, *[0] * pad], [*positions, *[0] * pad],
-                                          [*slots, *[self.scratch] * pad])
+        if isinstance(tokens, torch.Tensor):
+            tokens = torch.cat([tokens.reshape(-1), tokens.new_zeros(pad)]) if pad else tokens
+        else:
+            tokens = [*tokens, *[0] * pad]
+        logits = self.decoders[size].step(tokens, [*positions, *[0] * pad], [*slots, *[self.scratch] * pad])
         return logits[:n]

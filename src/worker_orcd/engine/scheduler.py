@@ -178,10 +178,35 @@ class _Seq:
         return len(self.history) - 1 if self.decoding else self.prefilled
 
 
+class _InFlight:
+    """A decode step launched and not yet landed: its sequences, picks on the device, and their copy to the host
+    (pinned memory, an event marking it done) on CUDA."""
+
+    def __init__(self, seqs: list[_Seq], picks: torch.Tensor, asked: list[int],
+                 logprobs: tuple[torch.Tensor, ...] | None):
+        self.seqs, self.picks, self.asked, self.logprobs = seqs, picks, asked, logprobs
+        self.row = {id(s): i for i, s in enumerate(seqs)}
+        self._host, self._done = picks, None
+        if picks.is_cuda:
+            self._host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=True)
+            self._host.copy_(picks, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+
+    def has(self, seq: _Seq) -> bool:
+        return id(seq) in self.row
+
+    def host_picks(self) -> list[int]:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()
+
+
 class Scheduler:
     def __init__(self, net, tokenizer, max_batch: int = 8, ctx: int = 2048, prefill_chunk: int = 256,
                  max_waiting: int | None = None, kv_dtype: torch.dtype | None = None, mix_rows: int | None = None,
-                 graphs: bool | None = None, kv_blocks: int | None = None, prefix_cache: bool | None = None):
+                 graphs: bool | None = None, kv_blocks: int | None = None, prefix_cache: bool | None = None,
+                 overlap: bool | None = None):
         if max_batch < 1 or ctx < 2 or prefill_chunk < 1:
             raise ValueError(f"need max_batch >= 1, ctx >= 2, prefill_chunk >= 1; got {max_batch}, {ctx}, "
                              f"{prefill_chunk}")
@@ -215,6 +240,11 @@ class Scheduler:
             self.kv.prepare(max_batch, 1)
         self._decoder = BucketedDecoder(net, self.kv, max_batch, capture=on_cuda, max_batch=max_batch) \
             if self.graphs else None
+        # decode step N + 1 is launched before step N's tokens are handled on the host (on by default with
+        # CUDA graphs; WORKER_ORCD_OVERLAP=0 turns it off): the GPU computes while the host makes text and events
+        self.overlap = self._decoder is not None and (overlap if overlap is not None else (
+            on_cuda and os.environ.get("WORKER_ORCD_OVERLAP", "1") != "0"))
+        self._inflight: _InFlight | None = None
         self._free = list(range(max_batch - 1, -1, -1))  # pop() hands out slot 0 first
         self._running: list[_Seq] = []
         self._waiting: deque[Handle] = deque()
@@ -416,7 +446,8 @@ class Scheduler:
         seq.handle.emit(event)
 
     def _step(self) -> None:
-        decoding = [s for s in self._running if s.decoding]
+        decoded = self._overlapped_decode() if self.overlap else False
+        decoding = [] if self.overlap else [s for s in self._running if s.decoding]
         prefills = self._prefill_group()
         rows = len(decoding) + sum(self._chunk_len(p) for p in prefills)
         if prefills and decoding and rows <= self.mix_rows:
@@ -426,8 +457,72 @@ class Scheduler:
                 self._forward(decoding, [])
             if prefills:
                 self._forward([], prefills)
-        if decoding or prefills:
+        if decoded or decoding or prefills:
             self.steps += 1
+
+    def _overlapped_decode(self) -> bool:
+        """Launch this step's decode rows, then land the step still in flight: the host's work on its tokens
+        (text, stop strings, events) runs while the GPU computes the new step, whose rows take their tokens
+        from the previous picks on the device. A sequence that ends on a landed token wasted its new row (it is
+        dropped when that step lands); one that must end there (max_tokens, a full context) gets no row. A
+        logits processor needs the tokens on the host: such steps land first and run as before."""
+        last, self._inflight = self._inflight, None
+        decoding = [s for s in self._running if s.decoding]
+        if any(s.handle.request.logits_processor is not None for s in decoding):
+            if last is not None:
+                self._land(last)
+            decoding = [s for s in self._running if s.decoding]
+            if decoding:
+                self._forward(decoding, [])
+            return bool(decoding)
+        rows = [s for s in decoding if not (last is not None and last.has(s) and self._ends_on_next(s))]
+        if rows:
+            try:
+                self._inflight = self._launch(rows, last)
+            except Exception as e:  # an OOM, a bug: land what flies, then this step as an ordinary forward
+                log.warning("an overlapped decode launch failed (%s: %s); running the step alone", type(e).__name__, e)
+                if last is not None:
+                    self._land(last)
+                    last = None
+                rows = [s for s in self._running if s.decoding]
+                if rows:
+                    self._forward(rows, [])
+        if last is not None:
+            self._land(last)
+        return bool(rows)
+
+    def _ends_on_next(self, seq: _Seq) -> bool:
+        """The token in flight is the sequence's last whatever it is (max_tokens or the context reached)."""
+        return (seq.handle.stats.completion_tokens + 1 >= seq.handle.request.max_tokens
+                or len(seq.history) + 1 >= self.ctx)
+
+    def _launch(self, rows: list[_Seq], last: _InFlight | None) -> _InFlight:
+        """One decode forward and its picks for `rows`, left running on the device. A row whose previous
+        token is still in flight reads it from `last`'s picks and sits one position further."""
+        dev = self.kv.device
+        pending = [last is not None and last.has(s) for s in rows]
+        positions = [len(s.history) if p else s.kv_len for s, p in zip(rows, pending)]
+        if last is not None and all(pending) and len(rows) == len(last.seqs) and all(
+                a is b for a, b in zip(rows, last.seqs)):
+            tokens = last.picks  # the steady state: the same rows in the same order
+        else:
+            tokens = torch.tensor([0 if p else s.history[-1] for s, p in zip(rows, pending)]).to(dev)
+            if any(pending):
+                dst = [i for i, p in enumerate(pending) if p]
+                src = [last.row[id(rows[i])] for i in dst]
+                tokens[torch.tensor(dst).to(dev)] = last.picks[torch.tensor(src).to(dev)]
+        logits = self._decoder.step(tokens, positions, [s.slot for s in rows])
+        picks, asked, lp = self._pick_on_device(rows, logits)
+        return _InFlight(rows, picks, asked, lp)
+
+    def _land(self, step: _InFlight) -> None:
+        """Handle a launched step's tokens on the host (waits for them); sequences that ended meanwhile skip."""
+        tokens, logprobs = self._picked(step.seqs, step.host_picks(), step.asked, step.logprobs)
+        for seq, token, logprob in zip(step.seqs, tokens, logprobs):
+            if seq.handle.done:
+                continue
+            self.kv.blocks.commit(seq.slot, seq.history)  # the step wrote the KV of its last token
+            self._advance_or_fail(seq, token, logprob)
 
     def _prefill_group(self) -> list[_Seq]:
         """The prompts whose next chunks prefill this step: the first waiting one, and on CUDA more while all
@@ -581,20 +676,34 @@ class Scheduler:
             seqs, logits, processed = [seqs[i] for i in live], logits[live], processed[live]
         if not seqs:
             return [], []
+        picks, asked, rows = self._pick_on_device(seqs, logits, processed)
+        tokens, logprobs = self._picked(seqs, picks.tolist(), asked, rows)
+        return seqs, list(zip(tokens, logprobs))
+
+    def _pick_on_device(self, seqs: list[_Seq], logits: torch.Tensor, processed: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, list[int], tuple[torch.Tensor, ...] | None]:
+        """Row i's next token (pick_rows on `processed`, default the logits) and, for the rows that asked,
+        their logprobs from the raw logits: all on the device, nothing transferred yet."""
         samplers = [s.sampler for s in seqs]
-        picks = pick_rows(processed, [s.p for s in samplers], [s.draw() for s in samplers],
-                          [s.counts_for(logits) for s in samplers])
+        picks = pick_rows(logits if processed is None else processed, [s.p for s in samplers],
+                          [s.draw() for s in samplers], [s.counts_for(logits) for s in samplers])
         asked = [i for i, s in enumerate(seqs) if s.handle.request.logprobs is not None]
+        rows = None
+        if asked:
+            k = max(seqs[i].handle.request.logprobs for i in asked)
+            index = torch.tensor(asked).to(logits.device)
+            rows = token_logprobs(logits[index], picks[index], k)
+        return picks, asked, rows
+
+    def _picked(self, seqs: list[_Seq], tokens: list[int], asked: list[int], rows: tuple[torch.Tensor, ...] | None
+                ) -> tuple[list[int], list[Logprob | None]]:
+        """The host's tokens and logprob entries of `_pick_on_device`'s results."""
         logprobs: list[Logprob | None] = [None] * len(seqs)
         if asked:
             ks = [seqs[i].handle.request.logprobs for i in asked]
-            index = torch.tensor(asked).to(logits.device)
-            rows = token_logprobs(logits[index], picks[index], max(ks))
-        tokens = picks.tolist()
-        if asked:
             for i, entry in zip(asked, logprob_entries([tokens[i] for i in asked], *rows, ks)):
                 logprobs[i] = entry
-        return seqs, list(zip(tokens, logprobs))
+        return tokens, logprobs
 
     def _advance_or_fail(self, seq: _Seq, token: int, logprob: Logprob | None) -> None:
         """A failure while decoding one sequence's token ends that sequence only."""
