@@ -1,7 +1,7 @@
 """AOT-compile the nibble-format kernels (kernels/triton_kquant.py) for sm_90 with their real configs, without a
 GPU: catches what the interpreter accepts and the compiler rejects, and prints registers and spills.
 
-    python bench/kquant_compile.py [BN ...]      (default: the configured BN)
+    python bench/kquant_compile.py [BN[/warps[/stages]] ...]      (default: the configured tiles)
 """
 
 from __future__ import annotations
@@ -61,12 +61,13 @@ def usage(k: triton.compiler.CompiledKernel) -> str:
 
 def main() -> None:
     base = kq.kquant_gemm_config(None)
-    for bn in [int(a) for a in sys.argv[1:]] or [base["BN"]]:
-        cfg = base | {"BN": bn}
+    for arg in sys.argv[1:] or [f"{base['BN']}/{base['num_warps']}/{base['num_stages']}"]:
+        cfg = base | dict(zip(("BN", "num_warps", "num_stages"), map(int, arg.split("/"))))
         for kind in kq.FORMAT_ARGS:
             g = compile_gemm(kind, cfg)
             d = compile_dequant(kind)
-            print(f"{kind} gemm BN={bn}: {usage(g)}, {g.metadata.shared} B shared | dequant: {usage(d)}")
+            print(f"{kind} gemm BN={cfg['BN']} warps={cfg['num_warps']} stages={cfg['num_stages']}: {usage(g)}, "
+                  f"{g.metadata.shared} B shared | dequant: {usage(d)}")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ def test_pack_keeps_the_bits_and_unpacks_exactly(kind):
     ids = torch.tensor([8, 0, 8])
     assert torch.equal(unpack(p.take(ids)), raw[ids])
     assert torch.equal(unpack(cat_rows([p.rows(0, 4), p.rows(4, 9)])), raw)
+    assert torch.equal(unpack(pack_nibbles(kind, raw, 9, 512, chunk_rows=4)), raw)  # packed in row chunks
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,4 +1,5 @@
-"""Weights repacked for the GPU kernels (kernels/triton_quant.py, triton_moe.py), and back: torch only.
+"""Weights repacked for the GPU kernels (kernels/triton_quant.py, triton_kquant.py, triton_moe.py), and back:
+torch only.
 
 Weights are repacked once from ggml blocks into 32-bit words plus a separate scale per 32-weight block,
 never expanded. Within a block the codes are permuted so that each way the kernel pulls values out of
@@ -160,17 +161,17 @@ def _mxfp4_words(qs: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class NibbleFormat:
     """Where a nibble format's fields sit in its ggml block: byte ranges [start, stop). qs and qh are runs of
-    `run` bytes; in a run, field f (bits [f*width, (f+1)*width)) of byte i is element (run * F + f) * run_len + i
-    counted from the run's first element (F = 8 // width fields a byte)."""
+    L bytes; field f (bits [f*width, (f+1)*width)) of byte i of run r is element (r * F + f) * L + i of the
+    block (F = 8 // width fields a byte). E.g. Q4_K's qs: runs of 32, low nibbles sub-block 2r, high 2r+1."""
 
     ggml_type: T
     block: int  # elements
     size: int  # bytes
     scales: tuple[int, int]
     scale_dtype: torch.dtype
-    qs: tuple[int, int, int]  # start, stop, run length
-    qh: tuple[int, int, int] | None = None
-    high_bits: int = 0
+    qs: tuple[int, int, int]  # start, stop, L
+    qh: tuple[int, int, int] | None = None  # start, stop, L
+    high_bits: int = 0  # width of qh's fields
 
 
 NIBBLE_FORMATS = {
@@ -224,17 +225,24 @@ def _from_words(words: torch.Tensor, width: int, k: int) -> torch.Tensor:
     return v.reshape(rows, k // 32, 4, 8).transpose(-1, -2).reshape(rows, k)
 
 
-def pack_nibbles(kind: str, raw: torch.Tensor, n: int, k: int) -> PackedWeight:
-    """Blocks uint8 [rows, K/block*size] of a NIBBLE_FORMATS kind -> PackedWeight (the module doc's layout)."""
+def pack_nibbles(kind: str, raw: torch.Tensor, n: int, k: int, chunk_rows: int = 16384) -> PackedWeight:
+    """Blocks uint8 [rows, K/block*size] of a NIBBLE_FORMATS kind -> PackedWeight (the module doc's layout).
+
+    Rows go through in chunks, so the byte-per-element temporaries stay small next to the tensor itself.
+    """
     f = NIBBLE_FORMATS[kind]
     rows, nb = raw.shape[0], k // f.block
     b = raw.reshape(rows, nb, f.size)
-    low = _elements(b[..., f.qs[0] : f.qs[1]], f.qs[2], 4)
-    codes = _per_word(low, 4).view(torch.int32).reshape(rows, k // 8)
-    high = None
-    if f.qh is not None:  # Q5_*: one byte a word (uint8), Q6_K: two (int16)
-        hi = _per_word(_elements(b[..., f.qh[0] : f.qh[1]], f.qh[2], f.high_bits), f.high_bits)
-        high = (hi if f.high_bits == 1 else hi.view(torch.int16)).reshape(rows, k // 8)
+    codes = torch.empty(rows, k // 8, dtype=torch.int32, device=raw.device)
+    high = None if f.qh is None else torch.empty(rows, k // 8, dtype=(torch.uint8, torch.int16)[f.high_bits - 1],
+                                                   device=raw.device)  # fmt: skip
+    for r in range(0, rows, chunk_rows):
+        c = b[r : r + chunk_rows]
+        low = _elements(c[..., f.qs[0] : f.qs[1]], f.qs[2], 4)  # [chunk, K] 4-bit codes in element order
+        codes[r : r + chunk_rows] = _per_word(low, 4).view(torch.int32)[..., 0]
+        if high is not None:  # Q5_*: one byte a word (uint8), Q6_K: two (int16)
+            hi = _per_word(_elements(c[..., f.qh[0] : f.qh[1]], f.qh[2], f.high_bits), f.high_bits)
+            high[r : r + chunk_rows] = hi.view(high.dtype)[..., 0]
     scales = b[..., f.scales[0] : f.scales[1]].contiguous().view(f.scale_dtype).reshape(rows, -1)
     return PackedWeight(kind, codes, scales, n, k, high)
 
