@@ -212,10 +212,11 @@ def dequantize_kquant(w: PackedWeight, dtype: torch.dtype = torch.bfloat16) -> t
 
 def kquant_gemm_config(w: PackedWeight) -> dict:
     """Tiles for the decode GEMM: 16 rows of x, BN rows of W, split over K by the weight's shape alone.
-    Not tuned on a GPU yet: BN=64 keeps the decoded tiles in registers (see bench/kquant_compile.py)."""
+    Not timed on a GPU yet (bench/gpu_tune.py kquant sweeps): chosen by registers (bench/kquant_compile.py,
+    sm_90, Triton 3.6 and 3.9): BN=64 over 8 warps takes 64-169 and spills nothing; 4 warps need up to 252."""
     if INTERPRET:
         return {"BM": 16, "BN": 16, "TARGET": 1, "num_warps": 1, "num_stages": 1}
-    return {"BM": 16, "BN": 64, "TARGET": 528, "num_warps": 4, "num_stages": 3}
+    return {"BM": 16, "BN": 64, "TARGET": 528, "num_warps": 8, "num_stages": 3}
 
 
 def kquant_matmul(
