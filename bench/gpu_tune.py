@@ -1,7 +1,7 @@
 """Sweep the batch-invariant decode kernels' tile configs on GPT-OSS-20B shapes (one config must serve every
 row count, so each is timed at several row counts) and print the best per shape.
 
-Usage: python bench/gpu_tune.py [dense|moe ...]   (CUDA; random weights)
+Usage: python bench/gpu_tune.py [dense|moe|kquant ...]   (CUDA; random weights)
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpu_engine_kernels import BW, GPT_OSS_MOE, gpt_oss_experts, time_us  # noqa: E402
 
+from tests.test_triton_kquant import blocks  # noqa: E402
 from tests.test_triton_quant import random_blocks  # noqa: E402
-from worker_orcd.kernels import triton_moe  # noqa: E402
+from worker_orcd.kernels import triton_kquant, triton_moe  # noqa: E402
 from worker_orcd.kernels.triton_quant import gemv_config, pack_q8_0, quant_matmul  # noqa: E402
+from worker_orcd.quant.packed import pack_nibbles  # noqa: E402
 
 
 def dense() -> None:
@@ -74,6 +76,34 @@ def moe() -> None:
     print("MoE tiles: best configs (score = t1 + t16/2 + t64/4)")
     for _, cfg, tm in results[:10]:
         print(f"  {cfg}  " + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()), flush=True)
+
+
+def kquant() -> None:
+    """The nibble formats' decode GEMM (kernels/triton_kquant.py): configs, against dequantize + cuBLAS at M=1."""
+    dev = "cuda"
+    for kind, (n, k) in itertools.product(("q4_k", "q6_k", "q4_0", "q5_0"), [(2880, 4096), (8192, 2048)]):
+        p = pack_nibbles(kind, blocks(kind, n, k, dev), n, k)
+        xs = {m: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for m in (1, 16, 64)}
+        wd = triton_kquant.dequantize_kquant(p)
+        dense = time_us(lambda x=xs[1], p=p: x @ triton_kquant.dequantize_kquant(p).T, iters=30)
+        cublas = time_us(lambda x=xs[1], wd=wd: x @ wd.T, iters=30)
+        results = []
+        for bn, warps, stages, target in itertools.product((32, 64, 128), (4, 8), (2, 3), (264, 528)):
+            cfg = {"BM": 16, "BN": bn, "TARGET": target, "num_warps": warps, "num_stages": stages}
+            try:
+                t = {m: time_us(lambda x=x, cfg=cfg, p=p: triton_kquant.kquant_matmul(p, x, cfg), iters=30)
+                     for m, x in xs.items()}
+            except Exception as e:  # a config the compiler refuses (shared memory, registers)
+                print(f"  skip {cfg}: {type(e).__name__}")
+                continue
+            results.append((t[1] + t[16] / 2 + t[64] / 4, cfg, t))
+        results.sort(key=lambda r: r[0])
+        bw = p.nbytes / 1e3
+        print(f"{kind} {n}x{k}: prefill path (dequantize + cuBLAS) M=1 {dense:.1f} us, cuBLAS on bf16 {cublas:.1f} us; "
+              f"default {triton_kquant.kquant_gemm_config(p)}; best (score = t1 + t16/2 + t64/4)", flush=True)
+        for _, cfg, t in results[:5]:
+            print(f"  {cfg}  M=1 {t[1]:.1f} us ({bw / t[1] * 1e9 / BW:.0%} bw)  M=16 {t[16]:.1f}  M=64 {t[64]:.1f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

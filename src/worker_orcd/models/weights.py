@@ -12,7 +12,7 @@ import torch
 from worker_orcd.gguf import GGUFError, GGUFFile
 from worker_orcd.quant import QuantTensor
 from worker_orcd.quant.formats import row_bytes
-from worker_orcd.quant.packed import PackedWeight
+from worker_orcd.quant.packed import cat_rows
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 # CPU models with more tensor bytes than this stay memory-mapped by default (a copy would double what a
@@ -105,10 +105,7 @@ def fuse_rows(*ws: QuantTensor) -> QuantTensor | None:
         return None
     shape = (sum(w.shape[0] for w in ws), ws[0].shape[1])
     if all(w._raw is None for w in ws):  # packed-only (CUDA): packing is row by row, so rows concatenate
-        p = ws[0].packed
-        fused = PackedWeight(p.kind, torch.cat([w.packed.codes for w in ws]), torch.cat([w.packed.scales for w in ws]),
-                             shape[0], p.k)
-        return QuantTensor(None, ws[0].ggml_type, shape, fused)
+        return QuantTensor(None, ws[0].ggml_type, shape, cat_rows([w.packed for w in ws]))
     return QuantTensor(torch.cat([w.raw for w in ws]), ws[0].ggml_type, shape)
 
 

@@ -1,19 +1,21 @@
-"""Quantized matmul on CUDA: fused Triton dequantize + GEMV/GEMM where a kernel exists, else the reference.
+"""Quantized matmul on CUDA: fused Triton dequantize + GEMV/GEMM for every block format the models use.
 
-Q8_0 and MXFP4 weights are repacked into quant/packed.py's layouts (still 8.5 / 4.25 bits per weight, never
-expanded): at load on CUDA, where the packing replaces the blocks (models/weights.py), otherwise on first use,
-kept beside the blocks. Every other format,
-and float64 activations, dequantize per call (correct everywhere, fast nowhere) until a kernel lands.
-Decode rows (a few) run a CUDA-core GEMV accumulating in float32; prefill rows run tl.dot on bf16
-operands (relative error ~2e-3).
+Weights are repacked into quant/packed.py's layouts (the blocks' bits per weight, never expanded): at load on
+CUDA, where the packing replaces the blocks (models/weights.py), otherwise on first use, kept beside the blocks.
+Q8_0 and MXFP4 run kernels/triton_quant.py; Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K run
+kernels/triton_kquant.py. Decode rows (<= DECODE_MAX_M) run tl.dot on bf16 operands, accumulating in float32
+(relative error ~2e-3); prompt chunks dequantize to bf16 once per call and run cuBLAS. F32, F16 and BF16
+matrices are held in their own dtype and multiplied by torch.matmul, x cast to the weight's dtype (F16: as
+llama.cpp's cuBLAS path does). Float64 activations ask for the reference (dequantize per call).
 """
 
 from __future__ import annotations
 
 import torch
 
+from worker_orcd.kernels.triton_kquant import kquant_matmul
 from worker_orcd.kernels.triton_quant import quant_matmul
-from worker_orcd.quant.packed import PACKERS, PackedWeight
+from worker_orcd.quant.packed import FLOAT_DTYPES, NIBBLE_FORMATS, PACKERS, PackedWeight
 from worker_orcd.quant.tensor import MATMUL_KERNELS, QuantTensor, dequantize_matmul
 
 
@@ -30,6 +32,11 @@ def gpu_matmul(w: QuantTensor, x: torch.Tensor, out_dtype: torch.dtype | None = 
     if p is None or x.dtype == torch.float64:  # the kernels accumulate in float32; float64 asks for the reference
         y = dequantize_matmul(w, x)
         return y if out_dtype is None else y.to(out_dtype)
+    if p.kind in FLOAT_DTYPES:
+        y = torch.matmul(x.to(p.codes.dtype), p.codes.T)
+        return y.to(out_dtype or x.dtype)
+    if p.kind in NIBBLE_FORMATS:
+        return kquant_matmul(p, x, out_dtype=out_dtype)
     return quant_matmul(p, x, out_dtype=out_dtype)
 
 

@@ -1,4 +1,5 @@
-"""Weights repacked for the GPU kernels (kernels/triton_quant.py, triton_moe.py), and back: torch only.
+"""Weights repacked for the GPU kernels (kernels/triton_quant.py, triton_kquant.py, triton_moe.py), and back:
+torch only.
 
 Weights are repacked once from ggml blocks into 32-bit words plus a separate scale per 32-weight block,
 never expanded. Within a block the codes are permuted so that each way the kernel pulls values out of
@@ -13,16 +14,27 @@ MXFP4: codes uint32 [N, K/8], exponents uint8 [N, K/32]. Word i (0..3) of a bloc
       give 0 and 0.5 exactly), and w = f16 * 2^14 * 2^(e-127), ggml's doubled table times 2^(e-128).
       Two exponent bytes differ from ggml: 0 scales by 0 (ggml: 2^-127) and 255 by 2^127 (ggml: 2^128);
       real weights use neither (OCP MX reserves 255 for NaN).
+
+The nibble formats (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) keep their bits per weight too. Codes:
+      uint32 [N, K/8], the low 4 bits of each code; in every run of 32 elements, nibble t of word i
+      (0..3) is element 4t + i, so nibble position t lines up with the runs of 4 elements at 4t, 4t+1, ...
+      high: the bits above the nibble, one field per code word (same index as codes): uint8 (Q5_*, bit t)
+      or int16 (Q6_K, bits 2t..2t+1); none for the 4-bit formats.
+      scales: the block's other bytes as they are: Q4_0/Q5_0 d f16 [N, K/32]; Q4_1/Q5_1 (d, m) f16
+      [N, K/32*2]; Q4_K/Q5_K the first 16 bytes (d, dmin, 12 bytes of 6-bit scales and mins) as int32
+      [N, K/256*4]; Q6_K the last 18 bytes (16 int8 sub-block scales, d) uint8 [N, K/256*18].
+F32, F16, BF16: codes are the values in their own dtype [N, K] (no scales): multiplied as they are.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from gguf import GGMLQuantizationType as T
 
-from worker_orcd.quant._bytes import f16
+from worker_orcd.quant._bytes import bits, f16
 
 # MXFP4 slot s: magnitude bits at MAG_BIT[s]..+2 and sign at SIGN_BIT[s] of each 16-bit half
 MXFP4_MAG_BIT = (0, 3, 10, 13)
@@ -31,25 +43,42 @@ MXFP4_SIGN_BIT = (6, 9, 7, 8)
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A repacked 2-D (or stacked [E, N, K]) weight: codes uint32 [rows, words], scales [rows, K/32]."""
+    """A repacked 2-D (or stacked [E, N, K]) weight: codes [rows, words], scales [rows, ...], the high bits
+    of the 5- and 6-bit formats [rows, words] (all indexed by row first, as the module doc says)."""
 
-    kind: str  # "q8_0" | "mxfp4"
+    kind: str  # "q8_0" | "mxfp4" | a NIBBLE_FORMATS key | "f32" | "f16" | "bf16"
     codes: torch.Tensor
     scales: torch.Tensor
     n: int  # output features per matrix
     k: int  # input features
+    high: torch.Tensor | None = None
+
+    def _parts(self) -> list[torch.Tensor]:
+        return [self.codes, self.scales] + ([] if self.high is None else [self.high])
 
     @property
     def nbytes(self) -> int:
-        return self.codes.numel() * 4 + self.scales.numel() * self.scales.element_size()
+        return sum(t.numel() * t.element_size() for t in self._parts())
 
     def rows(self, start: int, stop: int, n: int | None = None) -> PackedWeight:
         """Rows [start, stop) as a weight of `n` output features (a view: one expert of a stacked weight)."""
-        return PackedWeight(self.kind, self.codes[start:stop], self.scales[start:stop], n or stop - start, self.k)
+        return self._with(lambda t: t[start:stop], n or stop - start)
 
     def take(self, ids: torch.Tensor) -> PackedWeight:
         """The rows `ids` (a gather: embedding lookups)."""
-        return PackedWeight(self.kind, self.codes[ids], self.scales[ids], ids.numel(), self.k)
+        return self._with(lambda t: t[ids], ids.numel())
+
+    def _with(self, f, n: int) -> PackedWeight:
+        return PackedWeight(self.kind, f(self.codes), f(self.scales), n, self.k,
+                            None if self.high is None else f(self.high))
+
+
+def cat_rows(parts: list[PackedWeight]) -> PackedWeight:
+    """One weight holding the rows of several of one kind and width (packing is row by row)."""
+    p = parts[0]
+    high = None if p.high is None else torch.cat([q.high for q in parts])
+    return PackedWeight(p.kind, torch.cat([q.codes for q in parts]), torch.cat([q.scales for q in parts]),
+                        sum(q.codes.shape[0] for q in parts), p.k, high)
 
 
 def _words(codes: torch.Tensor) -> torch.Tensor:
@@ -84,6 +113,10 @@ def unpack(p: PackedWeight, chunk_rows: int = 16384) -> torch.Tensor:
     """The ggml blocks uint8 [rows, K/32*block bytes] that `p` was packed from (bit for bit)."""
     rows = p.codes.shape[0]
     nb = p.k // 32
+    if p.kind in NIBBLE_FORMATS:
+        return _unpack_nibbles(p)
+    if p.kind in FLOAT_DTYPES:
+        return p.codes.contiguous().view(torch.uint8).reshape(rows, -1)
     if p.kind == "q8_0":
         q = p.codes.contiguous().view(torch.uint8).reshape(rows, nb, 8, 4).transpose(-1, -2).reshape(rows, nb, 32)
         d = p.scales.contiguous().view(torch.uint8).reshape(rows, nb, 2)
@@ -125,7 +158,116 @@ def _mxfp4_words(qs: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
+@dataclass(frozen=True)
+class NibbleFormat:
+    """Where a nibble format's fields sit in its ggml block: byte ranges [start, stop). qs and qh are runs of
+    L bytes; field f (bits [f*width, (f+1)*width)) of byte i of run r is element (r * F + f) * L + i of the
+    block (F = 8 // width fields a byte). E.g. Q4_K's qs: runs of 32, low nibbles sub-block 2r, high 2r+1."""
+
+    ggml_type: T
+    block: int  # elements
+    size: int  # bytes
+    scales: tuple[int, int]
+    scale_dtype: torch.dtype
+    qs: tuple[int, int, int]  # start, stop, L
+    qh: tuple[int, int, int] | None = None  # start, stop, L
+    high_bits: int = 0  # width of qh's fields
+
+
+NIBBLE_FORMATS = {
+    "q4_0": NibbleFormat(T.Q4_0, 32, 18, (0, 2), torch.float16, (2, 18, 16)),
+    "q4_1": NibbleFormat(T.Q4_1, 32, 20, (0, 4), torch.float16, (4, 20, 16)),
+    "q5_0": NibbleFormat(T.Q5_0, 32, 22, (0, 2), torch.float16, (6, 22, 16), (2, 6, 1), 1),
+    "q5_1": NibbleFormat(T.Q5_1, 32, 24, (0, 4), torch.float16, (8, 24, 16), (4, 8, 1), 1),
+    "q4_k": NibbleFormat(T.Q4_K, 256, 144, (0, 16), torch.int32, (16, 144, 32)),
+    "q5_k": NibbleFormat(T.Q5_K, 256, 176, (0, 16), torch.int32, (48, 176, 32), (16, 48, 32), 1),
+    "q6_k": NibbleFormat(T.Q6_K, 256, 210, (192, 210), torch.uint8, (0, 128, 64), (128, 192, 32), 2),
+}
+FLOAT_KINDS = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16"}
+FLOAT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _elements(fields: torch.Tensor, run: int, width: int) -> torch.Tensor:
+    """Bytes [rows, nb, bytes] (runs of `run` bytes) -> [rows, nb * elements] values in element order."""
+    rows, nb, nbytes = fields.shape
+    v = bits(fields.reshape(rows, nb, nbytes // run, run), width)  # [rows, nb, runs, F, run]
+    return v.reshape(rows, -1)
+
+
+def _fields(values: torch.Tensor, nb: int, run: int, width: int) -> torch.Tensor:
+    """The inverse of _elements: [rows, nb * elements] -> bytes [rows, nb, bytes]."""
+    rows = values.shape[0]
+    v = values.reshape(rows, nb, -1, 8 // width, run)
+    out = torch.zeros(rows, nb, v.shape[2], run, dtype=torch.uint8, device=values.device)
+    for f in range(8 // width):
+        out |= v[:, :, :, f] << (f * width)
+    return out.reshape(rows, nb, -1)
+
+
+def _per_word(values: torch.Tensor, width: int) -> torch.Tensor:
+    """[rows, K] fields of `width` bits in element order -> [rows, K/8, width] bytes: word i of each 32
+    elements gets element 4t + i at bits [t*width, (t+1)*width) (little-endian across its bytes)."""
+    rows, k = values.shape
+    v = values.reshape(rows, k // 32, 8, 4).transpose(-1, -2)  # [rows, runs, i, t]
+    v = v.reshape(rows, k // 32, 4, width, 8 // width)  # t = byte * (8 // width) + f
+    out = torch.zeros(rows, k // 32, 4, width, dtype=torch.uint8, device=values.device)
+    for f in range(8 // width):
+        out |= v[..., f] << (f * width)
+    return out.reshape(rows, k // 8, width)
+
+
+def _from_words(words: torch.Tensor, width: int, k: int) -> torch.Tensor:
+    """The inverse of _per_word: [rows, K/8] words of any dtype with `width` bytes -> [rows, K] uint8."""
+    rows = words.shape[0]
+    b = words.contiguous().view(torch.uint8).reshape(rows, k // 32, 4, width, 1)
+    f = torch.arange(0, 8, width, dtype=torch.uint8, device=words.device)
+    v = (b >> f) & ((1 << width) - 1)  # [rows, runs, i, byte, f]
+    return v.reshape(rows, k // 32, 4, 8).transpose(-1, -2).reshape(rows, k)
+
+
+def pack_nibbles(kind: str, raw: torch.Tensor, n: int, k: int, chunk_rows: int = 16384) -> PackedWeight:
+    """Blocks uint8 [rows, K/block*size] of a NIBBLE_FORMATS kind -> PackedWeight (the module doc's layout).
+
+    Rows go through in chunks, so the byte-per-element temporaries stay small next to the tensor itself.
+    """
+    f = NIBBLE_FORMATS[kind]
+    rows, nb = raw.shape[0], k // f.block
+    b = raw.reshape(rows, nb, f.size)
+    codes = torch.empty(rows, k // 8, dtype=torch.int32, device=raw.device)
+    high = None if f.qh is None else torch.empty(rows, k // 8, dtype=(torch.uint8, torch.int16)[f.high_bits - 1],
+                                                   device=raw.device)  # fmt: skip
+    for r in range(0, rows, chunk_rows):
+        c = b[r : r + chunk_rows]
+        low = _elements(c[..., f.qs[0] : f.qs[1]], f.qs[2], 4)  # [chunk, K] 4-bit codes in element order
+        codes[r : r + chunk_rows] = _per_word(low, 4).view(torch.int32)[..., 0]
+        if high is not None:  # Q5_*: one byte a word (uint8), Q6_K: two (int16)
+            hi = _per_word(_elements(c[..., f.qh[0] : f.qh[1]], f.qh[2], f.high_bits), f.high_bits)
+            high[r : r + chunk_rows] = hi.view(high.dtype)[..., 0]
+    scales = b[..., f.scales[0] : f.scales[1]].contiguous().view(f.scale_dtype).reshape(rows, -1)
+    return PackedWeight(kind, codes, scales, n, k, high)
+
+
+def _unpack_nibbles(p: PackedWeight) -> torch.Tensor:
+    f = NIBBLE_FORMATS[p.kind]
+    rows, nb = p.codes.shape[0], p.k // f.block
+    out = torch.empty(rows, nb, f.size, dtype=torch.uint8, device=p.codes.device)
+    out[..., f.scales[0] : f.scales[1]] = p.scales.contiguous().view(torch.uint8).reshape(rows, nb, -1)
+    out[..., f.qs[0] : f.qs[1]] = _fields(_from_words(p.codes, 4, p.k), nb, f.qs[2], 4)
+    if f.qh is not None:
+        out[..., f.qh[0] : f.qh[1]] = _fields(_from_words(p.high, f.high_bits, p.k), nb, f.qh[2], f.high_bits)
+    return out.reshape(rows, -1)
+
+
+def pack_float(kind: str, raw: torch.Tensor, n: int, k: int) -> PackedWeight:
+    """F32/F16/BF16 bytes -> the values in their own dtype [rows, K]: held once, multiplied as they are."""
+    rows = raw.shape[0]
+    values = raw.contiguous().view(FLOAT_DTYPES[kind]).reshape(rows, k)
+    return PackedWeight(kind, values, values.new_empty(rows, 0), n, k)
+
+
 PACKERS = {T.Q8_0: pack_q8_0, T.MXFP4: pack_mxfp4}
+PACKERS |= {f.ggml_type: partial(pack_nibbles, kind) for kind, f in NIBBLE_FORMATS.items()}
+PACKERS |= {t: partial(pack_float, kind) for t, kind in FLOAT_KINDS.items()}
 
 
 def pack(raw: torch.Tensor, ggml_type: T, shape: tuple[int, ...]) -> PackedWeight | None:
