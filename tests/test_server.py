@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+import torch
 
 from tests.server_helpers import PROMPTS, LiveServer, sse_events
 from tests.waiting import wait_for
@@ -477,3 +478,23 @@ def test_sse_lines_survive_clients_that_split_on_unicode_line_breaks():
     for frame in (event("token", {"t": text, "i": 0}), data({"t": text})):
         payload = [line for line in frame.splitlines() if line.startswith("data: ")]
         assert len(payload) == 1 and json.loads(payload[0][6:])["t"] == text
+
+
+def test_kv_pool_on_cuda_takes_what_the_weights_leave(monkeypatch):
+    """--gpu-memory-utilization: the pool gets the card's share minus what is held and the workspace, never
+    less than max_batch sequences of ctx (plus the graphs' scratch slot); --kv-cache-size-mb and CPU keep
+    slots x ctx."""
+    from worker_orcd.server.worker import pool_blocks
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (120 * gib, 140 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 12 * gib)
+    per_token = 48 * 2**10  # GPT-OSS-20B: 24 layers x 2 x 8 heads x 64 x bf16
+    cuda = torch.device("cuda")
+    blocks = pool_blocks(per_token, 4096, 64, ServeConfig(), cuda, lambda: 2 * gib)
+    assert blocks == int(140 * gib * 0.9 - 12 * gib - 2 * gib) // (per_token * 16)  # 1,447,936 tokens
+    assert blocks * 16 >= 65 * 4096
+    small = pool_blocks(per_token, 4096, 64, ServeConfig(gpu_memory_utilization=0.1), cuda, lambda: 2 * gib)
+    assert small == 65 * 4096 // 16  # the floor: what the start-up check promised
+    assert pool_blocks(per_token, 4096, 64, ServeConfig(kv_cache_size_mb=100), cuda, lambda: 0) is None
+    assert pool_blocks(per_token, 4096, 64, ServeConfig(), torch.device("cpu"), lambda: 0) is None

@@ -284,6 +284,10 @@ def serve(
     max_tokens_out: Annotated[int, typer.Option("--max-tokens-out")] = 2048,
     inference_timeout_sec: Annotated[float, typer.Option("--inference-timeout-sec")] = 300.0,
     kv_cache_size_mb: Annotated[int | None, typer.Option("--kv-cache-size-mb")] = None,
+    gpu_memory_utilization: Annotated[float, typer.Option(
+        "--gpu-memory-utilization", min=0.05, max=1.0,
+        help="CUDA: the share of the card the worker fills; the KV pool takes what the weights leave "
+             "(more blocks keep more prefixes cached)")] = 0.9,
     vram_limit: Annotated[str | None, typer.Option("--vram-limit", help="e.g. 8GiB")] = None,
     mmap: Annotated[bool | None, typer.Option("--mmap/--no-mmap", help="CPU: keep weights in the file's memory map "
                                               "(default: only models over 1 GiB; a mapped file must not be "
@@ -326,6 +330,7 @@ def serve(
     cfg = ServeConfig(host=host, port=port, worker_id=worker_id, callback_url=callback_url, ctx=ctx,
                       max_batch=max_batch, max_tokens_in=max_tokens_in, max_tokens_out=max_tokens_out,
                       inference_timeout_sec=inference_timeout_sec, kv_cache_size_mb=kv_cache_size_mb,
+                      gpu_memory_utilization=gpu_memory_utilization,
                       max_body_bytes=max_body_bytes, read_timeout_sec=read_timeout_sec, cuda_graphs=cuda_graphs,
                       prefix_cache=prefix_cache,
                       api_key=api_key or None, served_model_names=served_model_name or None,

@@ -76,6 +76,7 @@ class ServeConfig:
     read_timeout_sec: float = 30.0  # for the request head, then again for the body (slow clients: 408)
     cuda_graphs: bool = True  # decode steps replay CUDA graphs on CUDA (--no-cuda-graphs: eager)
     prefix_cache: bool | None = None  # reuse cached prompt prefixes (None: unless WORKER_ORCD_PREFIX_CACHE=0)
+    gpu_memory_utilization: float = 0.9  # CUDA: the card's share the worker may fill; the KV pool takes the rest
     served_model_names: list[str] | None = None  # None: the file's stem and the GGUF's general.name
     api_key: str | None = None  # Bearer token for every endpoint but /health and /ready
     allowed_origins: list[str] | None = None  # CORS; None: no CORS headers
@@ -99,10 +100,35 @@ def plan_kv(kv_per_token: int, model_ctx: int, cfg: ServeConfig) -> tuple[int, i
     return ctx, slots
 
 
+def pool_blocks(kv_per_token: int, ctx: int, slots: int, cfg: ServeConfig, device: torch.device,
+                workspace: Callable[[], int]) -> int | None:
+    """KV blocks of the paged pool on CUDA, sized once the weights are loaded: what `gpu_memory_utilization` of
+    the card (and what is free) leaves after the memory already held and one prefill chunk's `workspace()`, never
+    fewer than `slots` sequences of `ctx` tokens plus the graphs' scratch slot (the start-up check promised
+    those). Blocks beyond that keep more prefixes cached. None (slots x ctx) on CPU or with --kv-cache-size-mb."""
+    if device.type != "cuda" or cfg.kv_cache_size_mb is not None:
+        return None
+    from worker_orcd.engine.kv_cache import GPU_BLOCK_SIZE
+
+    free, total = torch.cuda.mem_get_info(device)
+    budget = min(int(total * cfg.gpu_memory_utilization) - torch.cuda.memory_reserved(device), free) - workspace()
+    need = (slots + 1) * -(-ctx // GPU_BLOCK_SIZE)
+    return max(budget // (kv_per_token * GPU_BLOCK_SIZE), need)
+
+
 def kv_itemsize(device: torch.device) -> int:
     from worker_orcd.engine.kv_cache import kv_dtype
 
     return kv_dtype(device).itemsize
+
+
+def workspace_bytes(path, ctx: int, slots: int, prefill_chunk: int) -> int:
+    """engine/memory.py's estimate of the activations and scratch beside the weights and the KV cache."""
+    from worker_orcd.engine import memory
+    from worker_orcd.gguf import open_gguf
+
+    with open_gguf(path) as f:
+        return memory.workspace_bytes(f, ctx, slots, prefill_chunk)
 
 
 def weight_facts(path) -> tuple[int, str, str | None]:
@@ -135,9 +161,13 @@ class Worker:
         self.served_names = served_names(model.path, general_name, cfg.served_model_names)
         self.model_id = self.served_names[0]
         self.architecture = str(getattr(model.config, "architecture", "unknown"))
-        ctx, slots = plan_kv(kv_bytes_per_token(model.net), model.config.context_length, cfg)
+        kv_per_token = kv_bytes_per_token(model.net)
+        ctx, slots = plan_kv(kv_per_token, model.config.context_length, cfg)
+        blocks = pool_blocks(kv_per_token, ctx, slots, cfg, torch.device(model.device),
+                             lambda: workspace_bytes(model.path, ctx, slots, cfg.prefill_chunk))
         self.scheduler = Scheduler(model.net, model.tokenizer, slots, ctx, cfg.prefill_chunk, cfg.max_waiting,
-                                   graphs=False if not cfg.cuda_graphs else None, prefix_cache=cfg.prefix_cache)
+                                   graphs=False if not cfg.cuda_graphs else None, prefix_cache=cfg.prefix_cache,
+                                   kv_blocks=blocks)
         self.ctx = ctx
         self.max_tokens_in = min(cfg.max_tokens_in or ctx - 1, ctx - 1)
         self.max_piece_bytes = max(len(self.tokenizer.piece(i)) for i in range(self.tokenizer.vocab_size))
