@@ -234,3 +234,48 @@ def test_scheduler_on_cuda_texts_do_not_depend_on_company(tmp_path):
     finally:
         s.stop()
     assert together == alone
+
+
+@pytest.mark.gpu
+def test_overlapped_decode_launches_without_a_sync_and_changes_nothing(tmp_path, monkeypatch):
+    """The overlapped step queues decode N + 1 before it handles step N's tokens: its launch must not wait
+    for the GPU (torch's sync debug mode turns any synchronizing call into an error there), and the tokens
+    are those of the serial loop, greedy and sampled with every option."""
+    from dataclasses import replace
+
+    from worker_orcd.engine.sampler import SamplingParams
+    from worker_orcd.engine.scheduler import Request, Scheduler, TokenEvent
+
+    class Tok:
+        eog_ids: list[int] = []
+
+        def stream_decoder(self, continuation: bool = False):
+            return type("D", (), {"push": lambda self, t: "", "flush": lambda self: ""})()
+
+    launch, launches = Scheduler._launch, []
+
+    def strict_launch(self, rows, last):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            launches.append(len(rows))
+            return launch(self, rows, last)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(Scheduler, "_launch", strict_launch)
+    _, net = load(tmp_path, "gpt-oss", "MXFP4", "cuda")
+    kinds = [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, top_k=50, min_p=0.05, seed=0),
+             SamplingParams(temperature=1.1, repetition_penalty=1.2, frequency_penalty=0.3, presence_penalty=0.2,
+                            logit_bias=((5, 2.0), (7, -100.0)), seed=1)]
+    reqs = [Request(f"r{i}", prompt_ids(net.cfg.vocab_size, 3 + 5 * i, i), 6 + 2 * i, replace(kinds[i % 3], seed=i),
+                    logprobs=2 if i % 2 else None) for i in range(6)]
+    runs = {}
+    for overlap in (False, True):
+        s = Scheduler(net, Tok(), max_batch=8, ctx=128, prefill_chunk=32, overlap=overlap).start()
+        try:
+            handles = [s.submit(r) for r in reqs]
+            runs[overlap] = [[(e.token, e.logprob) for e in h if isinstance(e, TokenEvent)] for h in handles]
+        finally:
+            s.stop()
+    assert launches, "no overlapped launch ran"
+    assert runs[True] == runs[False]

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from worker_orcd.engine.kv_cache import KVCache
+from worker_orcd.engine.transfer import to_device
 
 
 class GraphedDecoder:
@@ -42,12 +43,13 @@ class GraphedDecoder:
             raise ValueError(f"step needs {self.batch_size} rows, got {len(positions)} positions, {len(slots)} slots")
         for s, p in zip(slots, positions):
             self.kv.prepare(s, p + 1)
-        # a pageable source is staged by the driver before copy_ returns, so the list may go right away
+        # staged in pinned memory: a copy that waited for the GPU would undo the scheduler's overlapped steps
+        dev = self.inputs.device
         if isinstance(tokens, torch.Tensor):
-            self.inputs[1:].copy_(torch.tensor([positions, slots]), non_blocking=True)
+            self.inputs[1:].copy_(to_device([positions, slots], dev, torch.long))
             self.inputs[0].copy_(tokens.reshape(-1))
         else:
-            self.inputs.copy_(torch.tensor([[int(t) for t in tokens], positions, slots]), non_blocking=True)
+            self.inputs.copy_(to_device([[int(t) for t in tokens], positions, slots], dev, torch.long))
         if not self.capture:
             return self.model.decode(*self.inputs, self.kv)
         if self.graph is None:

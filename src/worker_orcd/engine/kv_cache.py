@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from worker_orcd.engine.block_manager import BlockManager
+from worker_orcd.engine.transfer import to_device
 
 GPU_BLOCK_SIZE = 16
 # torch's CPU flash attention splits the keys into blocks of min(keys, 512), so below 512 keys a row's result
@@ -79,7 +80,7 @@ class KVCache:
         have = len(self.blocks.table(slot))
         new = self.blocks.ensure(slot, length)
         if new:
-            self.tables[slot, have : have + len(new)] = torch.tensor(new, dtype=torch.int32)
+            self.tables[slot, have : have + len(new)] = to_device(new, self.device, torch.int32)
 
     def reuse_prefix(self, slot: int, tokens: list[int], n_pages: int) -> int:
         """Start slot's table with the first n_pages cached pages of `tokens` (blocks.cached_pages said they
@@ -87,7 +88,7 @@ class KVCache:
         copy = self.blocks.share(slot, tokens, n_pages)
         table = self.blocks.table(slot)
         if table:
-            self.tables[slot, : len(table)] = torch.tensor(table, dtype=torch.int32)
+            self.tables[slot, : len(table)] = to_device(table, self.device, torch.int32)
         if copy is not None:
             src, dst, n = copy
             for pool in self.k + self.v:
@@ -117,7 +118,7 @@ class KVCache:
         n = -(-length // self.block_size)
         if n == 1:
             return self.k[layer][table[0], :, :length], self.v[layer][table[0], :, :length]
-        idx = torch.tensor(table[:n], device=self.device)
+        idx = to_device(table[:n], self.device)
         k = self.k[layer][idx].transpose(0, 1).flatten(1, 2)  # [Hkv, n * block_size, hd]
         v = self.v[layer][idx].transpose(0, 1).flatten(1, 2)
         return k[:, :length], v[:, :length]

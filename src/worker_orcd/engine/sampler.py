@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from worker_orcd.engine.transfer import to_device
+
 # Below this a temperature only overflows the scaled logits; it means greedy (as vLLM treats it).
 MIN_TEMPERATURE = 1e-5
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a bias; vLLM clamps to it
@@ -77,7 +79,7 @@ class TokenCounts:
         self.generated = torch.zeros(vocab, dtype=torch.int32, device=device)
         self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
         if prompt_ids:
-            self.seen[torch.tensor(list(prompt_ids), dtype=torch.long).to(device)] = True
+            self.seen[to_device(list(prompt_ids), device, torch.long)] = True
 
 
 class Sampler:
@@ -144,7 +146,7 @@ def pick_rows(logits: torch.Tensor, params: list[SamplingParams], uniforms: list
 
 
 def _index(rows: list[int], n: int, dev: torch.device) -> torch.Tensor | slice:
-    return slice(None) if len(rows) == n else torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
+    return slice(None) if len(rows) == n else to_device(rows, dev, torch.long)
 
 
 def add_logit_bias(logits: torch.Tensor, rows: list[int], biases: list[tuple[tuple[int, float], ...]]) -> None:
@@ -152,8 +154,8 @@ def add_logit_bias(logits: torch.Tensor, rows: list[int], biases: list[tuple[tup
     r = [i for i, bias in zip(rows, biases) for _ in bias]
     ids = [t for bias in biases for t, _ in bias]
     values = [b for bias in biases for _, b in bias]
-    index = torch.tensor([r, ids], dtype=torch.long).to(logits.device, non_blocking=True)
-    logits.index_put_((index[0], index[1]), torch.tensor(values).to(logits.device), accumulate=True)
+    index = to_device([r, ids], logits.device, torch.long)
+    logits.index_put_((index[0], index[1]), to_device(values, logits.device, torch.float32), accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, generated: torch.Tensor, seen: torch.Tensor,
@@ -162,12 +164,12 @@ def apply_penalties(logits: torch.Tensor, generated: torch.Tensor, seen: torch.T
     formulas): repetition scales the logits of seen ids toward zero, frequency and presence subtract."""
     dev = logits.device
     if any(p.repetition_penalty != 1.0 for p in params):
-        rep = torch.tensor([p.repetition_penalty for p in params]).to(dev)[:, None]
+        rep = to_device([p.repetition_penalty for p in params], dev, torch.float32)[:, None]
         scale = torch.where(seen, rep, 1.0)
         logits = torch.where(logits > 0, logits / scale, logits * scale)
     if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
-        freq = torch.tensor([p.frequency_penalty for p in params]).to(dev)[:, None]
-        pres = torch.tensor([p.presence_penalty for p in params]).to(dev)[:, None]
+        freq = to_device([p.frequency_penalty for p in params], dev, torch.float32)[:, None]
+        pres = to_device([p.presence_penalty for p in params], dev, torch.float32)[:, None]
         logits = logits - freq * generated - pres * (generated > 0)
     return logits
 
@@ -181,23 +183,23 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], uniforms: li
     [B] on their device: the filters as masks over each row sorted once, then the inverse-CDF draw with each
     row's uniform."""
     dev = logits.device
-    temps = torch.tensor([p.temperature for p in params]).to(dev)[:, None]
+    temps = to_device([p.temperature for p in params], dev, torch.float32)[:, None]
     # extreme penalties or biases can push logits to +-inf or NaN: clamp to finite so softmax stays a distribution
     scaled = torch.nan_to_num(logits.float() / temps, nan=_LOWEST, posinf=_HIGHEST, neginf=_LOWEST)
     sorted_logits, ids = torch.sort(scaled, dim=-1, descending=True, stable=True)
     V = logits.shape[-1]
     rank = torch.arange(V, device=dev)[None, :]
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params]).to(dev)[:, None]
+    top_k = to_device([p.top_k if 0 < p.top_k < V else V for p in params], dev, torch.long)[:, None]
     sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
-    top_p = torch.tensor([p.top_p for p in params]).to(dev)[:, None]
+    top_p = to_device([p.top_p for p in params], dev, torch.float32)[:, None]
     # the smallest prefix whose mass reaches top_p; the most likely token always stays
     keep = ((probs.cumsum(-1) - probs) < top_p) | (rank == 0)
-    min_p = torch.tensor([p.min_p for p in params]).to(dev)[:, None]
+    min_p = to_device([p.min_p for p in params], dev, torch.float32)[:, None]
     keep &= (probs >= min_p * probs[:, :1]) | (rank == 0)
     probs = probs * keep
     cdf = (probs / probs.sum(-1, keepdim=True)).cumsum(-1)
-    u = torch.tensor(uniforms, dtype=cdf.dtype).to(dev)[:, None]
+    u = to_device(uniforms, dev, cdf.dtype)[:, None]
     kept = keep.sum(-1, keepdim=True)
     pick = torch.minimum(torch.searchsorted(cdf, u), kept - 1)
     return ids.gather(1, pick).squeeze(1)

@@ -39,6 +39,7 @@ from worker_orcd.engine.cuda_graphs import BucketedDecoder
 from worker_orcd.engine.kv_cache import SPLIT_INVARIANT_KEYS, KVCache, SeqSpan
 from worker_orcd.engine.sampler import Logprob, Sampler, SamplingParams, logprob_entries, pick_rows, token_logprobs
 from worker_orcd.engine.stop import StopMatcher
+from worker_orcd.engine.transfer import to_device
 from worker_orcd.quant.cpu_matmul import PACKED_MAX_ROWS
 
 log = logging.getLogger(__name__)
@@ -506,11 +507,11 @@ class Scheduler:
                 a is b for a, b in zip(rows, last.seqs)):
             tokens = last.picks  # the steady state: the same rows in the same order
         else:
-            tokens = torch.tensor([0 if p else s.history[-1] for s, p in zip(rows, pending)]).to(dev)
+            tokens = to_device([0 if p else s.history[-1] for s, p in zip(rows, pending)], dev, torch.long)
             if any(pending):
                 dst = [i for i, p in enumerate(pending) if p]
                 src = [last.row[id(rows[i])] for i in dst]
-                tokens[torch.tensor(dst).to(dev)] = last.picks[torch.tensor(src).to(dev)]
+                tokens[to_device(dst, dev, torch.long)] = last.picks[to_device(src, dev, torch.long)]
         logits = self._decoder.step(tokens, positions, [s.slot for s in rows])
         picks, asked, lp = self._pick_on_device(rows, logits)
         return _InFlight(rows, picks, asked, lp)
@@ -651,7 +652,7 @@ class Scheduler:
         prompt = seq.handle.request.prompt_ids
         targets = prompt[start + 1:start + 1 + logits.shape[0]]
         if targets:
-            ids = torch.tensor(targets, dtype=torch.long).to(logits.device)
+            ids = to_device(targets, logits.device, torch.long)
             seq.prompt_logprobs += logprob_entries(targets, *token_logprobs(logits[:len(targets)], ids, k),
                                                    [k] * len(targets))
 
@@ -691,7 +692,7 @@ class Scheduler:
         rows = None
         if asked:
             k = max(seqs[i].handle.request.logprobs for i in asked)
-            index = torch.tensor(asked).to(logits.device)
+            index = to_device(asked, logits.device, torch.long)
             rows = token_logprobs(logits[index], picks[index], k)
         return picks, asked, rows
 
