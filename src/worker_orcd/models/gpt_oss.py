@@ -187,9 +187,15 @@ class GptOssModel:
 
         static: no host sync (CUDA graphs); without the grouped kernel every expert then runs on every token."""
         k = self.cfg.n_experts_used
-        logits = linear(h, layer.router, layer.router_b)  # [T, E]
-        top_logits, top_ids = torch.topk(logits.float(), k, dim=-1)  # [T, k]
-        weights = torch.softmax(top_logits, dim=-1)
+        router = float32_matrix(layer.router) if h.is_cuda else None
+        if router is not None:  # logits, top-k and softmax in one launch (kernels/triton_router.py)
+            from worker_orcd.kernels.triton_router import route
+
+            top_ids, weights = route(h, router, layer.router_b, k)
+        else:
+            logits = linear(h, layer.router, layer.router_b)  # [T, E]
+            top_logits, top_ids = torch.topk(logits.float(), k, dim=-1)  # [T, k]
+            weights = torch.softmax(top_logits, dim=-1)
         if h.is_cuda and layer.gate.ggml_type == GGMLType.MXFP4:
             from worker_orcd.kernels.triton_moe import moe_grouped
 
@@ -261,6 +267,16 @@ class GptOssModel:
         if logit_rows is not None:
             x = x[logit_rows]
         return linear(rms_norm(x, self.output_norm, c.norm_eps), self.output, out_dtype=torch.float32).float()
+
+
+def float32_matrix(w: QuantTensor) -> torch.Tensor | None:
+    """An F32 matrix's values as the CUDA kernels hold them (no copy); None for any other format."""
+    if w.ggml_type != GGMLType.F32:
+        return None
+    from worker_orcd.quant.gpu_matmul import packed
+
+    p = packed(w)
+    return p.codes if p is not None and p.codes.dtype == torch.float32 else None
 
 
 def _dense(t: QuantTensor | torch.Tensor) -> torch.Tensor:
