@@ -617,7 +617,7 @@ class Scheduler:
         if not rows:  # only mid-prompt chunks: the forward still computes one row of logits
             rows.append(len(tokens) - 1)
         return self.net.forward(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                                self.kv, spans, torch.tensor(rows))
+                                self.kv, spans, to_device(rows, self.kv.device, torch.long))
 
     def _apply(self, decoding: list[_Seq], prefills: list[_Seq], logits: torch.Tensor) -> None:
         """Advance the group past a successful forward: the chunks count as prefilled (their prompt logprobs

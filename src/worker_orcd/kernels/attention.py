@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from worker_orcd.engine.transfer import to_device
+
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """allowed[t, l]: key position l is visible from query position t (causal, within the window)."""
@@ -130,7 +132,7 @@ def plan_attention(positions: torch.Tensor, seqs, window: int | None, kv, kernel
 
 def window_variants(positions: torch.Tensor, seqs, kv, windows, kernel: bool | None = None) -> dict:
     """{window: AttentionPlan} for each window in `windows` (None: full attention), sharing one preparation."""
-    pos_list = positions.tolist()  # one host sync per forward, not per layer
+    pos_list = positions.tolist()  # host positions (the caller's, before they moved): no sync
     kernel = kv.device.type == "cuda" if kernel is None else kernel
     row_slot = [0] * len(pos_list)
     lengths = []
@@ -141,7 +143,7 @@ def window_variants(positions: torch.Tensor, seqs, kv, windows, kernel: bool | N
         lengths.append(length)
     blocks, offsets = kv.locate(row_slot, pos_list)
     dev = kv.device
-    where = torch.tensor([blocks, offsets], dtype=torch.long).to(dev)
+    where = to_device([blocks, offsets], dev, torch.long)
     tiles = _kernel_tiles(pos_list, row_slot, seqs, kv) if kernel else None
     plans = {}
     for window in windows:
@@ -176,7 +178,7 @@ def _kernel_tiles(pos_list: list[int], row_slot: list[int], seqs, kv) -> KernelT
     for part in parts:
         starts.append(len(flat))
         flat += part + [0] * (-len(part) % 4)
-    meta = torch.tensor(flat, dtype=torch.int32).to(kv.device)
+    meta = to_device(flat, kv.device, torch.int32)
     T, nd, npf = len(pos_list), len(decode_rows), len(prefill_rows)
     groups = []
     if nd:

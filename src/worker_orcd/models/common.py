@@ -10,8 +10,15 @@ from worker_orcd.kernels.attention import AttentionPlan, decode_plans, window_va
 
 def batch_inputs(tokens: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSpan] | None,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[SeqSpan]]:
-    """tokens and positions on `device`; no `seqs` means one sequence in slot 0."""
-    return tokens.to(device), positions.to(device), seqs or single_sequence(tokens.shape[0])
+    """tokens and positions on `device` (from the host without a stream sync); no `seqs` means one sequence in
+    slot 0. Plan attention with the positions as given (window_plans): reading them back would sync."""
+    return _moved(tokens, device), _moved(positions, device), seqs or single_sequence(tokens.shape[0])
+
+
+def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if t.device.type == "cpu" and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 Plans = dict[int | None, AttentionPlan]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker_orcd.engine.kv_cache import KVCache, SeqSpan, kv_dtype
+from worker_orcd.engine.kv_cache import KVCache, SeqSpan, kv_dtype, single_sequence
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import geglu
 from worker_orcd.kernels.attention import cached_attention
@@ -144,8 +144,8 @@ class Gemma3Model:
     ) -> torch.Tensor:
         c = self.cfg
         T = tokens.shape[0]
+        plans = window_plans(positions, seqs or single_sequence(len(tokens)), c.sliding_window, kv)
         tokens, positions, seqs = batch_inputs(tokens, positions, seqs, self.device)
-        plans = window_plans(positions, seqs, c.sliding_window, kv)
         rope = {
             False: cos_sin(self.rope_local, positions, self.freq_local),
             True: cos_sin(self.rope_global, positions, self.freq_global),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker_orcd.engine.kv_cache import KVCache, SeqSpan, kv_dtype
+from worker_orcd.engine.kv_cache import KVCache, SeqSpan, kv_dtype, single_sequence
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import gelu
 from worker_orcd.kernels.attention import cached_attention, plan_attention
@@ -114,8 +114,8 @@ class GPT2Model:
     ) -> torch.Tensor:
         c = self.cfg
         T = tokens.shape[0]
+        plan = plan_attention(positions, seqs or single_sequence(T), None, kv)
         tokens, positions, seqs = batch_inputs(tokens, positions, seqs, self.device)
-        plan = plan_attention(positions, seqs, None, kv)
         x = absolute_position_embedding(self.tok_embd.embedding(tokens), self.pos_embd, positions)
         for i, layer in enumerate(self.layers):
             h = layer_norm(x, layer.ln1_w, layer.ln1_b, c.norm_eps)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker_orcd.engine.kv_cache import KVCache, SeqSpan, kv_dtype
+from worker_orcd.engine.kv_cache import KVCache, SeqSpan, kv_dtype, single_sequence
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import clamped_swiglu
 from worker_orcd.kernels.attention import cached_attention
@@ -236,8 +236,8 @@ class GptOssModel:
         seqs: list[SeqSpan] | None = None,
         logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        plans = window_plans(positions, seqs or single_sequence(len(tokens)), self.cfg.sliding_window, kv)
         tokens, positions, seqs = batch_inputs(tokens, positions, seqs, self.device)
-        plans = window_plans(positions, seqs, self.cfg.sliding_window, kv)
         return self._run(tokens, positions, kv, plans, logit_rows)
 
     @torch.inference_mode()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker_orcd.engine.kv_cache import KVCache, SeqSpan, kv_dtype
+from worker_orcd.engine.kv_cache import KVCache, SeqSpan, kv_dtype, single_sequence
 from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import swiglu
 from worker_orcd.kernels.attention import cached_attention
@@ -190,8 +190,9 @@ class LlamaModel:
         seqs: list[SeqSpan] | None = None,
         logit_rows: torch.Tensor | None = None,  # which of the T rows need logits (None: all)
     ) -> torch.Tensor:
+        plans = window_plans(positions, seqs or single_sequence(len(tokens)), None, kv)
         tokens, positions, seqs = batch_inputs(tokens, positions, seqs, self.device)
-        return self._run(tokens, positions, kv, window_plans(positions, seqs, None, kv)[None], logit_rows)
+        return self._run(tokens, positions, kv, plans[None], logit_rows)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv: KVCache) -> torch.Tensor:
