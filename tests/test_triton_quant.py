@@ -77,6 +77,19 @@ def test_gemm_interpreted(kind, m):
 
 
 @pytest.mark.parametrize("kind", [T.Q8_0, T.MXFP4])
+@pytest.mark.parametrize("cfg", [gemm_config(None, 3), {"BM": 16, "BN": 16, "NB": 1, "TARGET": 8, "num_warps": 1,
+                                                         "num_stages": 1}])  # one split; 4 splits
+def test_bias_joins_the_sum(kind, cfg):
+    """x @ W.T + b: inside the split-K sum (float32) when K is split, one add after otherwise."""
+    raw = random_blocks(kind, 20, 160)
+    x, b = torch.randn(3, 160), torch.randn(20)
+    ref = x.double() @ dequantize(raw, kind, (20, 160)).double().T + b.double()
+    y = torch.full((3, 20), float("nan"))
+    quant_matmul(PACK[kind](raw, 20, 160), x, cfg, out=y, bias=b)
+    assert rel_err(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("kind", [T.Q8_0, T.MXFP4])
 @pytest.mark.parametrize("cfg", [None, {"BM": 16, "BN": 16, "NB": 1, "TARGET": 8, "num_warps": 1, "num_stages": 1}])
 def test_decode_rows_do_not_depend_on_the_batch(kind, cfg):
     """Split-K and tiles follow the weight's shape, never the row count: a row gives the same bits alone."""

@@ -245,14 +245,18 @@ def _gemv_kernel(
     tl.store(y_ptr + (split * M + m) * N + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
 
 
-@triton.jit(do_not_specialize=["J", "stride_i", "stride_r"])
-def sum_partials_kernel(part_ptr, y_ptr, J, stride_i, stride_r, R: tl.constexpr, BJ: tl.constexpr):
-    """y[i, j] = sum over r < R, in order, of part[i * stride_i + r * stride_r + j]; stored in y's dtype."""
+@triton.jit(do_not_specialize=["J", "stride_i", "stride_r", "N"])
+def sum_partials_kernel(part_ptr, y_ptr, J, stride_i, stride_r, R: tl.constexpr, BJ: tl.constexpr, b_ptr=None,
+                        N=1, HAS_BIAS: tl.constexpr = False):
+    """y[i, j] = sum over r < R, in order, of part[i * stride_i + r * stride_r + j] (+ b[j % N], the bias of
+    column j of a flat [M, N] output, added once in float32); stored in y's dtype."""
     i = tl.program_id(0)
     j = tl.program_id(1) * BJ + tl.arange(0, BJ)
     acc = tl.zeros([BJ], dtype=tl.float32)
     for r in tl.static_range(R):
         acc += tl.load(part_ptr + i * stride_i + r * stride_r + j, mask=j < J, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + j % N, mask=j < J, other=0.0).to(tl.float32)
     tl.store(y_ptr + i * J + j, acc.to(y_ptr.dtype.element_ty), mask=j < J)
 
 
@@ -417,10 +421,11 @@ GEMV_ROWS = 2 if os.environ.get("WORKER_ORCD_NONDETERMINISTIC") == "1" else 0
 
 def quant_matmul(
     w: PackedWeight, x: torch.Tensor, cfg: dict | None = None, out: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None, bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K] @ W^T -> [..., N] in out_dtype (default x.dtype; into `out`, contiguous [M, N], if given),
-    W one packed 2-D weight. A cfg picks its kernel by its keys (gemv_config's or gemm_config's)."""
+    """x [..., K] @ W^T (+ bias [N]) -> [..., N] in out_dtype (default x.dtype; into `out`, contiguous [M, N], if
+    given), W one packed 2-D weight. A cfg picks its kernel by its keys (gemv_config's or gemm_config's). The
+    bias joins the split-K sum in float32 when the kernel splits K (no launch of its own), else is added after."""
     if x.shape[-1] != w.k:
         raise ValueError(f"quant_matmul: x has {x.shape[-1]} features, weight has {w.k}")
     lead = x.shape[:-1]
@@ -441,7 +446,7 @@ def quant_matmul(
             torch.matmul(xb, wd.T, out=y)
         else:
             y.copy_(torch.matmul(xb, wd.T))
-        return y.reshape(*lead, w.n)
+        return _add_bias(y, bias).reshape(*lead, w.n)
     kind = "gemv" if (cfg is None and M <= GEMV_ROWS) or (cfg is not None and "BM" not in cfg) else "gemm"
     nblk = w.k // 32
     if kind == "gemv":
@@ -466,5 +471,11 @@ def quant_matmul(
             DOT_F32=INTERPRET, **c,
         )  # fmt: skip
     if splits > 1:
-        sum_partials_kernel[(1, triton.cdiv(M * w.n, 1024))](part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024)
-    return y.reshape(*lead, w.n)
+        sum_partials_kernel[(1, triton.cdiv(M * w.n, 1024))](part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024,
+                                                              b_ptr=bias, N=w.n, HAS_BIAS=bias is not None)
+        return y.reshape(*lead, w.n)
+    return _add_bias(y, bias).reshape(*lead, w.n)
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y.add_(bias)

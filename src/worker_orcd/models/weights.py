@@ -123,7 +123,4 @@ def linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None,
     kernels accumulate in float32) and come out in bf16, or in `out_dtype` (the logits: float32)."""
     if w.device.type == "cuda" and x.dtype == torch.float32:
         x = x.to(torch.bfloat16)
-    y = w.matmul(x, out_dtype=out_dtype)
-    if bias is None:
-        return y
-    return y.add_(bias) if y.dtype != bias.dtype else y + bias
+    return w.matmul(x, out_dtype=out_dtype, bias=bias)

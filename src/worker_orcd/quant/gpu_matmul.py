@@ -26,19 +26,23 @@ def packed(w: QuantTensor) -> PackedWeight | None:
     return w.packed
 
 
-def gpu_matmul(w: QuantTensor, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The CUDA entry of MATMUL_KERNELS (any device works, through the Triton interpreter on CPU)."""
+def gpu_matmul(w: QuantTensor, x: torch.Tensor, out_dtype: torch.dtype | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The CUDA entry of MATMUL_KERNELS (any device works, through the Triton interpreter on CPU): x @ w.T, plus
+    `bias` (inside the Q8_0/MXFP4 kernels' split-K sum where they split, else one add after)."""
     p = packed(w)
+    if p is not None and p.kind not in FLOAT_DTYPES and p.kind not in NIBBLE_FORMATS and x.dtype != torch.float64:
+        return quant_matmul(p, x, out_dtype=out_dtype, bias=bias)
     if p is None or x.dtype == torch.float64:  # the kernels accumulate in float32; float64 asks for the reference
         y = dequantize_matmul(w, x)
-        return y if out_dtype is None else y.to(out_dtype)
-    if p.kind in FLOAT_DTYPES:
-        y = torch.matmul(x.to(p.codes.dtype), p.codes.T)
-        return y.to(out_dtype or x.dtype)
-    if p.kind in NIBBLE_FORMATS:
-        return kquant_matmul(p, x, out_dtype=out_dtype)
-    return quant_matmul(p, x, out_dtype=out_dtype)
+        y = y if out_dtype is None else y.to(out_dtype)
+    elif p.kind in FLOAT_DTYPES:
+        y = torch.matmul(x.to(p.codes.dtype), p.codes.T).to(out_dtype or x.dtype)
+    else:
+        y = kquant_matmul(p, x, out_dtype=out_dtype)
+    return y if bias is None else y.add_(bias)
 
 
 gpu_matmul.takes_out_dtype = True
+gpu_matmul.takes_bias = True
 MATMUL_KERNELS["cuda"] = gpu_matmul

@@ -99,12 +99,19 @@ class QuantTensor:
         """The full tensor of `shape`, on the same device."""
         return dequantize(self.raw, self.ggml_type, self.shape).to(dtype)
 
-    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """x [..., in] @ W.T -> [..., out] in x.dtype (or out_dtype), for a 2-D W of shape (out, in)."""
+    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., in] @ W.T (+ bias) -> [..., out] in x.dtype (or out_dtype), for a 2-D W of shape (out, in).
+        A bias goes to kernels that take it (CUDA: inside the split-K sum); elsewhere it is added to the result."""
         self._need_2d("matmul")
         if x.shape[-1] != self.shape[1]:
             raise ValueError(f"matmul: x has {x.shape[-1]} features, weight {self.shape} has {self.shape[1]}")
         kernel = MATMUL_KERNELS.get(self.device.type, dequantize_matmul)
+        if bias is not None and getattr(kernel, "takes_bias", False):
+            return kernel(self, x, out_dtype=out_dtype, bias=bias)
+        if bias is not None:
+            y = self.matmul(x, out_dtype)
+            return y.add_(bias) if y.dtype != bias.dtype else y + bias
         if out_dtype is not None and out_dtype != x.dtype and getattr(kernel, "takes_out_dtype", False):
             return kernel(self, x, out_dtype=out_dtype)
         y = kernel(self, x)
