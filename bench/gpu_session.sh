@@ -55,6 +55,10 @@ case "${1:-tests}" in
       SERVE_LOG="$out/serve-$n.log" timeout ${HTTP_TIMEOUT:-200} python3 bench/serve_throughput.py --model "$model" \
         --device cuda --streams "$n" --tokens 64 --max-batch 64 2>&1 | tee "$out/http-$n.txt" | tail -2
     done
+    # the same 64 streams with the overlapped decode off (session 5's change, never measured): its gain
+    [[ ${SERIAL:-1} == 1 ]] && WORKER_ORCD_OVERLAP=0 SERVE_LOG="$out/serve-64-serial.log" timeout 200 python3 \
+      bench/serve_throughput.py --model "$model" --device cuda --streams 64 --tokens 64 --max-batch 64 --no-alone \
+      2>&1 | tee "$out/http-64-serial.txt" | tail -2
     ;;
   *)
     echo "usage: bench/gpu_session.sh tests|bench|engine|http" >&2
