@@ -130,6 +130,33 @@ def test_triton_rope_matches_torch(neox, n_rot, hd):
     assert torch.allclose(apply_rope_cuda(x, cos, sin, n_rot, neox), want, atol=1e-6)
 
 
+@pytest.mark.parametrize("neox,n_rot,hd,dtype", [(True, 64, 64, torch.float32), (False, 32, 48, torch.float32),
+                                                 (True, 16, 24, torch.bfloat16)])
+def test_rope_qkv_store_is_rope_then_the_kv_store(neox, n_rot, hd, dtype):
+    """One launch: q rotated out, k rotated and v as it is into the KV pools at each row's block and offset,
+    bit for bit what the rope kernel followed by KVCache.write_rows gives; other pool rows untouched."""
+    from worker_orcd.engine.kv_cache import KVCache
+    from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq
+    from worker_orcd.kernels.triton_rope import apply_rope_cuda, rope_qkv_store
+
+    H, Hkv, T = 4, 2, 3
+    cfg = RopeConfig(n_rot=n_rot, base=10000.0, neox=neox)
+    pos = torch.tensor([0, 5, 17])
+    cos, sin = cos_sin(cfg, pos, inv_freq(cfg))
+    qkv = torch.randn(T, H + 2 * Hkv, hd).to(dtype)
+    blocks, offsets = torch.tensor([3, 0, 3]), torch.tensor([1, 15, 2])
+    want, got = (KVCache(1, Hkv, hd, 64, 4, dtype, block_size=16) for _ in range(2))
+    for pools in (want, got):
+        pools.k[0].fill_(7.0)
+        pools.v[0].fill_(-7.0)
+    qk = apply_rope_cuda(qkv[:, : H + Hkv], cos, sin, n_rot, neox)  # what the CUDA path ran before
+    assert torch.allclose(qk.float(), apply_rope(qkv[:, : H + Hkv].float(), cos, sin, n_rot, neox), atol=3e-2)
+    want.write_rows(0, blocks, offsets, qk[:, H:], qkv[:, H + Hkv :])
+    q = rope_qkv_store(qkv, cos, sin, n_rot, neox, H, got.k[0], got.v[0], blocks, offsets)
+    assert torch.equal(q, qk[:, :H].to(dtype))
+    assert torch.equal(got.k[0], want.k[0]) and torch.equal(got.v[0], want.v[0])
+
+
 def test_triton_rms_norm_and_fused_add():
     from worker_orcd.kernels.norm import rms_norm
     from worker_orcd.kernels.triton_norm import add_rms_norm_cuda, rms_norm_cuda

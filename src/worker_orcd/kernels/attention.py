@@ -238,8 +238,8 @@ def gathered_attention(
 
 def cached_attention(
     q: torch.Tensor,  # [T, H, hd] (already rotated)
-    k: torch.Tensor,  # [T, Hkv, hd] (already rotated)
-    v: torch.Tensor,  # [T, Hkv, hdv]
+    k: torch.Tensor | None,  # [T, Hkv, hd] (already rotated); None: already stored (rope.rotate_qkv)
+    v: torch.Tensor | None,  # [T, Hkv, hdv]
     kv,  # engine.kv_cache.KVCache
     layer: int,
     plan: AttentionPlan,
@@ -249,8 +249,10 @@ def cached_attention(
 ) -> torch.Tensor:
     """Store every row's new K/V in its sequence's blocks, then attend each sequence over what it holds:
     [T, H, hdv]. Each sequence is computed on its own, so batching never changes its result."""
-    kv.write_rows(layer, plan.blocks, plan.offsets, k, v)
+    if k is not None:
+        kv.write_rows(layer, plan.blocks, plan.offsets, k, v)
     T, H, _ = q.shape
+    hdv = kv.v[layer].shape[-1]
     if plan.rows is not None:
         return gathered_attention(q, kv, layer, *plan.rows, plan.window, scale, sinks=sinks, softcap=softcap)
     if plan.tiles is not None:
@@ -258,13 +260,13 @@ def cached_attention(
 
         t = plan.tiles
         q = q.to(kv.dtype)
-        out = q.new_empty(T, H, v.shape[-1])
+        out = q.new_empty(T, H, hdv)
         for tile_row, tile_len, block_q in t.groups:
             paged_attention(q, kv.k[layer], kv.v[layer], kv.tables, t.row_slot, t.positions, tile_row, tile_len,
                             block_q, scale, sinks=sinks, softcap=softcap, window=plan.window, splits=t.splits,
                             out=out)
         return out
-    out = q.new_empty(T, H, v.shape[-1])
+    out = q.new_empty(T, H, hdv)
     lean = q.device.type == "cpu" and q.dtype == kv.k[layer].dtype and sinks is None and softcap is None
     q_scaled = None
     for s in plan.seqs:

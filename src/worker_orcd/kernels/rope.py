@@ -91,3 +91,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int
         turned = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
     out = rot * cos[:, None, :] + turned * sin[:, None, :]
     return torch.cat([out, x[..., n_rot:]], dim=-1) if n_rot < x.shape[-1] else out
+
+
+def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int, neox: bool, n_heads: int,
+               kv=None, layer: int = 0, plan=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """q [T, H, hd], k and v [T, Hkv, hd] from q|k|v heads side by side [T, H + 2 Hkv, hd], q and k rotated. On
+    CUDA, when the step attends through the paged kernel (plan.tiles), k and v go straight into the layer's KV
+    blocks in the same launch and come back as None (cached_attention then has nothing left to store)."""
+    n_kv = (qkv.shape[1] - n_heads) // 2
+    if qkv.is_cuda and plan is not None and plan.tiles is not None:
+        from worker_orcd.kernels.triton_rope import rope_qkv_store
+
+        q = rope_qkv_store(qkv, cos, sin, n_rot, neox, n_heads, kv.k[layer], kv.v[layer], plan.blocks, plan.offsets)
+        return q, None, None
+    qk = apply_rope(qkv[:, : n_heads + n_kv], cos, sin, n_rot, neox)
+    return qk[:, :n_heads], qk[:, n_heads:], qkv[:, n_heads + n_kv :]

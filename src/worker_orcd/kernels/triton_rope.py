@@ -54,3 +54,65 @@ def apply_rope_cuda(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot
         BH=BH, BD=triton.next_power_of_2(hd), num_warps=1 if INTERPRET else 4,
     )  # fmt: skip
     return out
+
+
+@triton.jit
+def _rope_store_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, blocks_ptr, offsets_ptr, H, HKV, stride_xt,
+                       stride_b, stride_h, stride_o, n_rot, HD: tl.constexpr, NEOX: tl.constexpr,
+                       BH: tl.constexpr, BD: tl.constexpr):
+    """Row t of q|k|v [T, H + 2 HKV, HD]: q heads rotated into q [T, H, HD], k heads rotated and v heads as they
+    are into the KV pools [blocks, HKV, block_size, HD] at (blocks[t], offsets[t])."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BH + tl.arange(0, BH)
+    j = tl.arange(0, BD)
+    ok = (h < H + 2 * HKV)[:, None] & (j < HD)[None, :]
+    rot = (j < n_rot)[None, :] & (h < H + HKV)[:, None]  # v heads pass through
+    if NEOX:
+        half = n_rot // 2
+        first = j < half
+        partner = tl.where(first, j + half, j - half)
+    else:
+        first = j % 2 == 0
+        partner = tl.where(first, j + 1, j - 1)
+    partner = tl.where(j < n_rot, partner, j)
+    row = x_ptr + t * stride_xt + h[:, None] * HD
+    x = tl.load(row + j[None, :], mask=ok, other=0.0).to(tl.float32)
+    xp = tl.load(row + partner[None, :], mask=ok, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + t * n_rot + j, mask=j < n_rot, other=1.0)
+    s = tl.load(sin_ptr + t * n_rot + j, mask=j < n_rot, other=0.0)
+    turned = tl.where(first[None, :], -xp, xp)
+    y = tl.where(rot, x * c[None, :] + turned * s[None, :], x)
+    tl.store(q_ptr + t * H * HD + h[:, None] * HD + j[None, :], y.to(q_ptr.dtype.element_ty),
+             mask=ok & (h < H)[:, None])
+    slot = tl.load(blocks_ptr + t) * stride_b + tl.load(offsets_ptr + t) * stride_o
+    kh = h - H
+    tl.store(k_ptr + slot + kh[:, None] * stride_h + j[None, :], y.to(k_ptr.dtype.element_ty),
+             mask=ok & ((h >= H) & (h < H + HKV))[:, None])
+    vh = h - H - HKV
+    tl.store(v_ptr + slot + vh[:, None] * stride_h + j[None, :], y.to(v_ptr.dtype.element_ty),
+             mask=ok & (h >= H + HKV)[:, None])
+
+
+def rope_qkv_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int, neox: bool, n_heads: int,
+                   k_pool: torch.Tensor, v_pool: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor
+                   ) -> torch.Tensor:
+    """qkv [T, H + 2 Hkv, hd] -> q rotated [T, H, hd] (qkv's dtype); k rotated and v stored in place into the
+    pools [blocks, Hkv, block_size, hd] at row t's (blocks[t], offsets[t]). One launch for what apply_rope plus
+    KVCache.write_rows do in three or more."""
+    T, heads, hd = qkv.shape
+    n_kv = (heads - n_heads) // 2
+    if heads != n_heads + 2 * n_kv or k_pool.shape[1] != n_kv or k_pool.shape[-1] != hd or v_pool.shape != k_pool.shape:
+        raise ValueError(f"rope_qkv_store: qkv {list(qkv.shape)} with {n_heads} q heads, pools "
+                         f"{list(k_pool.shape)} / {list(v_pool.shape)}")
+    q = torch.empty(T, n_heads, hd, dtype=qkv.dtype, device=qkv.device)
+    if T == 0:
+        return q
+    if qkv.stride(-1) != 1 or qkv.stride(1) != hd:
+        qkv = qkv.contiguous()
+    BH = 4 if INTERPRET else 16
+    _rope_store_kernel[(T, triton.cdiv(heads, BH))](
+        qkv, cos.contiguous(), sin.contiguous(), q, k_pool, v_pool, blocks, offsets, n_heads, n_kv, qkv.stride(0),
+        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), n_rot, HD=hd, NEOX=neox, BH=BH,
+        BD=triton.next_power_of_2(hd), num_warps=1 if INTERPRET else 4,
+    )  # fmt: skip
+    return q

@@ -17,7 +17,7 @@ from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import clamped_swiglu
 from worker_orcd.kernels.attention import cached_attention
 from worker_orcd.kernels.norm import add_rms_norm, rms_norm
-from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq, yarn_attn_factor
+from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq, rotate_qkv, yarn_attn_factor
 from worker_orcd.models.common import batch_inputs, static_plans, window_plans
 from worker_orcd.models.hparams import HParams
 from worker_orcd.models.weights import Weights, fuse_bias, fuse_rows, linear
@@ -168,15 +168,16 @@ class GptOssModel:
                        self.device, n_blocks=n_blocks)
 
     def _rotated_qkv(
-        self, layer: GptOssLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Projections with their biases; q and k rotated (NeoX layout, YaRN tables). [T, heads, head_dim]"""
+        self, layer: GptOssLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache, i: int,
+        plan
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Projections with their biases; q and k rotated (NeoX layout, YaRN tables). [T, heads, head_dim]
+        (k and v None: already in layer i's KV blocks, see rope.rotate_qkv)."""
         c, T = self.cfg, h.shape[0]
         H, Hkv = c.n_heads, c.n_kv_heads
         if layer.wqkv is not None:
             qkv = linear(h, layer.wqkv, layer.bqkv).reshape(T, H + 2 * Hkv, c.head_dim)
-            qk = apply_rope(qkv[:, : H + Hkv], cos, sin, c.head_dim, True)  # q and k heads in one call
-            return qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]
+            return rotate_qkv(qkv, cos, sin, c.head_dim, True, H, kv, i, plan)
         q = linear(h, layer.wq, layer.bq).reshape(T, H, c.head_dim)
         k = linear(h, layer.wk, layer.bk).reshape(T, Hkv, c.head_dim)
         v = linear(h, layer.wv, layer.bv).reshape(T, Hkv, c.head_dim)
@@ -255,8 +256,8 @@ class GptOssModel:
         x = self.tok_embd.embedding(tokens)
         h = rms_norm(x, self.layers[0].attn_norm, c.norm_eps)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._rotated_qkv(layer, h, cos, sin)
             plan = plans[c.sliding_window if c.is_sliding(i) else None]
+            q, k, v = self._rotated_qkv(layer, h, cos, sin, kv, i, plan)
             out = cached_attention(q, k, v, kv, i, plan, self.scale, sinks=layer.sinks)
             x, h = add_rms_norm(x, linear(out.reshape(T, -1), layer.wo, layer.bo), layer.ffn_norm, c.norm_eps)
             y = self.moe(layer, h, static)

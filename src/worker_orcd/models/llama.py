@@ -16,7 +16,7 @@ from worker_orcd.gguf import GGUFFile
 from worker_orcd.kernels.activations import swiglu
 from worker_orcd.kernels.attention import cached_attention
 from worker_orcd.kernels.norm import rms_norm
-from worker_orcd.kernels.rope import RopeConfig, apply_rope, cos_sin, inv_freq
+from worker_orcd.kernels.rope import RopeConfig, cos_sin, inv_freq, rotate_qkv
 from worker_orcd.models.common import batch_inputs, static_plans, window_plans
 from worker_orcd.models.hparams import HParams
 from worker_orcd.models.weights import Weights, fuse_bias, fuse_rows, linear
@@ -166,13 +166,12 @@ class LlamaModel:
         return qkv.reshape(h.shape[0], -1, self.cfg.head_dim)
 
     def _rotated_qkv(
-        self, layer: LlamaLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [T, H, hd], k and v [T, Hkv, hd], with q and k rotated in one call (they are adjacent heads)."""
+        self, layer: LlamaLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache, i: int, plan
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """q [T, H, hd], k and v [T, Hkv, hd], with q and k rotated in one call (they are adjacent heads); k and
+        v None when already in layer i's KV blocks (rope.rotate_qkv)."""
         c = self.cfg
-        qkv = self._qkv(layer, h)
-        qk = apply_rope(qkv[:, : c.n_heads + c.n_kv_heads], cos, sin, c.rope_dims, self.rope.neox)
-        return qk[:, : c.n_heads], qk[:, c.n_heads :], qkv[:, c.n_heads + c.n_kv_heads :]
+        return rotate_qkv(self._qkv(layer, h), cos, sin, c.rope_dims, self.rope.neox, c.n_heads, kv, i, plan)
 
     def _ffn(self, layer: LlamaLayer, h: torch.Tensor) -> torch.Tensor:
         if layer.w_gate is None:
@@ -206,7 +205,7 @@ class LlamaModel:
         cos, sin = cos_sin(self.rope, positions, self.freq)
         x = self.tok_embd.embedding(tokens)  # [T, D]
         for i, layer in enumerate(self.layers):
-            q, k, v = self._rotated_qkv(layer, rms_norm(x, layer.attn_norm, c.norm_eps), cos, sin)
+            q, k, v = self._rotated_qkv(layer, rms_norm(x, layer.attn_norm, c.norm_eps), cos, sin, kv, i, plan)
             out = cached_attention(q, k, v, kv, i, plan, self.scale)
             x = x + linear(out.reshape(x.shape[0], -1), layer.wo)
             x = x + self._ffn(layer, rms_norm(x, layer.ffn_norm, c.norm_eps))
