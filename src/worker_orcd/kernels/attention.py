@@ -30,12 +30,14 @@ def attention(
     T, H, hd = q.shape
     Hkv = k.shape[0]
     G = H // Hkv
+    if T > 1 and not q.is_cuda:
+        return blocked_attention(q, k, v, mask, scale, sinks, softcap)
     # Fold the group into the query axis so K/V are never repeated: [Hkv, G*T, hd].
     qg = q.reshape(T, Hkv, G, hd).permute(1, 2, 0, 3).reshape(Hkv, G * T, hd)
     gmask = mask.repeat(G, 1) if mask is not None else None
-    # SDPA for prefill and on GPU (one kernel); for a single CPU decode row its dispatch costs ~250 us,
-    # ten times the three small ops below.
-    if softcap is None and (T > 1 or q.is_cuda):
+    # SDPA on GPU (one kernel); for a single CPU decode row its dispatch costs ~250 us, ten times the three
+    # small ops below.
+    if softcap is None and q.is_cuda:
         if sinks is None:
             out = F.scaled_dot_product_attention(qg.to(k.dtype), k, v, attn_mask=gmask, scale=scale)
         else:
@@ -58,6 +60,65 @@ def attention(
     return out.reshape(Hkv, G, T, -1).permute(2, 0, 1, 3).reshape(T, H, -1).to(q.dtype)
 
 
+KEY_BLOCK = 512  # CPU prompt attention reads keys in blocks of exactly this many (the last one padded, masked)
+ROW_TILE = 16  # and query rows in multiples of this many: MKL's sgemm sums another way for a few rows
+
+
+def blocked_attention(
+    q: torch.Tensor,  # [T, H, hd]
+    k: torch.Tensor,  # [Hkv, L, hd]
+    v: torch.Tensor,  # [Hkv, L, hdv]
+    mask: torch.Tensor | None,  # [T, L] bool; None: every key is visible
+    scale: float,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention (CPU) whose rows do not depend on how many keys the call reads past their own nor on which
+    other rows it holds: every op sees the same shapes in the key axis, masked keys add exact zeros, and
+    key blocks merge by an online softmax in key order. So a prompt computed whole, in chunks, after a
+    cached prefix or over a longer masked range gives the same bits. [T, H, hdv]"""
+    T, H, hd = q.shape
+    Hkv, L = k.shape[:2]
+    G, hdv = H // Hkv, v.shape[-1]
+    dt = torch.promote_types(k.dtype, torch.float32)
+    Tp, Lp = -(-T // ROW_TILE) * ROW_TILE, -(-L // KEY_BLOCK) * KEY_BLOCK
+    qg = q.new_zeros(Hkv, G, Tp, hd, dtype=dt)  # padded rows see no key
+    qg[:, :, :T] = q.reshape(T, Hkv, G, hd).permute(1, 2, 0, 3) * scale
+    qg = qg.view(Hkv, G * Tp, hd)
+    allowed = torch.zeros(Tp, Lp, dtype=torch.bool, device=q.device)
+    allowed[:T, :L] = True if mask is None else mask
+    visible = allowed.view(Tp, -1, KEY_BLOCK).any(2).any(0).tolist()  # blocks no row sees are skipped
+    # a finite start: a row that sees no key of a block keeps its (m, l, acc) bit for bit
+    m = qg.new_full((Hkv, G * Tp, 1), -1e30)
+    l = qg.new_zeros(Hkv, G * Tp, 1)
+    acc = qg.new_zeros(Hkv, G * Tp, hdv)
+    for b, seen in enumerate(visible):
+        if not seen:
+            continue
+        keys = slice(b * KEY_BLOCK, (b + 1) * KEY_BLOCK)
+        kb, vb = k[:, keys].to(dt), v[:, keys].to(dt)
+        if kb.shape[1] < KEY_BLOCK:
+            kb, vb = (F.pad(t, (0, 0, 0, KEY_BLOCK - t.shape[1])) for t in (kb, vb))
+        s = torch.bmm(qg, kb.transpose(1, 2))  # [Hkv, G*Tp, KEY_BLOCK]
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        s.view(Hkv, G, Tp, KEY_BLOCK).masked_fill_(~allowed[:, keys], float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        p = s.sub_(m_new).exp_()
+        alpha = (m - m_new).exp_()
+        l = l * alpha + p.sum(-1, keepdim=True)
+        acc = acc * alpha + torch.bmm(p, vb)
+        m = m_new
+    if sinks is not None:  # the sink joins the denominator last, as one more key with no value
+        sink = sinks.to(dt).reshape(Hkv, G, 1, 1).expand(Hkv, G, Tp, 1).reshape(Hkv, G * Tp, 1)
+        m_new = torch.maximum(m, sink)
+        alpha = (m - m_new).exp_()
+        l = l * alpha + (sink - m_new).exp_()
+        acc = acc * alpha
+    out = (acc / l).view(Hkv, G, Tp, hdv)[:, :, :T]
+    return out.permute(2, 0, 1, 3).reshape(T, H, hdv).to(q.dtype)
+
+
 def fused_attention_with_sinks(
     q: torch.Tensor,  # [Hkv, M, hd]
     k: torch.Tensor,  # [Hkv, L, hd]
@@ -66,7 +127,7 @@ def fused_attention_with_sinks(
     scale: float,
     sink: torch.Tensor,  # [Hkv, M] float32: each query row's sink logit
 ) -> torch.Tensor:
-    """Attention whose softmax denominator also holds exp(sink), from a fused kernel that never materializes
+    """Attention whose softmax denominator also holds exp(sink), from a fused CUDA kernel that never materializes
     the [M, L] scores: with o and lse = logsumexp of the row's scores from the kernel,
     o_sink = o * e^lse / (e^lse + e^sink) = o * sigmoid(lse - sink). [Hkv, M, hdv]"""
     M, L = q.shape[1], k.shape[1]
@@ -75,20 +136,15 @@ def fused_attention_with_sinks(
         bias = torch.zeros(M, -(-L // 16) * 16, dtype=q.dtype, device=q.device)
         bias[:, :L].masked_fill_(~mask, float("-inf"))
         bias = bias[:, :L].expand(1, k.shape[0], M, L)
-    if q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q[None], k[None], v[None], bias, True, scale=scale)[:2]
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[None], k[None], v[None], attn_mask=bias, scale=scale)
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q[None], k[None], v[None], bias, True, scale=scale)[:2]
     lse = lse[0, :, :M].float()  # the CUDA kernel pads its rows
     return out[0] * torch.sigmoid(lse - sink)[..., None].to(out.dtype)
 
 
 @dataclass
 class SeqAttention:
-    """One sequence's rows [start, end) of the batch, its KV slot, how many cached positions it reads (a
-    prompt chunk on the torch path may read past its own, masked)."""
+    """One sequence's rows [start, end) of the batch, its KV slot, how many cached positions it reads."""
 
     start: int
     end: int
@@ -148,8 +204,6 @@ def window_variants(positions: torch.Tensor, seqs, kv, windows, kernel: bool | N
         per_seq = []
         for s, length in zip(seqs, lengths):
             mask = None
-            if not kernel and s.end - s.start > 1:  # masked past its end: see KVCache.min_prefill_keys
-                length = min(max(length, kv.min_prefill_keys), len(kv.blocks.table(s.slot)) * kv.block_size)
             if not kernel and (s.end - s.start > 1 or (window is not None and length > window)):
                 k_pos = torch.arange(length, device=positions.device)
                 mask = attention_mask(positions[s.start : s.end], k_pos, window).to(dev)
