@@ -60,8 +60,8 @@ def attention(
     return out.reshape(Hkv, G, T, -1).permute(2, 0, 1, 3).reshape(T, H, -1).to(q.dtype)
 
 
-KEY_BLOCK = 512  # CPU prompt attention reads keys in blocks of exactly this many (the last one padded, masked)
-ROW_TILE = 16  # and query rows in multiples of this many: MKL's sgemm sums another way for a few rows
+KEY_BLOCK = 128  # CPU prompt attention reads keys in blocks of exactly this many (the last one padded, masked)
+ROW_TILE = 16  # and query rows in tiles of this many: MKL's sgemm sums another way for a few rows
 
 
 def blocked_attention(
@@ -74,49 +74,60 @@ def blocked_attention(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention (CPU) whose rows do not depend on how many keys the call reads past their own nor on which
-    other rows it holds: every op sees the same shapes in the key axis, masked keys add exact zeros, and
-    key blocks merge by an online softmax in key order. So a prompt computed whole, in chunks, after a
-    cached prefix or over a longer masked range gives the same bits. [T, H, hdv]"""
+    other rows it holds, so a prompt computed whole, in chunks, after a cached prefix or over a longer masked
+    range gives the same bits: every op sees KEY_BLOCK keys and whole row tiles, masked keys add exact zeros,
+    and the blocks merge by an online softmax in key order. A block is computed only for the row tiles that
+    see it (causal: about half the work of one dense masked call). [T, H, hdv]"""
     T, H, hd = q.shape
     Hkv, L = k.shape[:2]
     G, hdv = H // Hkv, v.shape[-1]
     dt = torch.promote_types(k.dtype, torch.float32)
     Tp, Lp = -(-T // ROW_TILE) * ROW_TILE, -(-L // KEY_BLOCK) * KEY_BLOCK
-    qg = q.new_zeros(Hkv, G, Tp, hd, dtype=dt)  # padded rows see no key
-    qg[:, :, :T] = q.reshape(T, Hkv, G, hd).permute(1, 2, 0, 3) * scale
-    qg = qg.view(Hkv, G * Tp, hd)
+    # rows in (position, group) order: the rows from a tile on are one slice [Hkv, rows * G, hd]
+    qg = q.new_zeros(Hkv, Tp, G, hd, dtype=dt)  # padding rows see no key and are dropped
+    qg[:, :T] = (q.to(dt) * scale).reshape(T, Hkv, G, hd).transpose(0, 1)
+    qg = qg.view(Hkv, Tp * G, hd)
     allowed = torch.zeros(Tp, Lp, dtype=torch.bool, device=q.device)
     allowed[:T, :L] = True if mask is None else mask
-    visible = allowed.view(Tp, -1, KEY_BLOCK).any(2).any(0).tolist()  # blocks no row sees are skipped
-    # a finite start: a row that sees no key of a block keeps its (m, l, acc) bit for bit
-    m = qg.new_full((Hkv, G * Tp, 1), -1e30)
-    l = qg.new_zeros(Hkv, G * Tp, 1)
-    acc = qg.new_zeros(Hkv, G * Tp, hdv)
-    for b, seen in enumerate(visible):
-        if not seen:
+    tiles = allowed.view(Tp // ROW_TILE, ROW_TILE, Lp // KEY_BLOCK, KEY_BLOCK)
+    seen, full = tiles.any(3).any(1).T.tolist(), tiles.all(3).all(1).T.tolist()  # [block][row tile]
+    m = l = acc = None  # running max, denominator and output
+    for b in range(Lp // KEY_BLOCK):
+        seeing = [i for i, x in enumerate(seen[b]) if x]
+        if not seeing:
             continue
-        keys = slice(b * KEY_BLOCK, (b + 1) * KEY_BLOCK)
+        t0, t1 = seeing[0] * ROW_TILE, (seeing[-1] + 1) * ROW_TILE
+        rows, keys = slice(t0 * G, t1 * G), slice(b * KEY_BLOCK, (b + 1) * KEY_BLOCK)
         kb, vb = k[:, keys].to(dt), v[:, keys].to(dt)
         if kb.shape[1] < KEY_BLOCK:
             kb, vb = (F.pad(t, (0, 0, 0, KEY_BLOCK - t.shape[1])) for t in (kb, vb))
-        s = torch.bmm(qg, kb.transpose(1, 2))  # [Hkv, G*Tp, KEY_BLOCK]
+        s = torch.bmm(qg[:, rows], kb.transpose(1, 2))  # [Hkv, (t1 - t0) * G, KEY_BLOCK]
         if softcap is not None:
             s = softcap * torch.tanh(s / softcap)
-        s.view(Hkv, G, Tp, KEY_BLOCK).masked_fill_(~allowed[:, keys], float("-inf"))
-        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        if not all(full[b][seeing[0] : seeing[-1] + 1]):
+            s.view(Hkv, t1 - t0, G, KEY_BLOCK).masked_fill_(~allowed[t0:t1, None, keys], float("-inf"))
+        if m is None:  # the merge below from m = -1e30, l = acc = 0, in fewer ops
+            m = qg.new_full((Hkv, Tp * G, 1), -1e30)  # finite: a row that sees none of a block keeps its state
+            m[:, rows] = torch.clamp_min(s.amax(-1, keepdim=True), -1e30)
+            p = s.sub_(m[:, rows]).exp_()
+            l, acc = qg.new_zeros(Hkv, Tp * G, 1), qg.new_zeros(Hkv, Tp * G, hdv)
+            l[:, rows], acc[:, rows] = p.sum(-1, keepdim=True), torch.bmm(p, vb)
+            continue
+        m_old = m[:, rows]
+        m_new = torch.maximum(m_old, s.amax(-1, keepdim=True))
         p = s.sub_(m_new).exp_()
-        alpha = (m - m_new).exp_()
-        l = l * alpha + p.sum(-1, keepdim=True)
-        acc = acc * alpha + torch.bmm(p, vb)
-        m = m_new
+        alpha = (m_old - m_new).exp_()
+        l[:, rows] = l[:, rows] * alpha + p.sum(-1, keepdim=True)
+        acc[:, rows] = acc[:, rows] * alpha + torch.bmm(p, vb)
+        m[:, rows] = m_new
     if sinks is not None:  # the sink joins the denominator last, as one more key with no value
-        sink = sinks.to(dt).reshape(Hkv, G, 1, 1).expand(Hkv, G, Tp, 1).reshape(Hkv, G * Tp, 1)
+        sink = sinks.to(dt).reshape(Hkv, 1, G, 1).expand(Hkv, Tp, G, 1).reshape(Hkv, Tp * G, 1)
         m_new = torch.maximum(m, sink)
         alpha = (m - m_new).exp_()
         l = l * alpha + (sink - m_new).exp_()
         acc = acc * alpha
-    out = (acc / l).view(Hkv, G, Tp, hdv)[:, :, :T]
-    return out.permute(2, 0, 1, 3).reshape(T, H, hdv).to(q.dtype)
+    out = (acc[:, : T * G] / l[:, : T * G]).view(Hkv, T, G, hdv)
+    return out.transpose(0, 1).reshape(T, H, hdv).to(q.dtype)
 
 
 def fused_attention_with_sinks(
