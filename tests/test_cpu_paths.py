@@ -197,7 +197,9 @@ def _chunked_logits(model, chunk: int = 16):
     return logits
 
 
-@pytest.mark.parametrize("name, windows", [("smollm2", 2), ("gemma3", 1)])
+# Gemma over all 4 reference windows: its agreement with llama.cpp moves by 1-4 tokens a window with any change of
+# float32 summation order (measured 236-246 of 255 per window), so one window cannot resolve the 2-point bar.
+@pytest.mark.parametrize("name, windows", [("smollm2", 2), ("gemma3", 4)])
 def test_packed_kernels_perplexity_and_top1_match_references(name, windows, smollm2_path, gemma3_path):
     """The CPU path this process runs (make test runs this file again on the forced portable path): the decode
     kernels' perplexity within 1.5% of llama.cpp, top-1 agreement >= 95% with transformers (float32, the same

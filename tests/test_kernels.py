@@ -73,7 +73,7 @@ def test_rope(neox, n_rot):
     assert torch.equal(out[..., n_rot:], x[..., n_rot:])
 
 
-def _attention_reference(q, k, v, q_pos, window, scale, sinks=None):
+def _attention_reference(q, k, v, q_pos, window, scale, sinks=None, softcap=None):
     T, H, _ = q.shape
     Hkv, L, _ = k.shape
     out = torch.zeros(T, H, v.shape[-1], dtype=torch.float64)
@@ -81,6 +81,8 @@ def _attention_reference(q, k, v, q_pos, window, scale, sinks=None):
         for h in range(H):
             kh = h // (H // Hkv)
             s = [float(q[t, h].double() @ k[kh, j].double()) * scale for j in range(L)]
+            if softcap is not None:
+                s = [softcap * math.tanh(a / softcap) for a in s]
             ok = [j <= q_pos[t] and (window is None or q_pos[t] - j < window) for j in range(L)]
             logits = [s[j] for j in range(L) if ok[j]] + ([float(sinks[h])] if sinks is not None else [])
             m = max(logits)
@@ -92,8 +94,8 @@ def _attention_reference(q, k, v, q_pos, window, scale, sinks=None):
 
 
 @pytest.mark.parametrize("window,sinks", [(None, False), (3, False), (None, True), (4, True)])
-# prefill (fused kernels), a decode row, L not a multiple of 16
-@pytest.mark.parametrize("T,L", [(4, 9), (1, 9), (7, 37)])
+# prefill, a decode row, L not a multiple of 16, rows over several key blocks (CPU: blocked_attention)
+@pytest.mark.parametrize("T,L", [(4, 9), (1, 9), (7, 37), (20, 300)])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_attention_gqa_against_loops(window, sinks, T, L, device):
     H, Hkv, D = 6, 2, 8
@@ -105,6 +107,34 @@ def test_attention_gqa_against_loops(window, sinks, T, L, device):
     to = (lambda t: t.to(device) if t is not None else None)  # noqa: E731
     out[:] = attention(to(q), to(k), to(v), to(mask), 0.3, sinks=to(sink)).cpu()
     assert rel_err(out, _attention_reference(q, k, v, q_pos, window, 0.3, sink)) < 1e-5
+
+
+@pytest.mark.parametrize("H,Hkv,hd,window,sinks,softcap", [
+    (9, 3, 64, None, False, None),  # SmolLM2's heads
+    (4, 1, 256, 200, False, None),  # Gemma 3's, with a window
+    (8, 2, 32, 150, True, None),
+    (6, 6, 16, None, False, 30.0),
+])
+def test_cpu_prompt_rows_do_not_depend_on_chunks_or_keys_read(H, Hkv, hd, window, sinks, softcap):
+    """What prefix caching and echo logprobs rest on: a prompt row's attention on CPU is the same bits whether the
+    prompt is computed whole, in chunks ending anywhere, or reading keys masked past the chunk's end."""
+    g = torch.Generator().manual_seed(H * hd)
+    n = 700
+    q = torch.randn(n, H, hd, generator=g)
+    k, v = torch.randn(Hkv, n + 100, hd, generator=g), torch.randn(Hkv, n + 100, hd, generator=g)
+    sink = torch.randn(H, generator=g) * 3 if sinks else None
+
+    def rows(start: int, end: int, keys: int) -> torch.Tensor:
+        mask = attention_mask(torch.arange(start, end), torch.arange(keys), window)
+        return attention(q[start:end], k[:, :keys], v[:, :keys], mask, hd**-0.5, sinks=sink, softcap=softcap)
+
+    whole = rows(0, n, n)
+    last = _attention_reference(q[-20:], k[:, :n], v[:, :n], torch.arange(n - 20, n), window, hd**-0.5, sink, softcap)
+    assert rel_err(whole[-20:], last) < 1e-5
+    cuts = [0, 2, 16, 18, 130, 250, 256, 383, 512, 640, 642, 690, n]  # every chunk has two rows or more
+    for start, end in zip(cuts, cuts[1:]):
+        assert torch.equal(rows(start, end, end), whole[start:end]), (start, end)
+        assert torch.equal(rows(start, end, end + 77), whole[start:end]), (start, end)
 
 
 def test_absolute_position_embedding():

@@ -40,18 +40,6 @@ def client(server):
     return openai.OpenAI(base_url=server.uri + "/v1", api_key="unused", timeout=300)
 
 
-def served_prompt_logits(model, ids: list[int]) -> torch.Tensor:
-    """A teacher-forced forward over the prompt as the scheduler runs it: one chunk whose attention reads at
-    least SPLIT_INVARIANT_KEYS keys (the same math; summed in another order, SmolLM2's logits move by up to
-    0.16 from an unpadded forward)."""
-    from worker_orcd.engine.kv_cache import SPLIT_INVARIANT_KEYS, SeqSpan
-
-    kv = model.net.new_kv_cache(1024)
-    kv.min_prefill_keys = SPLIT_INVARIANT_KEYS
-    n = len(ids)
-    return model.net.forward(torch.tensor(ids), torch.arange(n), kv, [SeqSpan(0, 0, n)], torch.arange(n))
-
-
 def prompt_ids(server, **body) -> list[int]:
     return httpx.post(server.uri + "/tokenize", json=body, timeout=60).json()["tokens"]
 
@@ -70,11 +58,8 @@ def reference_penalties(logits: torch.Tensor, prompt: list[int], output: list[in
 def greedy_reference(model, ids: list[int], steps: int, penalties: tuple[float, float, float] | None = None,
                      stop_at_eog: bool = True) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens and each step's raw logits (float64), decoded as the scheduler decodes one sequence."""
-    from worker_orcd.engine.kv_cache import SPLIT_INVARIANT_KEYS
-
     net = model.net
-    kv = net.new_kv_cache(1024)  # as the test server's: the prompt chunk reads SPLIT_INVARIANT_KEYS keys
-    kv.min_prefill_keys = SPLIT_INVARIANT_KEYS
+    kv = net.new_kv_cache(1024)
     logits = net.forward(torch.tensor(ids), torch.arange(len(ids)), kv, logit_rows=torch.tensor([len(ids) - 1]))[-1]
     tokens, rows = [], []
     for i in range(steps):
@@ -117,15 +102,25 @@ def test_chat_logprobs_stream_like_the_response(server, client):
     assert all(len(c.top_logprobs) == 2 for c in full)
 
 
-def test_echo_prompt_logprobs_match_a_teacher_forced_forward(server, model, client):
-    """What lm-evaluation-harness's loglikelihood tasks send: echo, max_tokens 0, logprobs k."""
-    ids = prompt_ids(server, prompt=PROMPT)
-    r = client.completions.create(model=M, prompt=PROMPT, echo=True, max_tokens=0, logprobs=3, temperature=0)
+def long_prompt() -> str:
+    """~600 tokens: three prompt chunks of the server (prefill_chunk 256), past one attention key block (512)."""
+    from pathlib import Path
+
+    return (Path(__file__).parent / "data" / "ppl_text.txt").read_text(encoding="utf-8")[:2600]
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, "long"])
+def test_echo_prompt_logprobs_equal_log_softmax_of_model_logits(server, model, client, prompt):
+    """What lm-evaluation-harness's loglikelihood tasks send: echo, max_tokens 0, logprobs k. The served rows are
+    model.logits' rows, whatever chunks the scheduler cut the prompt into."""
+    prompt = long_prompt() if prompt == "long" else prompt
+    ids = prompt_ids(server, prompt=prompt)
+    r = client.completions.create(model=M, prompt=prompt, echo=True, max_tokens=0, logprobs=3, temperature=0)
     lp = r.choices[0].logprobs
-    assert r.choices[0].text == PROMPT and r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].text == prompt and r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(ids)
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    ref = torch.log_softmax(served_prompt_logits(model, ids).double(), -1)  # row j predicts token j + 1
+    ref = torch.log_softmax(model.logits(ids).double(), -1)  # row j predicts token j + 1
     for j in range(1, len(ids)):
         assert lp.token_logprobs[j] == pytest.approx(float(ref[j - 1, ids[j]]), abs=1e-4)
         top = ref[j - 1].topk(3)

@@ -16,11 +16,6 @@ from worker_orcd.engine.block_manager import BlockManager
 from worker_orcd.engine.transfer import to_device
 
 GPU_BLOCK_SIZE = 16
-# torch's CPU flash attention splits the keys into blocks of min(keys, 512), so below 512 keys a row's result
-# depends on how many keys the call has. The scheduler's pool has its prompt chunks read at least this many
-# (masked past their end, while the pool holds them), so a row comes out the same wherever its prompt's chunks
-# end: prefix caching needs it (a prompt prefilled after a cached prefix must compute what it would without).
-SPLIT_INVARIANT_KEYS = 512
 
 
 def kv_dtype(device: torch.device | str) -> torch.dtype:
@@ -55,7 +50,6 @@ class KVCache:
         shape_v = (n_blocks, n_kv_heads, self.block_size, head_dim_v or head_dim)
         self.k = [torch.zeros(shape_k, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape_v, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.min_prefill_keys = 0  # keys a prompt chunk reads at least on the torch path (SPLIT_INVARIANT_KEYS)
         # every slot's block table on the device (what the attention kernels read); unused entries are 0
         self.tables = torch.zeros(n_slots, self.max_blocks, dtype=torch.int32, device=device)
 

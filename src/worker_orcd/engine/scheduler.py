@@ -19,7 +19,7 @@ KV is cached (a finished or running sequence computed them) and prefills only th
 the result either, so every prompt row meets the same kernels whether its prefix was cached or not: chunks
 end on multiples of prefill_chunk, no chunk is "small" (CPU: <= 16 rows, torch's packed kernels; CUDA: one
 row, a decode tile) unless the whole prompt is, a run stops short of the prompt's last small_chunk + 1
-tokens, and on CPU a prompt chunk's attention reads at least 512 keys (engine/kv_cache.py).
+tokens; CPU prompt attention does not depend on where a chunk ends (kernels/attention.py, blocked_attention).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from worker_orcd.engine.cuda_graphs import BucketedDecoder
-from worker_orcd.engine.kv_cache import SPLIT_INVARIANT_KEYS, KVCache, SeqSpan
+from worker_orcd.engine.kv_cache import KVCache, SeqSpan
 from worker_orcd.engine.sampler import Logprob, Sampler, SamplingParams, logprob_entries, pick_rows, token_logprobs
 from worker_orcd.engine.stop import StopMatcher
 from worker_orcd.engine.transfer import to_device
@@ -235,7 +235,6 @@ class Scheduler:
         # on by default; WORKER_ORCD_PREFIX_CACHE=0 or --no-prefix-cache turns it off
         self.kv.blocks.caching = prefix_cache if prefix_cache is not None else (
             os.environ.get("WORKER_ORCD_PREFIX_CACHE", "1") != "0")
-        self.kv.min_prefill_keys = SPLIT_INVARIANT_KEYS  # with the cache on or off: the same results either way
         self._reserved = self.kv.blocks.blocks_for(1) if self.graphs else 0  # the scratch slot's one block
         if self.graphs:
             self.kv.prepare(max_batch, 1)

@@ -32,12 +32,14 @@ def attention(
     T, H, hd = q.shape
     Hkv = k.shape[0]
     G = H // Hkv
+    if T > 1 and not q.is_cuda:
+        return blocked_attention(q, k, v, mask, scale, sinks, softcap)
     # Fold the group into the query axis so K/V are never repeated: [Hkv, G*T, hd].
     qg = q.reshape(T, Hkv, G, hd).permute(1, 2, 0, 3).reshape(Hkv, G * T, hd)
     gmask = mask.repeat(G, 1) if mask is not None else None
-    # SDPA for prefill and on GPU (one kernel); for a single CPU decode row its dispatch costs ~250 us,
-    # ten times the three small ops below.
-    if softcap is None and (T > 1 or q.is_cuda):
+    # SDPA on GPU (one kernel); for a single CPU decode row its dispatch costs ~250 us, ten times the three
+    # small ops below.
+    if softcap is None and q.is_cuda:
         if sinks is None:
             out = F.scaled_dot_product_attention(qg.to(k.dtype), k, v, attn_mask=gmask, scale=scale)
         else:
@@ -60,6 +62,76 @@ def attention(
     return out.reshape(Hkv, G, T, -1).permute(2, 0, 1, 3).reshape(T, H, -1).to(q.dtype)
 
 
+KEY_BLOCK = 128  # CPU prompt attention reads keys in blocks of exactly this many (the last one padded, masked)
+ROW_TILE = 16  # and query rows in tiles of this many: MKL's sgemm sums another way for a few rows
+
+
+def blocked_attention(
+    q: torch.Tensor,  # [T, H, hd]
+    k: torch.Tensor,  # [Hkv, L, hd]
+    v: torch.Tensor,  # [Hkv, L, hdv]
+    mask: torch.Tensor | None,  # [T, L] bool; None: every key is visible
+    scale: float,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention (CPU) whose rows do not depend on how many keys the call reads past their own nor on which
+    other rows it holds, so a prompt computed whole, in chunks, after a cached prefix or over a longer masked
+    range gives the same bits: every op sees KEY_BLOCK keys and whole row tiles, masked keys add exact zeros,
+    and the blocks merge by an online softmax in key order. A block is computed only for the row tiles that
+    see it (causal: about half the work of one dense masked call). [T, H, hdv]"""
+    T, H, hd = q.shape
+    Hkv, L = k.shape[:2]
+    G, hdv = H // Hkv, v.shape[-1]
+    dt = torch.promote_types(k.dtype, torch.float32)
+    Tp, Lp = -(-T // ROW_TILE) * ROW_TILE, -(-L // KEY_BLOCK) * KEY_BLOCK
+    # rows in (position, group) order: the rows from a tile on are one slice [Hkv, rows * G, hd]
+    qg = q.new_zeros(Hkv, Tp, G, hd, dtype=dt)  # padding rows see no key and are dropped
+    qg[:, :T] = (q.to(dt) * scale).reshape(T, Hkv, G, hd).transpose(0, 1)
+    qg = qg.view(Hkv, Tp * G, hd)
+    allowed = torch.zeros(Tp, Lp, dtype=torch.bool, device=q.device)
+    allowed[:T, :L] = True if mask is None else mask
+    tiles = allowed.view(Tp // ROW_TILE, ROW_TILE, Lp // KEY_BLOCK, KEY_BLOCK)
+    seen, full = tiles.any(3).any(1).T.tolist(), tiles.all(3).all(1).T.tolist()  # [block][row tile]
+    m = l = acc = None  # running max, denominator and output
+    for b in range(Lp // KEY_BLOCK):
+        seeing = [i for i, x in enumerate(seen[b]) if x]
+        if not seeing:
+            continue
+        t0, t1 = seeing[0] * ROW_TILE, (seeing[-1] + 1) * ROW_TILE
+        rows, keys = slice(t0 * G, t1 * G), slice(b * KEY_BLOCK, (b + 1) * KEY_BLOCK)
+        kb, vb = k[:, keys].to(dt), v[:, keys].to(dt)
+        if kb.shape[1] < KEY_BLOCK:
+            kb, vb = (F.pad(t, (0, 0, 0, KEY_BLOCK - t.shape[1])) for t in (kb, vb))
+        s = torch.bmm(qg[:, rows], kb.transpose(1, 2))  # [Hkv, (t1 - t0) * G, KEY_BLOCK]
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        if not all(full[b][seeing[0] : seeing[-1] + 1]):
+            s.view(Hkv, t1 - t0, G, KEY_BLOCK).masked_fill_(~allowed[t0:t1, None, keys], float("-inf"))
+        if m is None:  # the merge below from m = -1e30, l = acc = 0, in fewer ops
+            m = qg.new_full((Hkv, Tp * G, 1), -1e30)  # finite: a row that sees none of a block keeps its state
+            m[:, rows] = torch.clamp_min(s.amax(-1, keepdim=True), -1e30)
+            p = s.sub_(m[:, rows]).exp_()
+            l, acc = qg.new_zeros(Hkv, Tp * G, 1), qg.new_zeros(Hkv, Tp * G, hdv)
+            l[:, rows], acc[:, rows] = p.sum(-1, keepdim=True), torch.bmm(p, vb)
+            continue
+        m_old = m[:, rows]
+        m_new = torch.maximum(m_old, s.amax(-1, keepdim=True))
+        p = s.sub_(m_new).exp_()
+        alpha = (m_old - m_new).exp_()
+        l[:, rows] = l[:, rows] * alpha + p.sum(-1, keepdim=True)
+        acc[:, rows] = acc[:, rows] * alpha + torch.bmm(p, vb)
+        m[:, rows] = m_new
+    if sinks is not None:  # the sink joins the denominator last, as one more key with no value
+        sink = sinks.to(dt).reshape(Hkv, 1, G, 1).expand(Hkv, Tp, G, 1).reshape(Hkv, Tp * G, 1)
+        m_new = torch.maximum(m, sink)
+        alpha = (m - m_new).exp_()
+        l = l * alpha + (sink - m_new).exp_()
+        acc = acc * alpha
+    out = (acc[:, : T * G] / l[:, : T * G]).view(Hkv, T, G, hdv)
+    return out.transpose(0, 1).reshape(T, H, hdv).to(q.dtype)
+
+
 def fused_attention_with_sinks(
     q: torch.Tensor,  # [Hkv, M, hd]
     k: torch.Tensor,  # [Hkv, L, hd]
@@ -68,7 +140,7 @@ def fused_attention_with_sinks(
     scale: float,
     sink: torch.Tensor,  # [Hkv, M] float32: each query row's sink logit
 ) -> torch.Tensor:
-    """Attention whose softmax denominator also holds exp(sink), from a fused kernel that never materializes
+    """Attention whose softmax denominator also holds exp(sink), from a fused CUDA kernel that never materializes
     the [M, L] scores: with o and lse = logsumexp of the row's scores from the kernel,
     o_sink = o * e^lse / (e^lse + e^sink) = o * sigmoid(lse - sink). [Hkv, M, hdv]"""
     M, L = q.shape[1], k.shape[1]
@@ -77,20 +149,15 @@ def fused_attention_with_sinks(
         bias = torch.zeros(M, -(-L // 16) * 16, dtype=q.dtype, device=q.device)
         bias[:, :L].masked_fill_(~mask, float("-inf"))
         bias = bias[:, :L].expand(1, k.shape[0], M, L)
-    if q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q[None], k[None], v[None], bias, True, scale=scale)[:2]
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[None], k[None], v[None], attn_mask=bias, scale=scale)
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q[None], k[None], v[None], bias, True, scale=scale)[:2]
     lse = lse[0, :, :M].float()  # the CUDA kernel pads its rows
     return out[0] * torch.sigmoid(lse - sink)[..., None].to(out.dtype)
 
 
 @dataclass
 class SeqAttention:
-    """One sequence's rows [start, end) of the batch, its KV slot, how many cached positions it reads (a
-    prompt chunk on the torch path may read past its own, masked)."""
+    """One sequence's rows [start, end) of the batch, its KV slot, how many cached positions it reads."""
 
     start: int
     end: int
@@ -150,8 +217,6 @@ def window_variants(positions: torch.Tensor, seqs, kv, windows, kernel: bool | N
         per_seq = []
         for s, length in zip(seqs, lengths):
             mask = None
-            if not kernel and s.end - s.start > 1:  # masked past its end: see KVCache.min_prefill_keys
-                length = min(max(length, kv.min_prefill_keys), len(kv.blocks.table(s.slot)) * kv.block_size)
             if not kernel and (s.end - s.start > 1 or (window is not None and length > window)):
                 k_pos = torch.arange(length, device=positions.device)
                 mask = attention_mask(positions[s.start : s.end], k_pos, window).to(dev)
