@@ -20,6 +20,7 @@ import torch
 from worker_orcd.gguf import GGUFFile
 
 MARGIN_BYTES = 256 * 2**20  # allocator fragmentation, kernel scratch, cuBLAS workspace
+MAX_LAYERS = 4096  # more blocks than any model has (the largest have ~200): a count past it is not believed
 
 
 class InsufficientMemory(RuntimeError):
@@ -94,7 +95,7 @@ def kv_bytes_per_token(f: GGUFFile, dtype_bytes: int = 4) -> int:
     embd = _int(f.get(f"{arch}.embedding_length")) or 0
     key_len = _int(f.get(f"{arch}.attention.key_length"))
     value_len = _int(f.get(f"{arch}.attention.value_length"))
-    if layers <= 0:
+    if not 0 < layers <= MAX_LAYERS:  # a hostile count would make the per-layer lists below gigabytes long
         return 0
     if _int(heads) is not None and _int(kv_heads) is not None:  # the usual case: no per-layer list
         return layers * _layer_kv_bytes(_int(heads), _int(kv_heads), embd, key_len, value_len) * dtype_bytes
