@@ -14,6 +14,19 @@ from worker_orcd.kernels.triton_attention import INTERPRET
 
 
 @triton.jit
+def _pairs(j, n_rot, NEOX: tl.constexpr):
+    """(is the first of its pair, its partner) for dims j: NEOX pairs j with j +- n_rot/2, NORM with j +- 1;
+    dims past n_rot are their own partner."""
+    if NEOX:
+        first = j < n_rot // 2
+        partner = tl.where(first, j + n_rot // 2, j - n_rot // 2)
+    else:
+        first = j % 2 == 0
+        partner = tl.where(first, j + 1, j - 1)
+    return first, tl.where(j < n_rot, partner, j)
+
+
+@triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, stride_xt, stride_xh, n_rot, HD: tl.constexpr,
                  NEOX: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -21,14 +34,7 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, stride_xt, stride_xh, 
     j = tl.arange(0, BD)
     ok = (h < heads)[:, None] & (j < HD)[None, :]
     rot = j < n_rot
-    if NEOX:
-        half = n_rot // 2
-        first = j < half
-        partner = tl.where(first, j + half, j - half)
-    else:
-        first = j % 2 == 0
-        partner = tl.where(first, j + 1, j - 1)
-    partner = tl.where(rot, partner, j)
+    first, partner = _pairs(j, n_rot, NEOX)
     row = x_ptr + t * stride_xt + h[:, None] * stride_xh
     x = tl.load(row + j[None, :], mask=ok, other=0.0).to(tl.float32)
     xp = tl.load(row + partner[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -67,14 +73,7 @@ def _rope_store_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, blocks_ptr,
     j = tl.arange(0, BD)
     ok = (h < H + 2 * HKV)[:, None] & (j < HD)[None, :]
     rot = (j < n_rot)[None, :] & (h < H + HKV)[:, None]  # v heads pass through
-    if NEOX:
-        half = n_rot // 2
-        first = j < half
-        partner = tl.where(first, j + half, j - half)
-    else:
-        first = j % 2 == 0
-        partner = tl.where(first, j + 1, j - 1)
-    partner = tl.where(j < n_rot, partner, j)
+    first, partner = _pairs(j, n_rot, NEOX)
     row = x_ptr + t * stride_xt + h[:, None] * HD
     x = tl.load(row + j[None, :], mask=ok, other=0.0).to(tl.float32)
     xp = tl.load(row + partner[None, :], mask=ok, other=0.0).to(tl.float32)
