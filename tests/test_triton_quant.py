@@ -77,8 +77,8 @@ def test_gemm_interpreted(kind, m):
 
 
 @pytest.mark.parametrize("kind", [T.Q8_0, T.MXFP4])
-@pytest.mark.parametrize("cfg", [gemm_config(None, 3), {"BM": 16, "BN": 16, "NB": 1, "TARGET": 8, "num_warps": 1,
-                                                         "num_stages": 1}])  # one split; 4 splits
+@pytest.mark.parametrize("cfg", [None, {"BM": 16, "BN": 16, "NB": 1, "TARGET": 8, "num_warps": 1,
+                                       "num_stages": 1}])  # the default (one split); 4 splits
 def test_bias_joins_the_sum(kind, cfg):
     """x @ W.T + b: inside the split-K sum (float32) when K is split, one add after otherwise."""
     raw = random_blocks(kind, 20, 160)

@@ -5,16 +5,18 @@ CUDA, where the packing replaces the blocks (models/weights.py), otherwise on fi
 Q8_0 and MXFP4 run kernels/triton_quant.py; Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K run
 kernels/triton_kquant.py. Decode rows (<= DECODE_MAX_M) run tl.dot on bf16 operands, accumulating in float32
 (relative error ~2e-3); prompt chunks dequantize to bf16 once per call and run cuBLAS. F32, F16 and BF16
-matrices are held in their own dtype and multiplied by torch.matmul, x cast to the weight's dtype (F16: as
-llama.cpp's cuBLAS path does). Float64 activations ask for the reference (dequantize per call).
+matrices are held in their own dtype: decode rows run kernels/triton_float.py (cuBLAS is not batch-invariant),
+prompt chunks torch.matmul, x cast to the weight's dtype (F16: as llama.cpp's cuBLAS path does). Float64
+activations ask for the reference (dequantize per call).
 """
 
 from __future__ import annotations
 
 import torch
 
+from worker_orcd.kernels.triton_float import float_matmul
 from worker_orcd.kernels.triton_kquant import kquant_matmul
-from worker_orcd.kernels.triton_quant import quant_matmul
+from worker_orcd.kernels.triton_quant import DECODE_MAX_M, quant_matmul
 from worker_orcd.quant.packed import FLOAT_DTYPES, NIBBLE_FORMATS, PACKERS, PackedWeight
 from worker_orcd.quant.tensor import MATMUL_KERNELS, QuantTensor, dequantize_matmul
 
@@ -36,6 +38,8 @@ def gpu_matmul(w: QuantTensor, x: torch.Tensor, out_dtype: torch.dtype | None = 
     if p is None or x.dtype == torch.float64:  # the kernels accumulate in float32; float64 asks for the reference
         y = dequantize_matmul(w, x)
         y = y if out_dtype is None else y.to(out_dtype)
+    elif p.kind in FLOAT_DTYPES and x.numel() <= DECODE_MAX_M * w.shape[-1]:
+        return float_matmul(p, x, out_dtype=out_dtype, bias=bias)
     elif p.kind in FLOAT_DTYPES:
         y = torch.matmul(x.to(p.codes.dtype), p.codes.T).to(out_dtype or x.dtype)
     else:
