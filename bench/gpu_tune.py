@@ -62,9 +62,11 @@ def moe() -> None:
            for t, a in inputs.items()}
     print("MoE per-pair (before): " + "  ".join(f"T={t} {us:.1f} us" for t, us in old.items()), flush=True)
     results = []
-    for bn, up_target, target, warps in itertools.product((32, 64, 128), (1, 256, 512), (512, 1024), (2, 4)):
-        cfg = {"BM": 16, "BN": bn, "NB": 2, "UP_TARGET": up_target, "TARGET": target, "num_warps": warps,
-               "num_stages": 3}
+    sweep = [(False, 2, *c) for c in itertools.product((64, 128), (1, 256), (1024,), (2, 4))]  # bfloat16 tiles
+    sweep += [(True, nb, *c) for nb, *c in itertools.product((1, 2), (64, 128), (1, 256), (1024,), (2, 4))]
+    for f16, nb, bn, up_target, target, warps in sweep:
+        cfg = {"BM": 16, "BN": bn, "NB": nb, "UP_TARGET": up_target, "TARGET": target, "num_warps": warps,
+               "num_stages": 3, "F16": f16}
         try:
             tm = {t: time_us(lambda a=a, cfg=cfg: triton_moe.moe_tiles(*a, gate, gb, up, ub, down, db, cfg=cfg),
                              iters=20) for t, a in inputs.items()}

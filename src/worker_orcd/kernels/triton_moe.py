@@ -13,6 +13,8 @@ sharing an expert read its rows again (mostly from L2).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +25,7 @@ from worker_orcd.kernels.triton_quant import (
     INTERPRET,
     PackedWeight,
     _e8m0,
+    _mx_half_pair,
     _mx_pair,
     _mxfp4_gemv_tile,
     dequantize_packed,
@@ -323,10 +326,74 @@ def _mxfp4_tile(w, s, dot_t: tl.constexpr):
 
 
 @triton.jit
+def _mxfp4_block_f16(w):
+    """One block's 4 packed words per row [BN, 4] -> its 32 values * 2^-14 as float16 [BN, 32], bits only (no
+    convert, no scale). Column c holds element _f16_element(c): the K order the x tile is gathered in."""
+    w = w.to(tl.uint32, bitcast=True)
+    l0, h0 = _mx_half_pair(w, 0)
+    l1, h1 = _mx_half_pair(w, 1)
+    l2, h2 = _mx_half_pair(w, 2)
+    l3, h3 = _mx_half_pair(w, 3)
+    # join stacks on a new last axis: t [BN, word i, half h, r, q] holds slot 2q + r
+    t = tl.join(tl.join(tl.join(l0, h0), tl.join(l1, h1)), tl.join(tl.join(l2, h2), tl.join(l3, h3)))
+    return tl.reshape(t, [w.shape[0], 32])
+
+
+@triton.jit
+def _f16_element(c):
+    """Column c of _mxfp4_block_f16's tile (c = 8i + 4h + 2r + q) -> its element in the block: 8(2q + r) + 4h + i."""
+    return 16 * (c % 2) + 8 * ((c // 2) % 2) + 4 * ((c // 4) % 2) + c // 8
+
+
+@triton.jit
+def _expert_dot_f16(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_hi, BM: tl.constexpr,
+                    BN: tl.constexpr, NB: tl.constexpr, TWO: tl.constexpr, DOT_F32: tl.constexpr):
+    """_expert_dot with float16 operands: weights decoded by bit moves alone, one K=32 dot per block, the
+    block's scale applied to the dot's float32 result; x gathered into the tile's K order and clamped to
+    float16's range."""
+    nblk = K // 32
+    xk = _f16_element(tl.arange(0, 32))
+    wi = tl.arange(0, 4)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc2 = tl.zeros([BM, BN], dtype=tl.float32)
+    for kb in range(kb_lo, kb_hi, NB):
+        for b in tl.static_range(NB):
+            # the step's last blocks may lie past the slice: masks as tensors (the interpreter takes no scalar)
+            ok = tl.full([BN], kb + b, tl.int32) < kb_hi
+            okw = ((kb + b) * 4 + wi < kb_hi * 4)[None, :]
+            x = tl.load(x_rows[:, None] + (kb + b) * 32 + xk[None, :],
+                        mask=ok_m[:, None] & ((kb + b) * 32 + xk < kb_hi * 32)[None, :], other=0.0)
+            x = tl.minimum(tl.maximum(x.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+            w = tl.load(w_ptr + rows[:, None] * (nblk * 4) + (kb + b) * 4 + wi[None, :], mask=okw, other=0)
+            s = _e8m0(tl.load(e_ptr + rows * nblk + kb + b, mask=ok, other=0)) * 16384.0
+            t = _mxfp4_block_f16(w)
+            if DOT_F32:  # the interpreter's half-precision dots are unreliable
+                d = tl.dot(x.to(tl.float32), tl.trans(t.to(tl.float32)), input_precision="ieee")
+            else:
+                d = tl.dot(x, tl.trans(t))
+            acc = tl.fma(d, s[None, :], acc)
+            if TWO:
+                w2 = tl.load(w2_ptr + rows[:, None] * (nblk * 4) + (kb + b) * 4 + wi[None, :], mask=okw, other=0)
+                s2 = _e8m0(tl.load(e2_ptr + rows * nblk + kb + b, mask=ok, other=0)) * 16384.0
+                t2 = _mxfp4_block_f16(w2)
+                if DOT_F32:
+                    d2 = tl.dot(x.to(tl.float32), tl.trans(t2.to(tl.float32)), input_precision="ieee")
+                else:
+                    d2 = tl.dot(x, tl.trans(t2))
+                acc2 = tl.fma(d2, s2[None, :], acc2)
+    return acc, acc2
+
+
+@triton.jit
 def _expert_dot(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_hi, BM: tl.constexpr,
-                BN: tl.constexpr, NB: tl.constexpr, TWO: tl.constexpr, DOT_F32: tl.constexpr):
+                BN: tl.constexpr, NB: tl.constexpr, TWO: tl.constexpr, DOT_F32: tl.constexpr,
+                F16: tl.constexpr = False):
     """x rows (pointers [BM] to K values, masked by ok_m) . MXFP4 rows [BN] of W (and of W2) over blocks
-    [kb_lo, kb_hi) -> float32 [BM, BN] (twice): each step of NB blocks one decode and one tl.dot."""
+    [kb_lo, kb_hi) -> float32 [BM, BN] (twice): each step of NB blocks one decode and one tl.dot.
+    F16: _expert_dot_f16 instead."""
+    if F16:
+        return _expert_dot_f16(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_hi, BM, BN, NB, TWO,
+                               DOT_F32)  # fmt: skip
     nblk = K // 32
     dot_t = tl.float32 if DOT_F32 else tl.bfloat16
     kw = tl.arange(0, NB * 4)
@@ -408,7 +475,7 @@ def route_tiles(top_ids: torch.Tensor, n_experts: int, group: int) -> tuple[torc
 def _tiles_gate_up_kernel(x_ptr, pairs_ptr, tile_e_ptr, gw_ptr, ge_ptr, gb_ptr, uw_ptr, ue_ptr, ub_ptr, h_ptr,
                           part_ptr, E, F, D, K_SLOTS, N_PAIRS, CHUNK, limit, alpha,
                           BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr,
-                          SPLIT: tl.constexpr):
+                          SPLIT: tl.constexpr, F16: tl.constexpr = False):
     """h[p, f] = clamped SwiGLU of gate and up rows f of the tile's expert on token p // K_SLOTS. SPLIT: over
     this program's blocks of D only, gate and up stored to part[split, 0 | 1, p, f] for _swiglu_sum_kernel."""
     tile = tl.program_id(1)
@@ -423,7 +490,7 @@ def _tiles_gate_up_kernel(x_ptr, pairs_ptr, tile_e_ptr, gw_ptr, ge_ptr, gb_ptr, 
         kb_lo = split * CHUNK
         kb_hi = tl.minimum(kb_lo + CHUNK, D // 32)
         g, u = _expert_dot(x_ptr + (p // K_SLOTS) * D, ok_m, gw_ptr, ge_ptr, uw_ptr, ue_ptr, rows, D, kb_lo, kb_hi,
-                           BM, BN, NB, True, DOT_F32)  # fmt: skip
+                           BM, BN, NB, True, DOT_F32, F16)  # fmt: skip
         ok = ok_m[:, None] & (f < F)[None, :]
         if SPLIT:
             out = part_ptr + (split * 2 * N_PAIRS + p)[:, None] * F + f[None, :]
@@ -459,7 +526,8 @@ def _swiglu_sum_kernel(part_ptr, ids_ptr, gb_ptr, ub_ptr, h_ptr, F, N_PAIRS, lim
 
 @triton.jit
 def _tiles_down_kernel(h_ptr, pairs_ptr, tile_e_ptr, w_ptr, dw_ptr, de_ptr, db_ptr, part_ptr, E, F, D, CHUNK,
-                       BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr):
+                       BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr,
+                       F16: tl.constexpr = False):
     """part[p, split, d] = w[p] * (down rows d of the tile's expert . h[p] over the split's blocks of F
     (+ the bias in split 0))."""
     tile = tl.program_id(1)
@@ -474,7 +542,7 @@ def _tiles_down_kernel(h_ptr, pairs_ptr, tile_e_ptr, w_ptr, dw_ptr, de_ptr, db_p
         kb_lo = split * CHUNK
         kb_hi = tl.minimum(kb_lo + CHUNK, F // 32)
         y, _ = _expert_dot(h_ptr + p.to(tl.int64) * F, ok_m, dw_ptr, de_ptr, dw_ptr, de_ptr, rows, F, kb_lo, kb_hi,
-                           BM, BN, NB, False, DOT_F32)  # fmt: skip
+                           BM, BN, NB, False, DOT_F32, F16)  # fmt: skip
         y += tl.load(db_ptr + rows)[None, :] * (split == 0)
         y *= tl.load(w_ptr + p, mask=ok_m, other=0.0).to(tl.float32)[:, None]
         out = part_ptr + (p.to(tl.int64) * tl.num_programs(2) + split)[:, None] * D + d[None, :]
@@ -485,9 +553,16 @@ def tiles_config() -> dict:
     """Pairs a tile, rows a tile, blocks a step, and the program counts (per tile of pairs) that gate/up's and
     down's splits of their inputs aim for."""
     if INTERPRET:
-        return {"BM": 16, "BN": 16, "NB": 2, "UP_TARGET": 1, "TARGET": 1, "num_warps": 1, "num_stages": 1}
+        return {"BM": 16, "BN": 16, "NB": 2, "UP_TARGET": 1, "TARGET": 1, "num_warps": 1, "num_stages": 1,
+                "F16": MOE_F16}
     # H200 sweep (bench/gpu_tune.py moe), us a layer: T=1 96, T=4 220, T=16 447, T=64 513, T=128 767
-    return {"BM": 16, "BN": 128, "NB": 2, "UP_TARGET": 256, "TARGET": 1024, "num_warps": 2, "num_stages": 3}
+    return {"BM": 16, "BN": 128, "NB": 2, "UP_TARGET": 256, "TARGET": 1024, "num_warps": 2, "num_stages": 3,
+            "F16": MOE_F16}
+
+
+# float16 expert tiles (_expert_dot_f16: decoded by bit moves, scaled after the dot); WORKER_ORCD_MOE_F16=0 takes
+# the bfloat16 tiles (each value converted to float32, scaled, rounded to bfloat16) instead
+MOE_F16 = os.environ.get("WORKER_ORCD_MOE_F16", "1") == "1"
 
 
 def moe_tiles(
@@ -510,6 +585,7 @@ def moe_tiles(
     c = dict(cfg or tiles_config())
     BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET")
     up_target = c.pop("UP_TARGET", 1)
+    f16 = c.pop("F16", False)
     T, D = x.shape
     k = top_ids.shape[1]
     E, F, _ = gate.shape
@@ -524,7 +600,7 @@ def moe_tiles(
     part = torch.empty(splits, 2, P, F, dtype=torch.float32, device=x.device) if splits > 1 else h
     _tiles_gate_up_kernel[(tiles, n_tiles, splits)](
         x, pairs, tile_expert, gp.codes, gp.scales, gb, upk.codes, upk.scales, ub, h, part, E, F, D, k, P, chunk,
-        limit, alpha, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, SPLIT=splits > 1, **c,
+        limit, alpha, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, SPLIT=splits > 1, F16=f16, **c,
     )  # fmt: skip
     if splits > 1:
         _swiglu_sum_kernel[(P, triton.cdiv(F, 1024))](part, top_ids.reshape(-1), gb, ub, h, F, P, limit, alpha,
@@ -534,7 +610,7 @@ def moe_tiles(
     part = torch.empty(T * k, splits, D, dtype=torch.float32, device=x.device)
     _tiles_down_kernel[(tiles, n_tiles, splits)](
         h, pairs, tile_expert, top_w.reshape(-1).float().contiguous(), dp.codes, dp.scales,
-        down_b.float().contiguous(), part, E, F, D, chunk, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, **c,
+        down_b.float().contiguous(), part, E, F, D, chunk, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, F16=f16, **c,
     )  # fmt: skip
     return _token_sums(part, T, x.dtype, out)
 

@@ -38,8 +38,8 @@ def _q8_byte(w, t: tl.constexpr):
 
 
 @triton.jit
-def _mx_pair(w, s: tl.constexpr):
-    """Slot s of uint32 words -> two float32 E2M1 values * 2^-14 (low half, high half)."""
+def _mx_bits(w, s: tl.constexpr):
+    """Slot s of uint32 words -> two float16 bit patterns in one word: E2M1 values * 2^-14 (low, high half)."""
     if s == 0:
         h = (w << 9) & 0x8E008E00
     elif s == 1:
@@ -48,6 +48,27 @@ def _mx_pair(w, s: tl.constexpr):
         h = ((w >> 1) & 0x0E000E00) | ((w << 8) & 0x80008000)
     else:
         h = ((w >> 4) & 0x0E000E00) | ((w << 7) & 0x80008000)
+    return h
+
+
+@triton.jit
+def _mx_half_pair(w, s: tl.constexpr):
+    """Slot s of uint32 words -> two float16 E2M1 values * 2^-14 (low half, high half): bits only, no convert."""
+    h = _mx_bits(w, s)
+    if F16X2_ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            "mov.b32 {$0, $1}, $2;", "=h,=h,r", [h], dtype=(tl.float16, tl.float16), is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        lo = (h & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+        hi = (h >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _mx_pair(w, s: tl.constexpr):
+    """Slot s of uint32 words -> two float32 E2M1 values * 2^-14 (low half, high half)."""
+    h = _mx_bits(w, s)
     if F16X2_ASM:  # both halves straight into cvt.f32.f16 (the generic path adds a byte permute per pair)
         lo, hi = tl.inline_asm_elementwise(
             "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }",
