@@ -32,8 +32,10 @@ def dense() -> None:
         iters = 10 if n > 100000 else 30
         gemv = time_us(lambda p=p, x=xs[1]: quant_matmul(p, x, gemv_config(p)), iters=iters)
         results = []
-        for bm, bn, nb, target in itertools.product((16, 64), (64, 128), (2, 4), (264, 528)):
-            cfg = {"BM": bm, "BN": bn, "NB": nb, "TARGET": target, "num_warps": 4, "num_stages": 3}
+        for f16, bm, nb, warps in itertools.product((True, False), (16, 64), (1, 2, 4), (4, 8)):
+            if not f16 and (nb == 1 or bm == 64):  # bfloat16 tiles: tl.dot needs 16 values of K a step
+                continue
+            cfg = {"BM": bm, "BN": 128, "NB": nb, "TARGET": 528, "num_warps": warps, "num_stages": 3, "F16": f16}
             try:
                 t = {m: time_us(lambda x=x, cfg=cfg, p=p: quant_matmul(p, x, cfg), iters=iters)
                      for m, x in xs.items()}

@@ -7,7 +7,6 @@ from gguf import GGMLQuantizationType as T
 from tests.test_triton_quant import random_blocks, rel_err
 from worker_orcd.kernels.activations import clamped_swiglu
 from worker_orcd.kernels.triton_moe import (
-    MOE_F16,
     group_pairs,
     moe_grouped,
     moe_mxfp4,
@@ -15,6 +14,7 @@ from worker_orcd.kernels.triton_moe import (
     moe_tiles,
     route_tiles,
 )
+from worker_orcd.kernels.triton_quant import F16_TILES
 from worker_orcd.quant import QuantTensor
 from worker_orcd.quant.mxfp4 import quantize_mxfp4
 
@@ -93,7 +93,7 @@ def check_grouped(E, F, D, T_, k, tol, device="cpu"):
     ids, w = routes(T_, E, k, device)
     got = moe_grouped(x, ids, w, g, gb, u, ub, d, db)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
-    tol = max(tol, 2e-3) if MOE_F16 else tol  # the float16 tiles round x and h to float16
+    tol = max(tol, 2e-3) if F16_TILES else tol  # the float16 tiles round x and h to float16
     assert rel_err(got, moe_reference(x, ids, w, g, gb, u, ub, d, db)) < tol
     return x, ids, w, (g, gb, u, ub, d, db), got
 

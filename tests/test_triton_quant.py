@@ -40,9 +40,15 @@ def random_blocks(kind: T, rows: int, k: int, device: str = "cpu") -> torch.Tens
     return torch.cat([e, q], -1).reshape(rows, -1)
 
 
+def f16_exact(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to float16 values: the float16 tiles (F16_TILES) then add no rounding of their own, so the
+    bars below test the decode and the sums alone."""
+    return x.half().to(x.dtype)
+
+
 def check(kind: T, n: int, k: int, m: int, dtype: torch.dtype, tol: float, device: str = "cpu", cfg=None):
     raw = random_blocks(kind, n, k, device)
-    x = torch.randn(m, k, device=device).to(dtype)
+    x = f16_exact(torch.randn(m, k, device=device)).to(dtype)
     ref = x.double() @ dequantize(raw, kind, (n, k)).double().T
     y = torch.full((m, n), float("nan"), dtype=dtype, device=device)
     quant_matmul(PACK[kind](raw, n, k), x, cfg, out=y)
@@ -70,9 +76,10 @@ def test_gemv_split_k_and_bf16(kind):
 
 @pytest.mark.parametrize("kind", [T.Q8_0, T.MXFP4])
 @pytest.mark.parametrize("m", [2, 19])
-def test_gemm_interpreted(kind, m):
-    check(kind, 20, 160, m, torch.float32, 1e-5, cfg=gemm_config(None, m))  # interpreter dots in float32
-    split = {"BM": 16, "BN": 16, "NB": 1, "TARGET": 8, "num_warps": 1, "num_stages": 1}  # 2 tiles -> 4 splits
+@pytest.mark.parametrize("f16", [True, False])  # float16 block tiles, bfloat16 tiles
+def test_gemm_interpreted(kind, m, f16):
+    check(kind, 20, 160, m, torch.float32, 1e-5, cfg=gemm_config(None, m) | {"F16": f16})  # dots in float32 here
+    split = {"BM": 16, "BN": 16, "NB": 1, "TARGET": 8, "num_warps": 1, "num_stages": 1, "F16": f16}  # 4 splits
     check(kind, 20, 160, m, torch.float32, 1e-5, cfg=split)
 
 
@@ -82,7 +89,7 @@ def test_gemm_interpreted(kind, m):
 def test_bias_joins_the_sum(kind, cfg):
     """x @ W.T + b: inside the split-K sum (float32) when K is split, one add after otherwise."""
     raw = random_blocks(kind, 20, 160)
-    x, b = torch.randn(3, 160), torch.randn(20)
+    x, b = f16_exact(torch.randn(3, 160)), torch.randn(20)
     ref = x.double() @ dequantize(raw, kind, (20, 160)).double().T + b.double()
     y = torch.full((3, 20), float("nan"))
     quant_matmul(PACK[kind](raw, 20, 160), x, cfg, out=y, bias=b)
@@ -131,7 +138,7 @@ def test_unpack_returns_the_exact_blocks(kind):
 
 def test_gpu_matmul_entry_caches_and_falls_back():
     w = QuantTensor(random_blocks(T.MXFP4, 10, 64), T.MXFP4, (10, 64))
-    x = torch.randn(3, 2, 64)
+    x = f16_exact(torch.randn(3, 2, 64))
     y = gpu_matmul(w, x)
     assert y.shape == (3, 2, 10) and packed(w) is packed(w)
     assert rel_err(y, x.double() @ w.dequantize(torch.float64).T) < 1e-5
@@ -140,7 +147,7 @@ def test_gpu_matmul_entry_caches_and_falls_back():
     d = (torch.rand(4, 1) + 0.5).half().view(torch.uint8)  # finite scales; Q4_0 runs kernels/triton_kquant.py
     q4 = QuantTensor(torch.cat([d, torch.randint(0, 256, (4, 16), dtype=torch.uint8)], -1), T.Q4_0, (4, 32))
     assert packed(q4).kind == "q4_0"
-    xq = torch.randn(2, 32)
+    xq = f16_exact(torch.randn(2, 32))
     assert rel_err(gpu_matmul(q4, xq), xq.double() @ q4.dequantize(torch.float64).T) < 1e-5
 
 

@@ -13,21 +13,21 @@ sharing an expert read its rows again (mostly from L2).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from worker_orcd.kernels.activations import clamped_swiglu
 from worker_orcd.kernels.triton_quant import (
+    F16_TILES,
     GEMV_ROWS,
     INTERPRET,
     PackedWeight,
+    _block_dot_f16,
     _e8m0,
-    _mx_half_pair,
     _mx_pair,
     _mxfp4_gemv_tile,
+    _x_block_f16,
     dequantize_packed,
     split_k,
     sum_partials_kernel,
@@ -326,61 +326,19 @@ def _mxfp4_tile(w, s, dot_t: tl.constexpr):
 
 
 @triton.jit
-def _mxfp4_block_f16(w):
-    """One block's 4 packed words per row [BN, 4] -> its 32 values * 2^-14 as float16 [BN, 32], bits only (no
-    convert, no scale). Column c holds element _f16_element(c): the K order the x tile is gathered in."""
-    w = w.to(tl.uint32, bitcast=True)
-    l0, h0 = _mx_half_pair(w, 0)
-    l1, h1 = _mx_half_pair(w, 1)
-    l2, h2 = _mx_half_pair(w, 2)
-    l3, h3 = _mx_half_pair(w, 3)
-    # join stacks on a new last axis: t [BN, word i, half h, r, q] holds slot 2q + r
-    t = tl.join(tl.join(tl.join(l0, h0), tl.join(l1, h1)), tl.join(tl.join(l2, h2), tl.join(l3, h3)))
-    return tl.reshape(t, [w.shape[0], 32])
-
-
-@triton.jit
-def _f16_element(c):
-    """Column c of _mxfp4_block_f16's tile (c = 8i + 4h + 2r + q) -> its element in the block: 8(2q + r) + 4h + i."""
-    return 16 * (c % 2) + 8 * ((c // 2) % 2) + 4 * ((c // 4) % 2) + c // 8
-
-
-@triton.jit
 def _expert_dot_f16(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_hi, BM: tl.constexpr,
                     BN: tl.constexpr, NB: tl.constexpr, TWO: tl.constexpr, DOT_F32: tl.constexpr):
-    """_expert_dot with float16 operands: weights decoded by bit moves alone, one K=32 dot per block, the
-    block's scale applied to the dot's float32 result; x gathered into the tile's K order and clamped to
-    float16's range."""
+    """_expert_dot on float16 block tiles (triton_quant's _block_dot_f16): one K=32 dot a block, its scale
+    applied to the float32 result."""
     nblk = K // 32
-    xk = _f16_element(tl.arange(0, 32))
-    wi = tl.arange(0, 4)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     acc2 = tl.zeros([BM, BN], dtype=tl.float32)
     for kb in range(kb_lo, kb_hi, NB):
         for b in tl.static_range(NB):
-            # the step's last blocks may lie past the slice: masks as tensors (the interpreter takes no scalar)
-            ok = tl.full([BN], kb + b, tl.int32) < kb_hi
-            okw = ((kb + b) * 4 + wi < kb_hi * 4)[None, :]
-            x = tl.load(x_rows[:, None] + (kb + b) * 32 + xk[None, :],
-                        mask=ok_m[:, None] & ((kb + b) * 32 + xk < kb_hi * 32)[None, :], other=0.0)
-            x = tl.minimum(tl.maximum(x.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
-            w = tl.load(w_ptr + rows[:, None] * (nblk * 4) + (kb + b) * 4 + wi[None, :], mask=okw, other=0)
-            s = _e8m0(tl.load(e_ptr + rows * nblk + kb + b, mask=ok, other=0)) * 16384.0
-            t = _mxfp4_block_f16(w)
-            if DOT_F32:  # the interpreter's half-precision dots are unreliable
-                d = tl.dot(x.to(tl.float32), tl.trans(t.to(tl.float32)), input_precision="ieee")
-            else:
-                d = tl.dot(x, tl.trans(t))
-            acc = tl.fma(d, s[None, :], acc)
+            x = _x_block_f16(x_rows, ok_m, kb + b, kb_hi, True)
+            acc += _block_dot_f16(x, w_ptr, e_ptr, rows, nblk, kb + b, kb_hi, True, DOT_F32)
             if TWO:
-                w2 = tl.load(w2_ptr + rows[:, None] * (nblk * 4) + (kb + b) * 4 + wi[None, :], mask=okw, other=0)
-                s2 = _e8m0(tl.load(e2_ptr + rows * nblk + kb + b, mask=ok, other=0)) * 16384.0
-                t2 = _mxfp4_block_f16(w2)
-                if DOT_F32:
-                    d2 = tl.dot(x.to(tl.float32), tl.trans(t2.to(tl.float32)), input_precision="ieee")
-                else:
-                    d2 = tl.dot(x, tl.trans(t2))
-                acc2 = tl.fma(d2, s2[None, :], acc2)
+                acc2 += _block_dot_f16(x, w2_ptr, e2_ptr, rows, nblk, kb + b, kb_hi, True, DOT_F32)
     return acc, acc2
 
 
@@ -554,15 +512,12 @@ def tiles_config() -> dict:
     down's splits of their inputs aim for."""
     if INTERPRET:
         return {"BM": 16, "BN": 16, "NB": 2, "UP_TARGET": 1, "TARGET": 1, "num_warps": 1, "num_stages": 1,
-                "F16": MOE_F16}
-    # H200 sweep (bench/gpu_tune.py moe), us a layer: T=1 96, T=4 220, T=16 447, T=64 513, T=128 767
-    return {"BM": 16, "BN": 128, "NB": 2, "UP_TARGET": 256, "TARGET": 1024, "num_warps": 2, "num_stages": 3,
-            "F16": MOE_F16}
+                "F16": F16_TILES}
+    # H200 sweep (bench/gpu_tune.py moe), us a layer, float16 tiles: T=1 84, T=4 212, T=16 382, T=64 514,
+    # T=128 806 (bfloat16 tiles, NB=2: 102, 240, 437, 532, 803)
+    return {"BM": 16, "BN": 128, "NB": 1 if F16_TILES else 2, "UP_TARGET": 256, "TARGET": 1024, "num_warps": 2,
+            "num_stages": 3, "F16": F16_TILES}
 
-
-# float16 expert tiles (_expert_dot_f16: decoded by bit moves, scaled after the dot); WORKER_ORCD_MOE_F16=0 takes
-# the bfloat16 tiles (each value converted to float32, scaled, rounded to bfloat16) instead
-MOE_F16 = os.environ.get("WORKER_ORCD_MOE_F16", "1") == "1"
 
 
 def moe_tiles(

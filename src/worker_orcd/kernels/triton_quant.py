@@ -86,6 +86,89 @@ def _e8m0(e):
     return (tl.minimum(e.to(tl.int32), 254) << 23).to(tl.float32, bitcast=True)
 
 
+# ---------------------------------------------------------------- float16 block tiles (the decode GEMMs' default)
+# One 32-weight block of BN rows -> [BN, 32] float16 by bit moves alone (exact: int8 values, E2M1 values * 2^-14),
+# in an order of K of the decoder's choosing; x is gathered in the same order, and the block's scale multiplies
+# the float32 result of a K=32 dot. Cheaper than converting each value to float32, scaling it and rounding it
+# to bfloat16, and x keeps 10 bits of mantissa instead of 7.
+
+
+@triton.jit
+def _mxfp4_block_f16(w):
+    """4 packed words a row [BN, 4] -> [BN, 32] float16; column c = 8i + 4h + 2r + q holds word i, half h of
+    slot 2q + r, i.e. element 8(2q + r) + 4h + i (quant/packed.py)."""
+    w = w.to(tl.uint32, bitcast=True)
+    l0, h0 = _mx_half_pair(w, 0)
+    l1, h1 = _mx_half_pair(w, 1)
+    l2, h2 = _mx_half_pair(w, 2)
+    l3, h3 = _mx_half_pair(w, 3)
+    t = tl.join(tl.join(tl.join(l0, h0), tl.join(l1, h1)), tl.join(tl.join(l2, h2), tl.join(l3, h3)))
+    return tl.reshape(t, [w.shape[0], 32])
+
+
+@triton.jit
+def _q8_half_pair(w, t: tl.constexpr):
+    """Bytes t and t + 2 of uint32 words -> their int8 values as two float16: 0x6400 | (byte ^ 0x80) is
+    1024 + q + 128, less 1152."""
+    h = ((w >> (8 * t)) & 0x00FF00FF) ^ 0x64806480
+    if F16X2_ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            "mov.b32 {$0, $1}, $2;", "=h,=h,r", [h], dtype=(tl.float16, tl.float16), is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        lo = (h & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+        hi = (h >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    return lo - 1152.0, hi - 1152.0
+
+
+@triton.jit
+def _q8_0_block_f16(w):
+    """8 packed words a row [BN, 8] -> [BN, 32] float16 int8 values; column c = 4i + 2t + h holds byte t + 2h of
+    word i, i.e. element 8(t + 2h) + i."""
+    w = w.to(tl.uint32, bitcast=True)
+    l0, h0 = _q8_half_pair(w, 0)
+    l1, h1 = _q8_half_pair(w, 1)
+    return tl.reshape(tl.join(tl.join(l0, l1), tl.join(h0, h1)), [w.shape[0], 32])
+
+
+@triton.jit
+def _block_f16_element(c, IS_MXFP4: tl.constexpr):
+    """Column c of the float16 block tile -> the element of the block it holds."""
+    if IS_MXFP4:
+        return 16 * (c % 2) + 8 * ((c // 2) % 2) + 4 * ((c // 4) % 2) + c // 8
+    return 8 * ((c // 2) % 2 + 2 * (c % 2)) + c // 4
+
+
+@triton.jit
+def _x_block_f16(x_rows, ok_m, kb, kb_hi, IS_MXFP4: tl.constexpr):
+    """Block kb of x rows (pointers [BM], masked by ok_m; zeros past kb_hi) in the tile's K order, clamped to
+    float16's range, as float16 [BM, 32]."""
+    k = kb * 32 + _block_f16_element(tl.arange(0, 32), IS_MXFP4)
+    x = tl.load(x_rows[:, None] + k[None, :], mask=ok_m[:, None] & (k < kb_hi * 32)[None, :], other=0.0)
+    return tl.minimum(tl.maximum(x.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+
+
+@triton.jit
+def _block_dot_f16(x, w_ptr, s_ptr, rows, nblk, kb, kb_hi, IS_MXFP4: tl.constexpr, DOT_F32: tl.constexpr):
+    """x [BM, 32] float16 (from _x_block_f16) . block kb of W rows [BN] -> float32 [BM, BN], scaled; 0 past
+    kb_hi."""
+    WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
+    wi = tl.arange(0, WPB)
+    ok = tl.full([rows.shape[0]], kb, tl.int32) < kb_hi  # masks as tensors: the interpreter takes no scalar
+    w = tl.load(w_ptr + rows[:, None] * (nblk * WPB) + kb * WPB + wi[None, :], mask=ok[:, None], other=0)
+    if IS_MXFP4:
+        t = _mxfp4_block_f16(w)
+        s = _e8m0(tl.load(s_ptr + rows * nblk + kb, mask=ok, other=0)) * 16384.0
+    else:
+        t = _q8_0_block_f16(w)
+        s = tl.load(s_ptr + rows * nblk + kb, mask=ok, other=0.0).to(tl.float32)
+    if DOT_F32:  # the interpreter's half-precision dots are unreliable
+        d = tl.dot(x.to(tl.float32), tl.trans(t.to(tl.float32)), input_precision="ieee")
+    else:
+        d = tl.dot(x, tl.trans(t))
+    return d * s[None, :]
+
+
 # ---------------------------------------------------------------- GEMV tiles: acc[n] = x . W[n], one row of x
 # Blocks [kb_lo, kb_hi) of K (split-K programs take a slice); EVEN: the slice is whole steps of NB blocks.
 # STAGES >= 1: Triton pipelines the K loop (loads in flight through shared memory); 0: a register double
@@ -309,9 +392,10 @@ def _gemm_kernel(
     BN: tl.constexpr,
     NB: tl.constexpr,
     DOT_F32: tl.constexpr,
+    F16: tl.constexpr = False,
 ):
     """y[split] = x W^T over the split's CHUNK blocks of K (one split: the whole row); per step, one
-    [BM, NB*words] x [NB*words, BN] dot for each value position in a word."""
+    [BM, NB*words] x [NB*words, BN] dot for each value position in a word (F16: one float16 dot a block)."""
     m = tl.program_id(1) * BM + tl.arange(0, BM)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     split = tl.program_id(2)
@@ -322,30 +406,37 @@ def _gemm_kernel(
     kb_hi = tl.minimum(kb_lo + CHUNK, nblk)
     dot_t = tl.float32 if DOT_F32 else tl.bfloat16
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
-    kk = tl.arange(0, NB * WPB)  # within a step: block kk // WPB, word kk % WPB
-    blk_of = kk // WPB
-    word_of = kk % WPB
-    for kb in range(kb_lo, kb_hi, NB):
-        blk = kb + blk_of  # [NB*WPB]
-        ok = (blk < kb_hi)[None, :]
-        w = tl.load(w_ptr + n_in[:, None] * (nblk * WPB) + (blk * WPB + word_of)[None, :], mask=ok, other=0)
-        w = w.to(tl.uint32, bitcast=True)
-        s = tl.load(s_ptr + n_in[:, None] * nblk + blk[None, :], mask=ok, other=0)  # [BN, NB*WPB], repeated
-        x_base = x_ptr + m_in[:, None] * stride_xm + (blk * 32 + word_of)[None, :]  # [BM, NB*WPB]
-        if IS_MXFP4:
-            s = _e8m0(s) * 16384.0
-            for p in tl.static_range(4):
-                lo, hi = _mx_pair(w, p)
-                xa = tl.load(x_base + 8 * p, mask=ok, other=0.0).to(dot_t)
-                xb = tl.load(x_base + 8 * p + 4, mask=ok, other=0.0).to(dot_t)
-                acc = tl.dot(xa, tl.trans((lo * s).to(dot_t)), acc)
-                acc = tl.dot(xb, tl.trans((hi * s).to(dot_t)), acc)
-        else:
-            s = s.to(tl.float32)
-            for t in tl.static_range(4):
-                xa = tl.load(x_base + 8 * t, mask=ok, other=0.0).to(dot_t)
-                acc = tl.dot(xa, tl.trans((_q8_byte(w, t) * s).to(dot_t)), acc)
+    if F16:
+        x_rows = x_ptr + m_in * stride_xm
+        for kb in range(kb_lo, kb_hi, NB):
+            for b in tl.static_range(NB):
+                x = _x_block_f16(x_rows, m < M, kb + b, kb_hi, IS_MXFP4)
+                acc += _block_dot_f16(x, w_ptr, s_ptr, n_in, nblk, kb + b, kb_hi, IS_MXFP4, DOT_F32)
+    else:
+        WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
+        kk = tl.arange(0, NB * WPB)  # within a step: block kk // WPB, word kk % WPB
+        blk_of = kk // WPB
+        word_of = kk % WPB
+        for kb in range(kb_lo, kb_hi, NB):
+            blk = kb + blk_of  # [NB*WPB]
+            ok = (blk < kb_hi)[None, :]
+            w = tl.load(w_ptr + n_in[:, None] * (nblk * WPB) + (blk * WPB + word_of)[None, :], mask=ok, other=0)
+            w = w.to(tl.uint32, bitcast=True)
+            s = tl.load(s_ptr + n_in[:, None] * nblk + blk[None, :], mask=ok, other=0)  # [BN, NB*WPB], repeated
+            x_base = x_ptr + m_in[:, None] * stride_xm + (blk * 32 + word_of)[None, :]  # [BM, NB*WPB]
+            if IS_MXFP4:
+                s = _e8m0(s) * 16384.0
+                for p in tl.static_range(4):
+                    lo, hi = _mx_pair(w, p)
+                    xa = tl.load(x_base + 8 * p, mask=ok, other=0.0).to(dot_t)
+                    xb = tl.load(x_base + 8 * p + 4, mask=ok, other=0.0).to(dot_t)
+                    acc = tl.dot(xa, tl.trans((lo * s).to(dot_t)), acc)
+                    acc = tl.dot(xb, tl.trans((hi * s).to(dot_t)), acc)
+            else:
+                s = s.to(tl.float32)
+                for t in tl.static_range(4):
+                    xa = tl.load(x_base + 8 * t, mask=ok, other=0.0).to(dot_t)
+                    acc = tl.dot(xa, tl.trans((_q8_byte(w, t) * s).to(dot_t)), acc)
     y = y_ptr + split * M * N + m[:, None] * stride_ym + n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(m < M)[:, None] & (n < N)[None, :])
 
@@ -419,13 +510,17 @@ def gemm_config(w: PackedWeight, m: int) -> dict:
     """Tiles for tl.dot: 16 rows of x for decode-sized batches (one weight read serves them all), split over K
     by the weight's shape alone; 128 rows for prefill."""
     if INTERPRET:
-        return {"BM": 16, "BN": 16, "NB": 4, "TARGET": 1, "num_warps": 1, "num_stages": 1}
+        return {"BM": 16, "BN": 16, "NB": 4, "TARGET": 1, "num_warps": 1, "num_stages": 1, "F16": F16_TILES}
     if m <= DECODE_MAX_M:  # H200 sweep (bench/gpu_tune.py): best of 36 configs on the 20B's q|k|v, o and head
         # (NB blocks a step: tl.dot needs K >= 16 values per dot, i.e. 2 Q8_0 or 4 MXFP4 blocks)
         return {"BM": 16, "BN": 128, "NB": 2 if w.kind == "q8_0" else 4, "TARGET": 528, "num_warps": 4,
-                "num_stages": 3}
+                "num_stages": 3, "F16": F16_TILES}
     return {"BM": 128, "BN": 128, "NB": 4, "TARGET": 1, "num_warps": 8, "num_stages": 3}
 
+
+# Decode GEMMs (dense and MoE) on float16 block tiles (_block_dot_f16); WORKER_ORCD_F16_TILES=0 takes the
+# bfloat16 tiles (each value converted to float32, scaled and rounded to bfloat16 before the dot) instead.
+F16_TILES = os.environ.get("WORKER_ORCD_F16_TILES", "1") == "1"
 
 # Up to this many rows (every decode batch the scheduler runs) one kernel, one tile shape and one split of K
 # per weight shape: a row's result never depends on how many rows share the call. Above (prompt chunks):
@@ -483,13 +578,14 @@ def quant_matmul(
     else:
         c = dict(cfg or gemm_config(w, M))
         BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET", 1)
+        f16 = c.pop("F16", False)
         tiles = triton.cdiv(w.n, BN)
         splits, chunk = split_k(nblk, tiles, NB, target)
         part = y if splits == 1 else torch.empty(splits, M, w.n, dtype=torch.float32, device=x.device)
         grid = (tiles, triton.cdiv(M, BM), splits)
         _gemm_kernel[grid](
             x2, w.codes, w.scales, part, M, w.n, w.k, x2.stride(0), w.n, chunk, IS_MXFP4=mx, BM=BM, BN=BN, NB=NB,
-            DOT_F32=INTERPRET, **c,
+            DOT_F32=INTERPRET, F16=f16, **c,
         )  # fmt: skip
     if splits > 1:
         sum_partials_kernel[(1, triton.cdiv(M * w.n, 1024))](part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024,
