@@ -513,7 +513,10 @@ def gemm_config(w: PackedWeight, m: int) -> dict:
         return {"BM": 16, "BN": 16, "NB": 4, "TARGET": 1, "num_warps": 1, "num_stages": 1, "F16": F16_TILES}
     if m <= DECODE_MAX_M:  # H200 sweep (bench/gpu_tune.py): best of 36 configs on the 20B's q|k|v, o and head
         # (NB blocks a step: tl.dot needs K >= 16 values per dot, i.e. 2 Q8_0 or 4 MXFP4 blocks)
-        return {"BM": 16, "BN": 128, "NB": 2 if w.kind == "q8_0" else 4, "TARGET": 528, "num_warps": 4,
+        # float16 tiles (sweep of session 6, us at M=1/16/64): Q8_0 5120x2880 NB=1 14.9/17.5/47.6 (NB=2 16.3),
+        # 2880x4096 17.3/19.1/41.3 either; the 201088x2880 head NB=2 309/380/1384 (NB=1 342)
+        nb = (1 if w.n <= 8192 else 2) if F16_TILES else 2
+        return {"BM": 16, "BN": 128, "NB": nb if w.kind == "q8_0" else 4, "TARGET": 528, "num_warps": 4,
                 "num_stages": 3, "F16": F16_TILES}
     return {"BM": 128, "BN": 128, "NB": 4, "TARGET": 1, "num_warps": 8, "num_stages": 3}
 
