@@ -27,6 +27,7 @@ from worker_orcd.kernels.triton_quant import (
     _e8m0,
     _mx_pair,
     _mxfp4_gemv_tile,
+    _row_words,
     _x_block_f16,
     dequantize_packed,
     split_k,
@@ -59,6 +60,7 @@ def _gate_up_kernel(
     NB: tl.constexpr,
     EVEN: tl.constexpr,
     STAGES: tl.constexpr,
+    GROUP: tl.constexpr = 1,
 ):
     """h[p, f] for pair p = t * k + slot, rows f of expert ids[p]; gate and up read in the same loop.
     Programs take the pairs in `order` (sorted by expert: an expert's pairs run together and share its
@@ -68,7 +70,8 @@ def _gate_up_kernel(
     f = tl.program_id(0) * BN + tl.arange(0, BN)
     rows = e * F + tl.minimum(f, F - 1)
     x = x_ptr + (p // K_SLOTS) * D
-    g, u = _mxfp4_gemv_tile(x, gw_ptr, ge_ptr, uw_ptr, ue_ptr, rows, D, 0, D // 32, BN, NB, EVEN, STAGES, True)
+    g, u = _mxfp4_gemv_tile(x, gw_ptr, ge_ptr, uw_ptr, ue_ptr, rows, D, 0, D // 32, BN, NB, EVEN, STAGES, True,
+                            GROUP)  # fmt: skip
     g = tl.minimum(g + tl.load(gb_ptr + rows), limit)
     u = tl.minimum(tl.maximum(u + tl.load(ub_ptr + rows), -limit), limit)
     h = (u + 1.0) * g * tl.sigmoid(alpha * g)
@@ -92,6 +95,7 @@ def _down_kernel(
     NB: tl.constexpr,
     EVEN: tl.constexpr,
     STAGES: tl.constexpr,
+    GROUP: tl.constexpr = 1,
 ):
     """out[p, split, d] = w[p] * (down_e[d] . h[p] over the split's blocks (+ bd_e[d] in split 0))."""
     p = tl.load(order_ptr + tl.program_id(1))
@@ -102,7 +106,7 @@ def _down_kernel(
     kb_lo = split * CHUNK
     kb_hi = tl.minimum(kb_lo + CHUNK, F // 32)
     y, _ = _mxfp4_gemv_tile(
-        h_ptr + p * F, dw_ptr, de_ptr, dw_ptr, de_ptr, rows, F, kb_lo, kb_hi, BN, NB, EVEN, STAGES, False
+        h_ptr + p * F, dw_ptr, de_ptr, dw_ptr, de_ptr, rows, F, kb_lo, kb_hi, BN, NB, EVEN, STAGES, False, GROUP
     )
     y += tl.load(db_ptr + rows) * (split == 0)
     tl.store(out_ptr + (p * tl.num_programs(2) + split) * D + d, y * tl.load(w_ptr + p).to(tl.float32), mask=d < D)
@@ -122,6 +126,13 @@ def _packed(w: QuantTensor, name: str) -> PackedWeight:
     if p is None or p.kind != "mxfp4" or len(w.shape) != 3:
         raise ValueError(f"moe_mxfp4: {name} must be a stacked MXFP4 [experts, rows, cols] tensor, got {w!r}")
     return p
+
+
+def _group(gate: PackedWeight, up: PackedWeight) -> int:
+    """The row group gate and up share (one kernel reads both with one offset)."""
+    if gate.group != up.group:
+        raise ValueError(f"gate and up experts packed with different row groups: {gate.group}, {up.group}")
+    return gate.group
 
 
 def moe_mxfp4(
@@ -181,7 +192,7 @@ def moe_gate_up(x, ids, k, gate, gate_b, up, up_b, cfg=None, limit=SWIGLU_LIMIT,
     _gate_up_kernel[(triton.cdiv(F, BN), P)](
         x.contiguous(), ids, order, gp.codes, gp.scales, gate_b.float().contiguous(), upk.codes, upk.scales,
         up_b.float().contiguous(), h, F, D, k, limit, alpha, BN=BN, NB=NB, EVEN=(D // 32) % NB == 0, STAGES=stages,
-        **c,
+        GROUP=_group(gp, upk), **c,
     )  # fmt: skip
     return h
 
@@ -200,7 +211,7 @@ def moe_down(h, ids, w, down, down_b, cfg=None, order=None) -> torch.Tensor:
     order = torch.arange(P, dtype=torch.int32, device=h.device) if order is None else order
     _down_kernel[(tiles, P, splits)](
         h, ids, order, w, dp.codes, dp.scales, down_b.float().contiguous(), part, F, D, chunk, BN=BN, NB=NB,
-        EVEN=(F // 32) % chunk == 0, STAGES=stages, **c,
+        EVEN=(F // 32) % chunk == 0, STAGES=stages, GROUP=dp.group, **c,
     )  # fmt: skip
     return part
 
@@ -327,7 +338,8 @@ def _mxfp4_tile(w, s, dot_t: tl.constexpr):
 
 @triton.jit
 def _expert_dot_f16(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_hi, BM: tl.constexpr,
-                    BN: tl.constexpr, NB: tl.constexpr, TWO: tl.constexpr, DOT_F32: tl.constexpr):
+                    BN: tl.constexpr, NB: tl.constexpr, TWO: tl.constexpr, DOT_F32: tl.constexpr,
+                    GROUP: tl.constexpr):
     """_expert_dot on float16 block tiles (triton_quant's _block_dot_f16): one K=32 dot a block, its scale
     applied to the float32 result."""
     nblk = K // 32
@@ -336,26 +348,26 @@ def _expert_dot_f16(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, 
     for kb in range(kb_lo, kb_hi, NB):
         for b in tl.static_range(NB):
             x = _x_block_f16(x_rows, ok_m, kb + b, kb_hi, True)
-            acc += _block_dot_f16(x, w_ptr, e_ptr, rows, nblk, kb + b, kb_hi, True, DOT_F32)
+            acc += _block_dot_f16(x, w_ptr, e_ptr, rows, nblk, kb + b, kb_hi, True, DOT_F32, GROUP)
             if TWO:
-                acc2 += _block_dot_f16(x, w2_ptr, e2_ptr, rows, nblk, kb + b, kb_hi, True, DOT_F32)
+                acc2 += _block_dot_f16(x, w2_ptr, e2_ptr, rows, nblk, kb + b, kb_hi, True, DOT_F32, GROUP)
     return acc, acc2
 
 
 @triton.jit
 def _expert_dot(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_hi, BM: tl.constexpr,
                 BN: tl.constexpr, NB: tl.constexpr, TWO: tl.constexpr, DOT_F32: tl.constexpr,
-                F16: tl.constexpr = False):
+                F16: tl.constexpr = False, GROUP: tl.constexpr = 1):
     """x rows (pointers [BM] to K values, masked by ok_m) . MXFP4 rows [BN] of W (and of W2) over blocks
     [kb_lo, kb_hi) -> float32 [BM, BN] (twice): each step of NB blocks one decode and one tl.dot.
-    F16: _expert_dot_f16 instead."""
+    F16: _expert_dot_f16 instead. GROUP: the codes' row groups (quant/packed.py)."""
     if F16:
         return _expert_dot_f16(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_hi, BM, BN, NB, TWO,
-                               DOT_F32)  # fmt: skip
+                               DOT_F32, GROUP)  # fmt: skip
     nblk = K // 32
     dot_t = tl.float32 if DOT_F32 else tl.bfloat16
     kw = tl.arange(0, NB * 4)
-    w_off = rows[:, None] * (nblk * 4) + kw[None, :]
+    w_off = _row_words(rows, nblk, 4, GROUP)[:, None] + ((kw // 4) * (GROUP * 4) + kw % 4)[None, :]
     e_off = rows[:, None] * nblk + (kw // 4)[None, :]
     kx = tl.arange(0, NB * 32)
     x_ptrs = x_rows[:, None] + kx[None, :]
@@ -364,11 +376,11 @@ def _expert_dot(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_h
     for kb in range(kb_lo, kb_hi, NB):
         okw = (kb + kw // 4 < kb_hi)[None, :]
         x = tl.load(x_ptrs + kb * 32, mask=ok_m[:, None] & (kb + kx // 32 < kb_hi)[None, :], other=0.0).to(dot_t)
-        w = tl.load(w_ptr + w_off + kb * 4, mask=okw, other=0)
+        w = tl.load(w_ptr + w_off + kb * (GROUP * 4), mask=okw, other=0)
         e = tl.load(e_ptr + e_off + kb, mask=okw, other=0)
         acc = tl.dot(x, tl.trans(_mxfp4_tile(w, e, dot_t)), acc)
         if TWO:
-            w2 = tl.load(w2_ptr + w_off + kb * 4, mask=okw, other=0)
+            w2 = tl.load(w2_ptr + w_off + kb * (GROUP * 4), mask=okw, other=0)
             e2 = tl.load(e2_ptr + e_off + kb, mask=okw, other=0)
             acc2 = tl.dot(x, tl.trans(_mxfp4_tile(w2, e2, dot_t)), acc2)
     return acc, acc2
@@ -433,7 +445,7 @@ def route_tiles(top_ids: torch.Tensor, n_experts: int, group: int) -> tuple[torc
 def _tiles_gate_up_kernel(x_ptr, pairs_ptr, tile_e_ptr, gw_ptr, ge_ptr, gb_ptr, uw_ptr, ue_ptr, ub_ptr, h_ptr,
                           part_ptr, E, F, D, K_SLOTS, N_PAIRS, CHUNK, limit, alpha,
                           BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr,
-                          SPLIT: tl.constexpr, F16: tl.constexpr = False):
+                          SPLIT: tl.constexpr, F16: tl.constexpr = False, GROUP: tl.constexpr = 1):
     """h[p, f] = clamped SwiGLU of gate and up rows f of the tile's expert on token p // K_SLOTS. SPLIT: over
     this program's blocks of D only, gate and up stored to part[split, 0 | 1, p, f] for _swiglu_sum_kernel."""
     tile = tl.program_id(1)
@@ -448,7 +460,7 @@ def _tiles_gate_up_kernel(x_ptr, pairs_ptr, tile_e_ptr, gw_ptr, ge_ptr, gb_ptr, 
         kb_lo = split * CHUNK
         kb_hi = tl.minimum(kb_lo + CHUNK, D // 32)
         g, u = _expert_dot(x_ptr + (p // K_SLOTS) * D, ok_m, gw_ptr, ge_ptr, uw_ptr, ue_ptr, rows, D, kb_lo, kb_hi,
-                           BM, BN, NB, True, DOT_F32, F16)  # fmt: skip
+                           BM, BN, NB, True, DOT_F32, F16, GROUP)  # fmt: skip
         ok = ok_m[:, None] & (f < F)[None, :]
         if SPLIT:
             out = part_ptr + (split * 2 * N_PAIRS + p)[:, None] * F + f[None, :]
@@ -485,7 +497,7 @@ def _swiglu_sum_kernel(part_ptr, ids_ptr, gb_ptr, ub_ptr, h_ptr, F, N_PAIRS, lim
 @triton.jit
 def _tiles_down_kernel(h_ptr, pairs_ptr, tile_e_ptr, w_ptr, dw_ptr, de_ptr, db_ptr, part_ptr, E, F, D, CHUNK,
                        BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr,
-                       F16: tl.constexpr = False):
+                       F16: tl.constexpr = False, GROUP: tl.constexpr = 1):
     """part[p, split, d] = w[p] * (down rows d of the tile's expert . h[p] over the split's blocks of F
     (+ the bias in split 0))."""
     tile = tl.program_id(1)
@@ -500,7 +512,7 @@ def _tiles_down_kernel(h_ptr, pairs_ptr, tile_e_ptr, w_ptr, dw_ptr, de_ptr, db_p
         kb_lo = split * CHUNK
         kb_hi = tl.minimum(kb_lo + CHUNK, F // 32)
         y, _ = _expert_dot(h_ptr + p.to(tl.int64) * F, ok_m, dw_ptr, de_ptr, dw_ptr, de_ptr, rows, F, kb_lo, kb_hi,
-                           BM, BN, NB, False, DOT_F32, F16)  # fmt: skip
+                           BM, BN, NB, False, DOT_F32, F16, GROUP)  # fmt: skip
         y += tl.load(db_ptr + rows)[None, :] * (split == 0)
         y *= tl.load(w_ptr + p, mask=ok_m, other=0.0).to(tl.float32)[:, None]
         out = part_ptr + (p.to(tl.int64) * tl.num_programs(2) + split)[:, None] * D + d[None, :]
@@ -555,7 +567,7 @@ def moe_tiles(
     part = torch.empty(splits, 2, P, F, dtype=torch.float32, device=x.device) if splits > 1 else h
     _tiles_gate_up_kernel[(tiles, n_tiles, splits)](
         x, pairs, tile_expert, gp.codes, gp.scales, gb, upk.codes, upk.scales, ub, h, part, E, F, D, k, P, chunk,
-        limit, alpha, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, SPLIT=splits > 1, F16=f16, **c,
+        limit, alpha, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, SPLIT=splits > 1, F16=f16, GROUP=_group(gp, upk), **c,
     )  # fmt: skip
     if splits > 1:
         _swiglu_sum_kernel[(P, triton.cdiv(F, 1024))](part, top_ids.reshape(-1), gb, ub, h, F, P, limit, alpha,
@@ -565,7 +577,8 @@ def moe_tiles(
     part = torch.empty(T * k, splits, D, dtype=torch.float32, device=x.device)
     _tiles_down_kernel[(tiles, n_tiles, splits)](
         h, pairs, tile_expert, top_w.reshape(-1).float().contiguous(), dp.codes, dp.scales,
-        down_b.float().contiguous(), part, E, F, D, chunk, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, F16=f16, **c,
+        down_b.float().contiguous(), part, E, F, D, chunk, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, F16=f16,
+        GROUP=dp.group, **c,
     )  # fmt: skip
     return _token_sums(part, T, x.dtype, out)
 

@@ -149,13 +149,22 @@ def _x_block_f16(x_rows, ok_m, kb, kb_hi, IS_MXFP4: tl.constexpr):
 
 
 @triton.jit
-def _block_dot_f16(x, w_ptr, s_ptr, rows, nblk, kb, kb_hi, IS_MXFP4: tl.constexpr, DOT_F32: tl.constexpr):
+def _row_words(rows, nblk, WPB: tl.constexpr, GROUP: tl.constexpr):
+    """Offset of block 0's first word of each row (quant/packed.py's row groups); block kb's words start
+    kb * GROUP * WPB words later."""
+    return ((rows // GROUP) * (nblk * GROUP) + rows % GROUP) * WPB
+
+
+@triton.jit
+def _block_dot_f16(x, w_ptr, s_ptr, rows, nblk, kb, kb_hi, IS_MXFP4: tl.constexpr, DOT_F32: tl.constexpr,
+                   GROUP: tl.constexpr):
     """x [BM, 32] float16 (from _x_block_f16) . block kb of W rows [BN] -> float32 [BM, BN], scaled; 0 past
     kb_hi."""
     WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
     wi = tl.arange(0, WPB)
     ok = tl.full([rows.shape[0]], kb, tl.int32) < kb_hi  # masks as tensors: the interpreter takes no scalar
-    w = tl.load(w_ptr + rows[:, None] * (nblk * WPB) + kb * WPB + wi[None, :], mask=ok[:, None], other=0)
+    w_row = _row_words(rows, nblk, WPB, GROUP)
+    w = tl.load(w_ptr + w_row[:, None] + kb * (GROUP * WPB) + wi[None, :], mask=ok[:, None], other=0)
     if IS_MXFP4:
         t = _mxfp4_block_f16(w)
         s = _e8m0(tl.load(s_ptr + rows * nblk + kb, mask=ok, other=0)) * 16384.0
@@ -221,23 +230,25 @@ def _mxfp4_gemv_tile(
     EVEN: tl.constexpr,
     STAGES: tl.constexpr,
     TWO: tl.constexpr,
+    GROUP: tl.constexpr = 1,
 ):
     """x [K] (any float type), W rows n [BN] (in bounds) -> float32 [BN]; TWO: also W2 rows n on the same x."""
     nblk = K // 32
     b = tl.arange(0, NB)
     i = tl.arange(0, 4)
-    # (row block index) * 4 words: the compiler sees 16-byte alignment and issues one vector load per block
-    w_off = ((n[:, None] * nblk + b[None, :]) * 4)[:, :, None] + i[None, None, :]  # [BN, NB, 4]
+    GW: tl.constexpr = GROUP * 4  # words from one block of a row to the next
+    # multiples of 4 words: the compiler sees 16-byte alignment and issues one vector load per block
+    w_off = (_row_words(n, nblk, 4, GROUP)[:, None] + b[None, :] * GW)[:, :, None] + i[None, None, :]  # [BN, NB, 4]
     e_off = n[:, None] * nblk + b[None, :]  # [BN, NB]
     x_blk = x_ptr + b[:, None] * 32 + i[None, :]  # [NB, 4]
     acc = tl.zeros([BN, NB, 4], dtype=tl.float32)
     acc2 = tl.zeros([BN, NB, 4], dtype=tl.float32)
     if STAGES == 0:  # register double buffer: step kb+NB's weights and x are in flight while step kb is decoded
         ok0 = (kb_lo + b < kb_hi) | EVEN
-        w_n = tl.load(w_ptr + w_off + kb_lo * 4, mask=ok0[None, :, None], other=0)
+        w_n = tl.load(w_ptr + w_off + kb_lo * GW, mask=ok0[None, :, None], other=0)
         e_n = tl.load(e_ptr + e_off + kb_lo, mask=ok0[None, :], other=0)
         if TWO:
-            w2_n = tl.load(w2_ptr + w_off + kb_lo * 4, mask=ok0[None, :, None], other=0)
+            w2_n = tl.load(w2_ptr + w_off + kb_lo * GW, mask=ok0[None, :, None], other=0)
             e2_n = tl.load(e2_ptr + e_off + kb_lo, mask=ok0[None, :], other=0)
         x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n = _x_slices(x_blk + kb_lo * 32, ok0)
     for kb in tl.range(kb_lo, kb_hi, NB, num_stages=max(STAGES, 1)):
@@ -245,19 +256,19 @@ def _mxfp4_gemv_tile(
             w, e = w_n, e_n
             x0, x1, x2, x3, x4, x5, x6, x7 = x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n
             okn = kb + NB + b < kb_hi
-            w_n = tl.load(w_ptr + w_off + (kb + NB) * 4, mask=okn[None, :, None], other=0)
+            w_n = tl.load(w_ptr + w_off + (kb + NB) * GW, mask=okn[None, :, None], other=0)
             e_n = tl.load(e_ptr + e_off + kb + NB, mask=okn[None, :], other=0)
             if TWO:
                 w2, e2 = w2_n, e2_n
-                w2_n = tl.load(w2_ptr + w_off + (kb + NB) * 4, mask=okn[None, :, None], other=0)
+                w2_n = tl.load(w2_ptr + w_off + (kb + NB) * GW, mask=okn[None, :, None], other=0)
                 e2_n = tl.load(e2_ptr + e_off + kb + NB, mask=okn[None, :], other=0)
             x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n = _x_slices(x_blk + (kb + NB) * 32, okn)
         else:
             ok = (kb + b < kb_hi) | EVEN
-            w = tl.load(w_ptr + w_off + kb * 4, mask=ok[None, :, None], other=0)
+            w = tl.load(w_ptr + w_off + kb * GW, mask=ok[None, :, None], other=0)
             e = tl.load(e_ptr + e_off + kb, mask=ok[None, :], other=0)
             if TWO:
-                w2 = tl.load(w2_ptr + w_off + kb * 4, mask=ok[None, :, None], other=0)
+                w2 = tl.load(w2_ptr + w_off + kb * GW, mask=ok[None, :, None], other=0)
                 e2 = tl.load(e2_ptr + e_off + kb, mask=ok[None, :], other=0)
             x0, x1, x2, x3, x4, x5, x6, x7 = _x_slices(x_blk + kb * 32, ok)
         acc = _mx_step(w, e, x0, x1, x2, x3, x4, x5, x6, x7, acc)
@@ -282,27 +293,29 @@ def _q8_0_gemv_tile(
     NB: tl.constexpr,
     EVEN: tl.constexpr,
     STAGES: tl.constexpr,
+    GROUP: tl.constexpr = 1,
 ):
     nblk = K // 32
     b = tl.arange(0, NB)
     i = tl.arange(0, 8)
-    w_off = ((n[:, None] * nblk + b[None, :]) * 8)[:, :, None] + i[None, None, :]  # [BN, NB, 8]
+    GW: tl.constexpr = GROUP * 8
+    w_off = (_row_words(n, nblk, 8, GROUP)[:, None] + b[None, :] * GW)[:, :, None] + i[None, None, :]  # [BN, NB, 8]
     d_off = n[:, None] * nblk + b[None, :]
     x_blk = x_ptr + b[:, None] * 32 + i[None, :]  # [NB, 8]
     acc = tl.zeros([BN, NB, 8], dtype=tl.float32)
     if STAGES == 0:  # register double buffer, as in the MXFP4 tile
         ok0 = (kb_lo + b < kb_hi) | EVEN
-        w_n = tl.load(w_ptr + w_off + kb_lo * 8, mask=ok0[None, :, None], other=0)
+        w_n = tl.load(w_ptr + w_off + kb_lo * GW, mask=ok0[None, :, None], other=0)
         d_n = tl.load(d_ptr + d_off + kb_lo, mask=ok0[None, :], other=0.0)
     for kb in tl.range(kb_lo, kb_hi, NB, num_stages=max(STAGES, 1)):
         ok = (kb + b < kb_hi) | EVEN
         if STAGES == 0:
             w, d = w_n.to(tl.uint32, bitcast=True), d_n.to(tl.float32)
             okn = kb + NB + b < kb_hi
-            w_n = tl.load(w_ptr + w_off + (kb + NB) * 8, mask=okn[None, :, None], other=0)
+            w_n = tl.load(w_ptr + w_off + (kb + NB) * GW, mask=okn[None, :, None], other=0)
             d_n = tl.load(d_ptr + d_off + kb + NB, mask=okn[None, :], other=0.0)
         else:
-            w = tl.load(w_ptr + w_off + kb * 8, mask=ok[None, :, None], other=0).to(tl.uint32, bitcast=True)
+            w = tl.load(w_ptr + w_off + kb * GW, mask=ok[None, :, None], other=0).to(tl.uint32, bitcast=True)
             d = tl.load(d_ptr + d_off + kb, mask=ok[None, :], other=0.0).to(tl.float32)
         xb = x_blk + kb * 32
         part = tl.zeros([BN, NB, 8], dtype=tl.float32)
@@ -330,6 +343,7 @@ def _gemv_kernel(
     NB: tl.constexpr,
     EVEN: tl.constexpr,
     STAGES: tl.constexpr,
+    GROUP: tl.constexpr = 1,
 ):
     """y[split, m, n] = x[m] . W[n] over the split's CHUNK blocks of K (one split: the whole row).
 
@@ -343,9 +357,10 @@ def _gemv_kernel(
     kb_hi = tl.minimum(kb_lo + CHUNK, K // 32)
     x = x_ptr + m * stride_xm
     if IS_MXFP4:
-        acc, _ = _mxfp4_gemv_tile(x, w_ptr, s_ptr, w_ptr, s_ptr, n_in, K, kb_lo, kb_hi, BN, NB, EVEN, STAGES, False)
+        acc, _ = _mxfp4_gemv_tile(x, w_ptr, s_ptr, w_ptr, s_ptr, n_in, K, kb_lo, kb_hi, BN, NB, EVEN, STAGES, False,
+                                  GROUP)  # fmt: skip
     else:
-        acc = _q8_0_gemv_tile(x, w_ptr, s_ptr, n_in, K, kb_lo, kb_hi, BN, NB, EVEN, STAGES)
+        acc = _q8_0_gemv_tile(x, w_ptr, s_ptr, n_in, K, kb_lo, kb_hi, BN, NB, EVEN, STAGES, GROUP)
     tl.store(y_ptr + (split * M + m) * N + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
 
 
@@ -393,6 +408,7 @@ def _gemm_kernel(
     NB: tl.constexpr,
     DOT_F32: tl.constexpr,
     F16: tl.constexpr = False,
+    GROUP: tl.constexpr = 1,
 ):
     """y[split] = x W^T over the split's CHUNK blocks of K (one split: the whole row); per step, one
     [BM, NB*words] x [NB*words, BN] dot for each value position in a word (F16: one float16 dot a block)."""
@@ -411,7 +427,7 @@ def _gemm_kernel(
         for kb in range(kb_lo, kb_hi, NB):
             for b in tl.static_range(NB):
                 x = _x_block_f16(x_rows, m < M, kb + b, kb_hi, IS_MXFP4)
-                acc += _block_dot_f16(x, w_ptr, s_ptr, n_in, nblk, kb + b, kb_hi, IS_MXFP4, DOT_F32)
+                acc += _block_dot_f16(x, w_ptr, s_ptr, n_in, nblk, kb + b, kb_hi, IS_MXFP4, DOT_F32, GROUP)
     else:
         WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
         kk = tl.arange(0, NB * WPB)  # within a step: block kk // WPB, word kk % WPB
@@ -420,7 +436,8 @@ def _gemm_kernel(
         for kb in range(kb_lo, kb_hi, NB):
             blk = kb + blk_of  # [NB*WPB]
             ok = (blk < kb_hi)[None, :]
-            w = tl.load(w_ptr + n_in[:, None] * (nblk * WPB) + (blk * WPB + word_of)[None, :], mask=ok, other=0)
+            w_row = _row_words(n_in, nblk, WPB, GROUP)
+            w = tl.load(w_ptr + w_row[:, None] + (blk * (GROUP * WPB) + word_of)[None, :], mask=ok, other=0)
             w = w.to(tl.uint32, bitcast=True)
             s = tl.load(s_ptr + n_in[:, None] * nblk + blk[None, :], mask=ok, other=0)  # [BN, NB*WPB], repeated
             x_base = x_ptr + m_in[:, None] * stride_xm + (blk * 32 + word_of)[None, :]  # [BM, NB*WPB]
@@ -442,7 +459,7 @@ def _gemm_kernel(
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, IS_MXFP4: tl.constexpr, BC: tl.constexpr):
+def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, IS_MXFP4: tl.constexpr, BC: tl.constexpr, GROUP: tl.constexpr = 1):
     """out[r, c] (any float type) = the packed weight's value at row r, column c: one element per lane,
     stores contiguous (the words are re-read from L1 by the lanes that share them)."""
     r = tl.program_id(0).to(tl.int64)
@@ -452,7 +469,8 @@ def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, IS_MXFP4: tl.constexpr, BC: tl.con
     blk = c // 32
     e = c % 32
     if IS_MXFP4:  # element 8s + 4h + i: word i, half h, slot s (quant/packed.py)
-        word = tl.load(w_ptr + r * (nblk * 4) + blk * 4 + e % 4, mask=ok, other=0).to(tl.uint32, bitcast=True)
+        at = _row_words(r, nblk, 4, GROUP) + blk * (GROUP * 4) + e % 4
+        word = tl.load(w_ptr + at, mask=ok, other=0).to(tl.uint32, bitcast=True)
         slot = e // 8
         half = (word >> (16 * ((e // 4) % 2))) & 0xFFFF
         mag_at = tl.where(slot == 0, 0, tl.where(slot == 1, 3, tl.where(slot == 2, 10, 13)))
@@ -464,7 +482,8 @@ def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, IS_MXFP4: tl.constexpr, BC: tl.con
         v = tl.where(((half >> sign_at) & 1) == 1, -v, v)
         v = v * _e8m0(tl.load(s_ptr + r * nblk + blk, mask=ok, other=0))
     else:  # element 8t + i: byte t of word i
-        word = tl.load(w_ptr + r * (nblk * 8) + blk * 8 + e % 8, mask=ok, other=0).to(tl.uint32, bitcast=True)
+        at = _row_words(r, nblk, 8, GROUP) + blk * (GROUP * 8) + e % 8
+        word = tl.load(w_ptr + at, mask=ok, other=0).to(tl.uint32, bitcast=True)
         byte = ((word >> (8 * (e // 8))) & 0xFF).to(tl.int32)
         v = tl.where(byte >= 128, byte - 256, byte).to(tl.float32)
         v = v * tl.load(s_ptr + r * nblk + blk, mask=ok, other=0).to(tl.float32)
@@ -478,7 +497,7 @@ def dequantize_packed(w: PackedWeight, dtype: torch.dtype = torch.bfloat16, out:
     out = torch.empty(rows, w.k, dtype=dtype, device=w.codes.device) if out is None else out
     BC = 128 if INTERPRET else 1024
     _dequant_kernel[(rows, triton.cdiv(w.k, BC))](
-        w.codes, w.scales, out, w.k, IS_MXFP4=_is_mxfp4(w), BC=BC, num_warps=1 if INTERPRET else 4)
+        w.codes, w.scales, out, w.k, IS_MXFP4=_is_mxfp4(w), BC=BC, GROUP=w.group, num_warps=1 if INTERPRET else 4)
     return out
 
 
@@ -576,7 +595,7 @@ def quant_matmul(
         part = y if splits == 1 else torch.empty(splits, M, w.n, dtype=torch.float32, device=x.device)
         _gemv_kernel[(M, tiles, splits)](
             x2, w.codes, w.scales, part, M, w.n, w.k, x2.stride(0), chunk, IS_MXFP4=mx, BN=BN, NB=NB,
-            EVEN=nblk % chunk == 0, STAGES=stages, **c,
+            EVEN=nblk % chunk == 0, STAGES=stages, GROUP=w.group, **c,
         )  # fmt: skip
     else:
         c = dict(cfg or gemm_config(w, M))
@@ -588,7 +607,7 @@ def quant_matmul(
         grid = (tiles, triton.cdiv(M, BM), splits)
         _gemm_kernel[grid](
             x2, w.codes, w.scales, part, M, w.n, w.k, x2.stride(0), w.n, chunk, IS_MXFP4=mx, BM=BM, BN=BN, NB=NB,
-            DOT_F32=INTERPRET, F16=f16, **c,
+            DOT_F32=INTERPRET, F16=f16, GROUP=w.group, **c,
         )  # fmt: skip
     if splits > 1:
         sum_partials_kernel[(1, triton.cdiv(M * w.n, 1024))](part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024,

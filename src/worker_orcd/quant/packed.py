@@ -24,10 +24,18 @@ The nibble formats (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) keep their bits pe
       [N, K/32*2]; Q4_K/Q5_K the first 16 bytes (d, dmin, 12 bytes of 6-bit scales and mins) as int32
       [N, K/256*4]; Q6_K the last 18 bytes (16 int8 sub-block scales, d) uint8 [N, K/256*18].
 F32, F16, BF16: codes are the values in their own dtype [N, K] (no scales): multiplied as they are.
+
+Row groups (MXFP4): the codes of `group` consecutive rows are stored block-interleaved, [rows/group, K/32,
+group, words a block] in a tensor still shaped [rows, words]: one block of a tile of rows is one contiguous run
+(group * 16 bytes) instead of `group` runs of 16 bytes. H200, reading the 20B's expert codes as the decode
+kernels do (bench/gpu_access_pattern.py): 1.1-2.5 TB/s row by row, 4.0 TB/s tile-major. Row slices and
+concatenations stay views and concats at multiples of `group`; a weight whose matrices' rows are not a
+multiple of it keeps group 1 (row by row). WORKER_ORCD_ROW_GROUP=1 packs every weight row by row.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -52,6 +60,7 @@ class PackedWeight:
     n: int  # output features per matrix
     k: int  # input features
     high: torch.Tensor | None = None
+    group: int = 1  # rows whose codes are block-interleaved (the module doc's row groups); 1: row by row
 
     def _parts(self) -> list[torch.Tensor]:
         return [self.codes, self.scales] + ([] if self.high is None else [self.high])
@@ -62,23 +71,52 @@ class PackedWeight:
 
     def rows(self, start: int, stop: int, n: int | None = None) -> PackedWeight:
         """Rows [start, stop) as a weight of `n` output features (a view: one expert of a stacked weight)."""
+        if start % self.group or stop % self.group:
+            return self.row_by_row().rows(start, stop, n)
         return self._with(lambda t: t[start:stop], n or stop - start)
 
     def take(self, ids: torch.Tensor) -> PackedWeight:
-        """The rows `ids` (a gather: embedding lookups)."""
-        return self._with(lambda t: t[ids], ids.numel())
+        """The rows `ids` (a gather: embedding lookups), row by row."""
+        p = self.row_by_row() if self.group > 1 else self
+        return p._with(lambda t: t[ids], ids.numel())
+
+    def row_by_row(self) -> PackedWeight:
+        """The same weight with group 1 (a copy when grouped)."""
+        if self.group == 1:
+            return self
+        codes = ungroup_rows(self.codes, self.group, self.k // 32)
+        return PackedWeight(self.kind, codes, self.scales, self.n, self.k, self.high)
 
     def _with(self, f, n: int) -> PackedWeight:
         return PackedWeight(self.kind, f(self.codes), f(self.scales), n, self.k,
-                            None if self.high is None else f(self.high))
+                            None if self.high is None else f(self.high), self.group)
+
+
+def group_rows(codes: torch.Tensor, group: int, nblk: int) -> torch.Tensor:
+    """Row-by-row codes [rows, words] -> row groups (the module doc): [rows/group, nblk, group, words a block]."""
+    rows = codes.shape[0]
+    wpb = codes.shape[1] // nblk
+    return codes.reshape(rows // group, group, nblk, wpb).transpose(1, 2).reshape(rows, -1).contiguous()
+
+
+def ungroup_rows(codes: torch.Tensor, group: int, nblk: int) -> torch.Tensor:
+    rows = codes.shape[0]
+    wpb = codes.shape[1] // nblk
+    return codes.reshape(rows // group, nblk, group, wpb).transpose(1, 2).reshape(rows, -1).contiguous()
 
 
 def cat_rows(parts: list[PackedWeight]) -> PackedWeight:
-    """One weight holding the rows of several of one kind and width (packing is row by row)."""
+    """One weight holding the rows of several of one kind and width (groups concatenate whole)."""
+    if len({q.group for q in parts}) > 1 or any(q.codes.shape[0] % q.group for q in parts):
+        parts = [q.row_by_row() for q in parts]
     p = parts[0]
     high = None if p.high is None else torch.cat([q.high for q in parts])
     return PackedWeight(p.kind, torch.cat([q.codes for q in parts]), torch.cat([q.scales for q in parts]),
-                        sum(q.codes.shape[0] for q in parts), p.k, high)
+                        sum(q.codes.shape[0] for q in parts), p.k, high, p.group)
+
+
+# MXFP4 row groups: 64 rows (1 KB a block) divide the row counts of every supported model's MXFP4 matrices
+MXFP4_GROUP = int(os.environ.get("WORKER_ORCD_ROW_GROUP", "64"))
 
 
 def _words(codes: torch.Tensor) -> torch.Tensor:
@@ -103,14 +141,19 @@ def pack_mxfp4(raw: torch.Tensor, n: int, k: int, chunk_rows: int = 16384) -> Pa
     """
     rows = raw.shape[0]
     b = raw.reshape(rows, k // 32, 17)
+    group = MXFP4_GROUP if MXFP4_GROUP > 1 and n % MXFP4_GROUP == 0 and rows % n == 0 else 1
+    chunk_rows -= chunk_rows % group
     words = torch.empty(rows, k // 8, dtype=torch.int32, device=raw.device)
     for r in range(0, rows, chunk_rows):
-        words[r : r + chunk_rows] = _mxfp4_words(b[r : r + chunk_rows, :, 1:17]).reshape(-1, k // 8)
-    return PackedWeight("mxfp4", words, b[..., 0].contiguous(), n, k)
+        w = _mxfp4_words(b[r : r + chunk_rows, :, 1:17]).reshape(-1, k // 8)
+        words[r : r + chunk_rows] = group_rows(w, group, k // 32) if group > 1 else w
+    return PackedWeight("mxfp4", words, b[..., 0].contiguous(), n, k, group=group)
 
 
 def unpack(p: PackedWeight, chunk_rows: int = 16384) -> torch.Tensor:
     """The ggml blocks uint8 [rows, K/32*block bytes] that `p` was packed from (bit for bit)."""
+    if p.group > 1:
+        return unpack(p.row_by_row(), chunk_rows)
     rows = p.codes.shape[0]
     nb = p.k // 32
     if p.kind in NIBBLE_FORMATS:
