@@ -102,8 +102,9 @@ class KVCache:
     def write_rows(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor) -> None:
         """Store k, v [T, kv_heads, head_dim]: row t goes to block blocks[t] at offset offsets[t]."""
-        self.k[layer][blocks, :, offsets] = k.to(self.k[layer].dtype)
-        self.v[layer][blocks, :, offsets] = v.to(self.v[layer].dtype)
+        dtype = self.k[layer].dtype
+        self.k[layer][blocks, :, offsets] = k if k.dtype == dtype else k.to(dtype)
+        self.v[layer][blocks, :, offsets] = v if v.dtype == dtype else v.to(dtype)
 
     def read(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [kv_heads, length, head_dim] for positions 0..length-1 of `slot`: views when they lie in one

@@ -82,15 +82,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int
         from worker_orcd.kernels.triton_rope import apply_rope_cuda
 
         return apply_rope_cuda(x, cos, sin, n_rot, neox)
-    rot = x[..., :n_rot]
+    rot = x[..., :n_rot] if n_rot < x.shape[-1] else x
+    cos_h, sin_h = _per_head(cos, sin, neox)
     if neox:
         half = n_rot // 2
         turned = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-    else:
-        pairs = rot.unflatten(-1, (n_rot // 2, 2))
-        turned = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-    out = rot * cos[:, None, :] + turned * sin[:, None, :]
+    else:  # pairs (a, b) -> (b, a); sin_h carries the sign: (-sin, sin)
+        turned = rot.unflatten(-1, (n_rot // 2, 2)).flip(-1).flatten(-2)
+    out = rot * cos_h + turned * sin_h
     return torch.cat([out, x[..., n_rot:]], dim=-1) if n_rot < x.shape[-1] else out
+
+
+def _per_head(cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, 1, n_rot] to broadcast over heads (NORM: sin as (-sin, sin) per pair), made once per forward
+    and kept on the cos tensor: every layer rotates by the same angles, and on CPU each op costs microseconds."""
+    memo = getattr(cos, "_per_head", None)
+    if memo is None or memo[0] is not sin or memo[1] != neox:
+        sin_h = sin[:, None, :]
+        if not neox:  # sin is repeated per pair (s, s): the first of each pair takes the minus of (-b, a)
+            sign = torch.tensor([-1.0, 1.0], dtype=sin.dtype, device=sin.device).repeat(sin.shape[-1] // 2)
+            sin_h = sin_h * sign
+        memo = cos._per_head = (sin, neox, cos[:, None, :], sin_h)
+    return memo[2], memo[3]
 
 
 def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int, neox: bool, n_heads: int,

@@ -81,9 +81,9 @@ class Int4Linear:
         self.nbytes = self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scales_zeros)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        x2 = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scales_zeros).to(x.dtype)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
 
 class Bf16Linear:
