@@ -182,17 +182,22 @@ def test_gpu_decode_rows_do_not_depend_on_the_batch(kind, n, k):
         assert torch.equal(quant_matmul(p, x[r : r + 1])[0], many[r])
 
 
-def test_mxfp4_row_groups():
-    """128 rows pack in groups of 64 (quant/packed.py): every kernel reads them, and the rows come back exactly
-    through unpack, row slices, gathers and concatenations (mixed groups fall back to row by row)."""
+@pytest.mark.parametrize("kind", [T.MXFP4, T.Q8_0])
+def test_row_groups(kind, monkeypatch):
+    """128 rows pack in groups of 64 (quant/packed.py; Q8_0 when switched on): every kernel reads them, and the
+    rows come back exactly through unpack, row slices, gathers and concatenations (mixed groups fall back to
+    row by row)."""
+    from worker_orcd.quant import packed as packed_module
     from worker_orcd.quant.packed import MXFP4_GROUP, cat_rows
 
+    monkeypatch.setattr(packed_module, "Q8_0_GROUP", MXFP4_GROUP)
+    pack = PACK[kind]
     n, k = 2 * MXFP4_GROUP, 96
-    raw = random_blocks(T.MXFP4, n, k)
-    p = pack_mxfp4(raw, n, k)
-    assert p.group == MXFP4_GROUP > 1 and pack_mxfp4(raw[:20], 20, k).group == 1
+    raw = random_blocks(kind, n, k)
+    p = pack(raw, n, k)
+    assert p.group == MXFP4_GROUP > 1 and pack(raw[:20], 20, k).group == 1
     assert torch.equal(unpack(p), raw)
-    ref_w = dequantize(raw, T.MXFP4, (n, k)).double()
+    ref_w = dequantize(raw, kind, (n, k)).double()
     assert torch.equal(dequantize_packed(p, torch.float32).double(), ref_w)
     x = f16_exact(torch.randn(3, k))
     cfgs = [gemv_config(p), {"BN": 16, "NB": 2, "STAGES": 1, "TARGET": 8, "num_warps": 1},
@@ -202,9 +207,9 @@ def test_mxfp4_row_groups():
     half = p.rows(MXFP4_GROUP, n)
     assert half.group == MXFP4_GROUP and torch.equal(unpack(half), raw[MXFP4_GROUP:])
     assert torch.equal(unpack(p.rows(3, 40)), raw[3:40])  # not on a group boundary: a row-by-row copy
-    ids = torch.tensor([127, 0, 65])
+    ids = torch.tensor([127, 0, 65, 65])
     assert torch.equal(unpack(p.take(ids)), raw[ids])
     both = cat_rows([p, p.rows(0, MXFP4_GROUP)])
     assert both.group == MXFP4_GROUP and torch.equal(unpack(both), torch.cat([raw, raw[:MXFP4_GROUP]]))
-    mixed = cat_rows([p, pack_mxfp4(raw[:20], 20, k)])
+    mixed = cat_rows([p, pack(raw[:20], 20, k)])
     assert mixed.group == 1 and torch.equal(unpack(mixed), torch.cat([raw, raw[:20]]))

@@ -30,7 +30,8 @@ group, words a block] in a tensor still shaped [rows, words]: one block of a til
 (group * 16 bytes) instead of `group` runs of 16 bytes. H200, reading the 20B's expert codes as the decode
 kernels do (bench/gpu_access_pattern.py): 1.1-2.5 TB/s row by row, 4.0 TB/s tile-major. Row slices and
 concatenations stay views and concats at multiples of `group`; a weight whose matrices' rows are not a
-multiple of it keeps group 1 (row by row). WORKER_ORCD_ROW_GROUP=1 packs every weight row by row.
+multiple of it keeps group 1 (row by row). WORKER_ORCD_ROW_GROUP=1 packs MXFP4 row by row;
+WORKER_ORCD_Q8_ROW_GROUP=64 groups Q8_0 too (off until measured on a GPU).
 """
 
 from __future__ import annotations
@@ -77,8 +78,13 @@ class PackedWeight:
 
     def take(self, ids: torch.Tensor) -> PackedWeight:
         """The rows `ids` (a gather: embedding lookups), row by row."""
-        p = self.row_by_row() if self.group > 1 else self
-        return p._with(lambda t: t[ids], ids.numel())
+        if self.group == 1:
+            return self._with(lambda t: t[ids], ids.numel())
+        nblk = self.k // 32
+        g = self.codes.reshape(-1, nblk, self.group, self.codes.shape[1] // nblk)  # [groups, blocks, group, words]
+        codes = g[ids // self.group, :, ids % self.group].reshape(ids.numel(), -1)
+        return PackedWeight(self.kind, codes, self.scales[ids], ids.numel(), self.k,
+                            None if self.high is None else self.high[ids])
 
     def row_by_row(self) -> PackedWeight:
         """The same weight with group 1 (a copy when grouped)."""
@@ -115,8 +121,16 @@ def cat_rows(parts: list[PackedWeight]) -> PackedWeight:
                         sum(q.codes.shape[0] for q in parts), p.k, high, p.group)
 
 
-# MXFP4 row groups: 64 rows (1 KB a block) divide the row counts of every supported model's MXFP4 matrices
+# MXFP4 row groups: 64 rows (1 KB a block) divide the row counts of every supported model's MXFP4 matrices.
+# Q8_0 takes the same layout (2 KB a block) with WORKER_ORCD_Q8_ROW_GROUP=64: every kernel reads it (tests in the
+# interpreter), but its speed on a GPU was not measured yet, so it is off by default.
 MXFP4_GROUP = int(os.environ.get("WORKER_ORCD_ROW_GROUP", "64"))
+Q8_0_GROUP = int(os.environ.get("WORKER_ORCD_Q8_ROW_GROUP", "1"))
+
+
+def _group_for(group: int, n: int, rows: int) -> int:
+    """`group` where every matrix's rows (n) are a multiple of it, else 1 (row by row)."""
+    return group if group > 1 and n % group == 0 and rows % n == 0 else 1
 
 
 def _words(codes: torch.Tensor) -> torch.Tensor:
@@ -131,7 +145,9 @@ def pack_q8_0(raw: torch.Tensor, n: int, k: int) -> PackedWeight:
     d = f16(b[..., 0:2]).squeeze(-1).to(torch.float16)  # [rows, K/32]
     q = b[..., 2:34].reshape(rows, k // 32, 4, 8)  # element 8t + i at [t, i]
     q = q.transpose(-1, -2).reshape(rows, k)  # byte 4i + t = element 8t + i
-    return PackedWeight("q8_0", _words(q), d.contiguous(), n, k)
+    group = _group_for(Q8_0_GROUP, n, rows)
+    words = group_rows(_words(q), group, k // 32) if group > 1 else _words(q)
+    return PackedWeight("q8_0", words, d.contiguous(), n, k, group=group)
 
 
 def pack_mxfp4(raw: torch.Tensor, n: int, k: int, chunk_rows: int = 16384) -> PackedWeight:
@@ -141,7 +157,7 @@ def pack_mxfp4(raw: torch.Tensor, n: int, k: int, chunk_rows: int = 16384) -> Pa
     """
     rows = raw.shape[0]
     b = raw.reshape(rows, k // 32, 17)
-    group = MXFP4_GROUP if MXFP4_GROUP > 1 and n % MXFP4_GROUP == 0 and rows % n == 0 else 1
+    group = _group_for(MXFP4_GROUP, n, rows)
     chunk_rows -= chunk_rows % group
     words = torch.empty(rows, k // 8, dtype=torch.int32, device=raw.device)
     for r in range(0, rows, chunk_rows):
