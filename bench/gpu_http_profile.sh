@@ -5,13 +5,9 @@
 # Usage (device): bash bench/gpu_http_profile.sh [streams] [tokens] [rounds]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:src:. TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
-out=${OUT:-/tmp/gpu-session}
-mkdir -p "$out"
+source bench/gpu_env.sh
 streams=${1:-64} tokens=${2:-64} rounds=${3:-4}
-model=/tmp/gpt-oss-20b-synthetic-q8_0.gguf
-[[ -f $model ]] || python3 bench/make_synthetic.py "$model" > "$out/make-synthetic.txt"
+synthetic
 port=18765
 /tmp/site/bin/py-spy record --format raw --threads --nonblocking --rate 250 -o "$out/serve.raw" -- \
   python3 -m worker_orcd.cli serve --host 127.0.0.1 --port $port --device cuda --max-batch "$streams" \

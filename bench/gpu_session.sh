@@ -14,10 +14,7 @@
 # Logs go to $OUT (the device tool brings them back) or /tmp/gpu-session.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:src:. TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
-out=${OUT:-/tmp/gpu-session}
-mkdir -p "$out"
+source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 
 case "${1:-tests}" in
@@ -31,8 +28,7 @@ case "${1:-tests}" in
     exit "$rc"
     ;;
   bench)
-    model=/tmp/gpt-oss-20b-synthetic-q8_0.gguf
-    [[ -f $model ]] || python3 bench/make_synthetic.py "$model" | tee "$out/make-synthetic.txt"
+    synthetic
     WORKER_ORCD_CUDA_GRAPHS=1 timeout 400 python3 bench/gpu.py --model "$model" 2>&1 | tee "$out/gpu-graphs.txt" | tail -14
     timeout 150 python3 bench/gpu.py --model "$model" --no-graphs --quick --streams 4 2>&1 | tee "$out/gpu-eager.txt" | tail -14
     ;;
@@ -41,8 +37,7 @@ case "${1:-tests}" in
     timeout 240 python3 -m pytest -p no:cacheprovider -m gpu -q -rs tests 2>&1 | tee "$out/gpu-tests.log" \
       | grep -E "passed|failed|Error|FAILED" | tail -30
     [[ ${KERNELS:-1} == 1 ]] && timeout 100 python3 bench/gpu_engine_kernels.py 2>&1 | tee "$out/kernels.txt" | tail -40
-    model=/tmp/gpt-oss-20b-synthetic-q8_0.gguf
-    [[ -f $model ]] || python3 bench/make_synthetic.py "$model" > "$out/make-synthetic.txt" 2>&1
+    synthetic
     timeout 150 python3 bench/gpu.py --model "$model" 2>&1 | tee "$out/gpu-graphs.txt" | tail -11
     WORKER_ORCD_NONDETERMINISTIC=1 timeout 100 python3 bench/gpu.py --model "$model" --streams 4,16 --long 0 \
       2>&1 | tee "$out/gpu-nondet.txt" | tail -7
@@ -55,8 +50,7 @@ case "${1:-tests}" in
     ;;
   http)
     # worker-orcd serve --device cuda on the synthetic 20B: N concurrent greedy streams over HTTP
-    model=/tmp/gpt-oss-20b-synthetic-q8_0.gguf
-    [[ -f $model ]] || python3 bench/make_synthetic.py "$model" > "$out/make-synthetic.txt" 2>&1
+    synthetic
     for n in ${STREAMS:-16 64}; do
       SERVE_LOG="$out/serve-$n.log" timeout ${HTTP_TIMEOUT:-200} python3 bench/serve_throughput.py --model "$model" \
         --device cuda --streams "$n" --tokens 64 --max-batch 64 2>&1 | tee "$out/http-$n.txt" | tail -2
