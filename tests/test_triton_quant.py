@@ -213,3 +213,14 @@ def test_row_groups(kind, monkeypatch):
     assert both.group == MXFP4_GROUP and torch.equal(unpack(both), torch.cat([raw, raw[:MXFP4_GROUP]]))
     mixed = cat_rows([p, pack(raw[:20], 20, k)])
     assert mixed.group == 1 and torch.equal(unpack(mixed), torch.cat([raw, raw[:20]]))
+
+
+def test_cublas_into_both_output_dtypes():
+    """The prompt-chunk path's matmul (on CUDA through cuBLAS; any device runs it): into bf16 and float32 outputs."""
+    from worker_orcd.kernels.triton_quant import cublas_into
+
+    x, wd = f16_exact(torch.randn(5, 64)), torch.randn(7, 64).bfloat16()
+    ref = x.bfloat16().double() @ wd.double().T
+    for dtype in (torch.bfloat16, torch.float32):
+        y = torch.full((5, 7), float("nan"), dtype=dtype)
+        assert cublas_into(x, wd, y) is y and rel_err(y, ref) < 1e-2

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker_orcd.kernels.triton_quant import INTERPRET, split_k, sum_partials_kernel
+from worker_orcd.kernels.triton_quant import INTERPRET, matmul_operands, split_k, sum_partials_kernel
 from worker_orcd.quant.packed import FLOAT_DTYPES, PackedWeight
 
 
@@ -75,14 +75,8 @@ def float_matmul(
     """x [..., K] @ W^T (+ bias [N]) -> [..., N] in out_dtype (default x.dtype), W a 2-D float matrix."""
     if w.kind not in FLOAT_DTYPES:
         raise ValueError(f"float_matmul: {w.kind} is not a float matrix")
-    if x.shape[-1] != w.k:
-        raise ValueError(f"float_matmul: x has {x.shape[-1]} features, weight has {w.k}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, w.k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    lead, x2, y = matmul_operands("float_matmul", w, x, None, out_dtype)
     M = x2.shape[0]
-    y = torch.empty(M, w.n, dtype=out_dtype or x.dtype, device=x.device)
     if M == 0:
         return y.reshape(*lead, w.n)
     c = dict(cfg or float_gemm_config(w))

@@ -23,7 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from worker_orcd.kernels.triton_quant import DECODE_MAX_M, INTERPRET, split_k, sum_partials_kernel
+from worker_orcd.kernels.triton_quant import (
+    DECODE_MAX_M,
+    INTERPRET,
+    cublas_into,
+    matmul_operands,
+    split_k,
+    sum_partials_kernel,
+)
 from worker_orcd.quant.packed import NIBBLE_FORMATS, PackedWeight
 
 # kind -> the kernel's constexprs: HIGH bits above the nibble, the code's ZERO point, MIN: an offset per block
@@ -226,26 +233,12 @@ def kquant_matmul(
     """x [..., K] @ W^T -> [..., N] in out_dtype (default x.dtype; into `out`, contiguous [M, N], if given),
     W one packed 2-D weight of a nibble format. A cfg (kquant_gemm_config's keys) forces the GEMM."""
     _check(w)
-    if x.shape[-1] != w.k:
-        raise ValueError(f"kquant_matmul: x has {x.shape[-1]} features, weight has {w.k}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, w.k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    lead, x2, y = matmul_operands("kquant_matmul", w, x, out, out_dtype)
     M = x2.shape[0]
-    dtype = out_dtype or x.dtype
-    y = torch.empty(M, w.n, dtype=dtype, device=x.device) if out is None else out
-    if y.shape != (M, w.n) or y.dtype != dtype or not y.is_contiguous():
-        raise ValueError(f"kquant_matmul: out must be contiguous {dtype} [{M}, {w.n}], got {y.dtype} {list(y.shape)}")
     if M == 0:
         return y.reshape(*lead, w.n)
     if cfg is None and M > DECODE_MAX_M and not INTERPRET:  # prompt chunks: dequantize once, cuBLAS
-        xb, wd = x2.to(torch.bfloat16), dequantize_kquant(w, torch.bfloat16)
-        if dtype == torch.bfloat16:
-            torch.matmul(xb, wd.T, out=y)
-        else:
-            y.copy_(torch.matmul(xb, wd.T))
-        return y.reshape(*lead, w.n)
+        return cublas_into(x2, dequantize_kquant(w, torch.bfloat16), y).reshape(*lead, w.n)
     c = dict(cfg or kquant_gemm_config(w))
     BM, BN, target = c.pop("BM"), c.pop("BN"), c.pop("TARGET", 1)
     tiles = triton.cdiv(w.n, BN)

@@ -557,6 +557,29 @@ DECODE_MAX_M = 128
 GEMV_ROWS = 2 if os.environ.get("WORKER_ORCD_NONDETERMINISTIC") == "1" else 0
 
 
+def matmul_operands(name: str, w: PackedWeight, x: torch.Tensor, out: torch.Tensor | None,
+                    out_dtype: torch.dtype | None) -> tuple[torch.Size, torch.Tensor, torch.Tensor]:
+    """(x's leading dims, x as [M, K] with unit stride along K, the output [M, N]: `out`, checked, or new)."""
+    if x.shape[-1] != w.k:
+        raise ValueError(f"{name}: x has {x.shape[-1]} features, weight has {w.k}")
+    x2 = x.reshape(-1, w.k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M, dtype = x2.shape[0], out_dtype or x.dtype
+    y = torch.empty(M, w.n, dtype=dtype, device=x.device) if out is None else out
+    if y.shape != (M, w.n) or y.dtype != dtype or not y.is_contiguous():
+        raise ValueError(f"{name}: out must be contiguous {dtype} [{M}, {w.n}], got {y.dtype} {list(y.shape)}")
+    return x.shape[:-1], x2, y
+
+
+def cublas_into(x2: torch.Tensor, wd: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y = x2 @ wd^T on bf16 operands (prompt chunks: the weight dequantized once for the call)."""
+    xb = x2.to(torch.bfloat16)
+    if y.dtype == torch.bfloat16:
+        return torch.matmul(xb, wd.T, out=y)
+    return y.copy_(torch.matmul(xb, wd.T))
+
+
 def quant_matmul(
     w: PackedWeight, x: torch.Tensor, cfg: dict | None = None, out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None, bias: torch.Tensor | None = None,
@@ -564,27 +587,13 @@ def quant_matmul(
     """x [..., K] @ W^T (+ bias [N]) -> [..., N] in out_dtype (default x.dtype; into `out`, contiguous [M, N], if
     given), W one packed 2-D weight. A cfg picks its kernel by its keys (gemv_config's or gemm_config's). The
     bias joins the split-K sum in float32 when the kernel splits K (no launch of its own), else is added after."""
-    if x.shape[-1] != w.k:
-        raise ValueError(f"quant_matmul: x has {x.shape[-1]} features, weight has {w.k}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, w.k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    lead, x2, y = matmul_operands("quant_matmul", w, x, out, out_dtype)
     M = x2.shape[0]
-    dtype = out_dtype or x.dtype
-    y = torch.empty(M, w.n, dtype=dtype, device=x.device) if out is None else out
-    if y.shape != (M, w.n) or y.dtype != dtype or not y.is_contiguous():
-        raise ValueError(f"quant_matmul: out must be contiguous {dtype} [{M}, {w.n}], got {y.dtype} {list(y.shape)}")
     if M == 0:
         return y.reshape(*lead, w.n)
     mx = _is_mxfp4(w)
     if cfg is None and M > DECODE_MAX_M and not INTERPRET:
-        xb, wd = x2.to(torch.bfloat16), dequantize_packed(w, torch.bfloat16)
-        if dtype == torch.bfloat16:
-            torch.matmul(xb, wd.T, out=y)
-        else:
-            y.copy_(torch.matmul(xb, wd.T))
-        return _add_bias(y, bias).reshape(*lead, w.n)
+        return _add_bias(cublas_into(x2, dequantize_packed(w, torch.bfloat16), y), bias).reshape(*lead, w.n)
     kind = "gemv" if (cfg is None and M <= GEMV_ROWS) or (cfg is not None and "BM" not in cfg) else "gemm"
     nblk = w.k // 32
     if kind == "gemv":
