@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from starlette.requests import Request as StarletteRequest
 
-from worker_orcd.engine.memory import residency
+from worker_orcd.engine.memory import human_bytes, residency
 from worker_orcd.engine.sampler import SamplingParams
 from worker_orcd.engine.scheduler import (
     Draining,
@@ -165,6 +165,13 @@ class Worker:
         ctx, slots = plan_kv(kv_per_token, model.config.context_length, cfg)
         blocks = pool_blocks(kv_per_token, ctx, slots, cfg, torch.device(model.device),
                              lambda: workspace_bytes(model.path, ctx, slots, cfg.prefill_chunk))
+        if blocks is not None:
+            from worker_orcd.engine.kv_cache import GPU_BLOCK_SIZE
+
+            positions = blocks * GPU_BLOCK_SIZE
+            log.info("KV pool on %s: %d blocks = %d positions (%d sequences of %d), %s, from %.0f%% of the card",
+                     model.device, blocks, positions, positions // ctx, ctx, human_bytes(positions * kv_per_token),
+                     100 * cfg.gpu_memory_utilization)
         self.scheduler = Scheduler(model.net, model.tokenizer, slots, ctx, cfg.prefill_chunk, cfg.max_waiting,
                                    graphs=False if not cfg.cuda_graphs else None, prefix_cache=cfg.prefix_cache,
                                    kv_blocks=blocks)
