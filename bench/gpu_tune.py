@@ -49,6 +49,11 @@ def dense() -> None:
         for _, cfg, t in results[:5]:
             print(f"  {cfg}  M=1 {t[1]:.1f} us ({bw / t[1] * 1e9 / BW:.0%} bw)  M=16 {t[16]:.1f}  M=64 {t[64]:.1f}",
                   flush=True)
+        for bm in (16, 64):  # the best of each row tile at 64 rows (one BM for every M keeps batch invariance)
+            best = min((r for r in results if r[1]["BM"] == bm), key=lambda r: r[2][64], default=None)
+            if best is not None:
+                t = best[2]
+                print(f"  best at M=64 with BM={bm}: {best[1]}  M=1 {t[1]:.1f}  M=16 {t[16]:.1f}  M=64 {t[64]:.1f}")
 
 
 def moe() -> None:
