@@ -41,9 +41,11 @@ case "${1:-tests}" in
     timeout 150 python3 bench/gpu.py --model "$model" 2>&1 | tee "$out/gpu-graphs.txt" | tail -11
     WORKER_ORCD_NONDETERMINISTIC=1 timeout 100 python3 bench/gpu.py --model "$model" --streams 4,16 --long 0 \
       2>&1 | tee "$out/gpu-nondet.txt" | tail -7
-    # Q8_0 codes in row groups (session 6: written, not timed): compare with the default run above
+    # session 6's switches, written and not timed: Q8_0 codes in row groups; weights as the dots' left operand
     WORKER_ORCD_Q8_ROW_GROUP=64 timeout 100 python3 bench/gpu.py --model "$model" --streams 16,64 --long 0 \
       2>&1 | tee "$out/gpu-q8-groups.txt" | grep decode
+    WORKER_ORCD_W_LEFT=1 timeout 100 python3 bench/gpu.py --model "$model" --streams 16,64 --long 0 \
+      2>&1 | tee "$out/gpu-w-left.txt" | grep decode
     # where each kernel's time goes at 1 and 64 rows
     timeout 120 python3 bench/gpu_step_profile.py --model "$model" --batches 1,64 --top 10 2>&1 \
       | tee "$out/step-profile.txt" | grep -v -i warn | tail -30

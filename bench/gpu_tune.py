@@ -32,10 +32,11 @@ def dense() -> None:
         iters = 10 if n > 100000 else 30
         gemv = time_us(lambda p=p, x=xs[1]: quant_matmul(p, x, gemv_config(p)), iters=iters)
         results = []
-        for f16, bm, nb, warps in itertools.product((True, False), (16, 64), (1, 2, 4), (4, 8)):
-            if not f16 and (nb == 1 or bm == 64):  # bfloat16 tiles: tl.dot needs 16 values of K a step
+        for f16, w_left, bm, nb, warps in itertools.product((True, False), (False, True), (16, 64), (1, 2, 4), (4, 8)):
+            if not f16 and (nb == 1 or bm == 64 or w_left):  # bfloat16 tiles: 16 values of K a step, right operand
                 continue
-            cfg = {"BM": bm, "BN": 128, "NB": nb, "TARGET": 528, "num_warps": warps, "num_stages": 3, "F16": f16}
+            cfg = {"BM": bm, "BN": 128, "NB": nb, "TARGET": 528, "num_warps": warps, "num_stages": 3, "F16": f16,
+                   "W_LEFT": w_left}
             try:
                 t = {m: time_us(lambda x=x, cfg=cfg, p=p: quant_matmul(p, x, cfg), iters=iters)
                      for m, x in xs.items()}
@@ -69,11 +70,13 @@ def moe() -> None:
            for t, a in inputs.items()}
     print("MoE per-pair (before): " + "  ".join(f"T={t} {us:.1f} us" for t, us in old.items()), flush=True)
     results = []
-    sweep = [(False, 2, *c) for c in itertools.product((64, 128), (1, 256), (1024,), (2, 4))]  # bfloat16 tiles
-    sweep += [(True, nb, *c) for nb, *c in itertools.product((1, 2), (64, 128), (1, 256), (1024,), (2, 4))]
-    for f16, nb, bn, up_target, target, warps in sweep:
+    sweep = [(False, False, 2, *c) for c in itertools.product((64, 128), (1, 256), (1024,), (2, 4))]  # bf16 tiles
+    sweep += [(True, False, nb, *c) for nb, *c in itertools.product((1, 2), (64, 128), (1, 256), (1024,), (2, 4))]
+    # weights as the dot's left operand (wgmma from registers needs 4 warps and 64+ rows)
+    sweep += [(True, True, nb, *c) for nb, *c in itertools.product((1, 2), (64, 128), (256,), (1024,), (4, 8))]
+    for f16, w_left, nb, bn, up_target, target, warps in sweep:
         cfg = {"BM": 16, "BN": bn, "NB": nb, "UP_TARGET": up_target, "TARGET": target, "num_warps": warps,
-               "num_stages": 3, "F16": f16}
+               "num_stages": 3, "F16": f16, "W_LEFT": w_left}
         try:
             tm = {t: time_us(lambda a=a, cfg=cfg: triton_moe.moe_tiles(*a, gate, gb, up, ub, down, db, cfg=cfg),
                              iters=20) for t, a in inputs.items()}

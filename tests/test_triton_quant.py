@@ -76,10 +76,11 @@ def test_gemv_split_k_and_bf16(kind):
 
 @pytest.mark.parametrize("kind", [T.Q8_0, T.MXFP4])
 @pytest.mark.parametrize("m", [2, 19])
-@pytest.mark.parametrize("f16", [True, False])  # float16 block tiles, bfloat16 tiles
-def test_gemm_interpreted(kind, m, f16):
-    check(kind, 20, 160, m, torch.float32, 1e-5, cfg=gemm_config(None, m) | {"F16": f16})  # dots in float32 here
-    split = {"BM": 16, "BN": 16, "NB": 1, "TARGET": 8, "num_warps": 1, "num_stages": 1, "F16": f16}  # 4 splits
+@pytest.mark.parametrize("tiles", [{"F16": True}, {"F16": True, "W_LEFT": True}, {"F16": False}])
+def test_gemm_interpreted(kind, m, tiles):
+    """float16 block tiles (weights as the dot's right operand, then as its left), bfloat16 tiles."""
+    check(kind, 20, 160, m, torch.float32, 1e-5, cfg=gemm_config(None, m) | tiles)  # dots in float32 here
+    split = {"BM": 16, "BN": 16, "NB": 1, "TARGET": 8, "num_warps": 1, "num_stages": 1} | tiles  # 4 splits
     check(kind, 20, 160, m, torch.float32, 1e-5, cfg=split)
 
 
@@ -201,7 +202,8 @@ def test_row_groups(kind, monkeypatch):
     assert torch.equal(dequantize_packed(p, torch.float32).double(), ref_w)
     x = f16_exact(torch.randn(3, k))
     cfgs = [gemv_config(p), {"BN": 16, "NB": 2, "STAGES": 1, "TARGET": 8, "num_warps": 1},
-            gemm_config(p, 3) | {"F16": True}, gemm_config(p, 3) | {"F16": False}]
+            gemm_config(p, 3) | {"F16": True}, gemm_config(p, 3) | {"F16": True, "W_LEFT": True},
+            gemm_config(p, 3) | {"F16": False}]
     for cfg in cfgs:
         assert rel_err(quant_matmul(p, x, cfg), x.double() @ ref_w.T) < 1e-5, cfg
     half = p.rows(MXFP4_GROUP, n)

@@ -22,6 +22,7 @@ from worker_orcd.kernels.triton_quant import (
     F16_TILES,
     GEMV_ROWS,
     INTERPRET,
+    W_LEFT,
     PackedWeight,
     _block_dot_f16,
     _e8m0,
@@ -339,31 +340,33 @@ def _mxfp4_tile(w, s, dot_t: tl.constexpr):
 @triton.jit
 def _expert_dot_f16(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_hi, BM: tl.constexpr,
                     BN: tl.constexpr, NB: tl.constexpr, TWO: tl.constexpr, DOT_F32: tl.constexpr,
-                    GROUP: tl.constexpr):
+                    GROUP: tl.constexpr, W_LEFT: tl.constexpr = False):
     """_expert_dot on float16 block tiles (triton_quant's _block_dot_f16): one K=32 dot a block, its scale
-    applied to the float32 result."""
+    applied to the float32 result. W_LEFT: weights x tokens, transposed once at the end."""
     nblk = K // 32
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    acc2 = tl.zeros([BM, BN], dtype=tl.float32)
+    acc = tl.zeros([BN, BM] if W_LEFT else [BM, BN], dtype=tl.float32)
+    acc2 = tl.zeros([BN, BM] if W_LEFT else [BM, BN], dtype=tl.float32)
     for kb in range(kb_lo, kb_hi, NB):
         for b in tl.static_range(NB):
             x = _x_block_f16(x_rows, ok_m, kb + b, kb_hi, True)
-            acc += _block_dot_f16(x, w_ptr, e_ptr, rows, nblk, kb + b, kb_hi, True, DOT_F32, GROUP)
+            acc += _block_dot_f16(x, w_ptr, e_ptr, rows, nblk, kb + b, kb_hi, True, DOT_F32, GROUP, W_LEFT)
             if TWO:
-                acc2 += _block_dot_f16(x, w2_ptr, e2_ptr, rows, nblk, kb + b, kb_hi, True, DOT_F32, GROUP)
+                acc2 += _block_dot_f16(x, w2_ptr, e2_ptr, rows, nblk, kb + b, kb_hi, True, DOT_F32, GROUP, W_LEFT)
+    if W_LEFT:
+        acc, acc2 = tl.trans(acc), tl.trans(acc2)
     return acc, acc2
 
 
 @triton.jit
 def _expert_dot(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_hi, BM: tl.constexpr,
                 BN: tl.constexpr, NB: tl.constexpr, TWO: tl.constexpr, DOT_F32: tl.constexpr,
-                F16: tl.constexpr = False, GROUP: tl.constexpr = 1):
+                F16: tl.constexpr = False, GROUP: tl.constexpr = 1, W_LEFT: tl.constexpr = False):
     """x rows (pointers [BM] to K values, masked by ok_m) . MXFP4 rows [BN] of W (and of W2) over blocks
     [kb_lo, kb_hi) -> float32 [BM, BN] (twice): each step of NB blocks one decode and one tl.dot.
     F16: _expert_dot_f16 instead. GROUP: the codes' row groups (quant/packed.py)."""
     if F16:
         return _expert_dot_f16(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_hi, BM, BN, NB, TWO,
-                               DOT_F32, GROUP)  # fmt: skip
+                               DOT_F32, GROUP, W_LEFT)  # fmt: skip
     nblk = K // 32
     dot_t = tl.float32 if DOT_F32 else tl.bfloat16
     kw = tl.arange(0, NB * 4)
@@ -445,7 +448,8 @@ def route_tiles(top_ids: torch.Tensor, n_experts: int, group: int) -> tuple[torc
 def _tiles_gate_up_kernel(x_ptr, pairs_ptr, tile_e_ptr, gw_ptr, ge_ptr, gb_ptr, uw_ptr, ue_ptr, ub_ptr, h_ptr,
                           part_ptr, E, F, D, K_SLOTS, N_PAIRS, CHUNK, limit, alpha,
                           BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr,
-                          SPLIT: tl.constexpr, F16: tl.constexpr = False, GROUP: tl.constexpr = 1):
+                          SPLIT: tl.constexpr, F16: tl.constexpr = False, GROUP: tl.constexpr = 1,
+                          W_LEFT: tl.constexpr = False):
     """h[p, f] = clamped SwiGLU of gate and up rows f of the tile's expert on token p // K_SLOTS. SPLIT: over
     this program's blocks of D only, gate and up stored to part[split, 0 | 1, p, f] for _swiglu_sum_kernel."""
     tile = tl.program_id(1)
@@ -460,7 +464,7 @@ def _tiles_gate_up_kernel(x_ptr, pairs_ptr, tile_e_ptr, gw_ptr, ge_ptr, gb_ptr, 
         kb_lo = split * CHUNK
         kb_hi = tl.minimum(kb_lo + CHUNK, D // 32)
         g, u = _expert_dot(x_ptr + (p // K_SLOTS) * D, ok_m, gw_ptr, ge_ptr, uw_ptr, ue_ptr, rows, D, kb_lo, kb_hi,
-                           BM, BN, NB, True, DOT_F32, F16, GROUP)  # fmt: skip
+                           BM, BN, NB, True, DOT_F32, F16, GROUP, W_LEFT)  # fmt: skip
         ok = ok_m[:, None] & (f < F)[None, :]
         if SPLIT:
             out = part_ptr + (split * 2 * N_PAIRS + p)[:, None] * F + f[None, :]
@@ -497,7 +501,7 @@ def _swiglu_sum_kernel(part_ptr, ids_ptr, gb_ptr, ub_ptr, h_ptr, F, N_PAIRS, lim
 @triton.jit
 def _tiles_down_kernel(h_ptr, pairs_ptr, tile_e_ptr, w_ptr, dw_ptr, de_ptr, db_ptr, part_ptr, E, F, D, CHUNK,
                        BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr,
-                       F16: tl.constexpr = False, GROUP: tl.constexpr = 1):
+                       F16: tl.constexpr = False, GROUP: tl.constexpr = 1, W_LEFT: tl.constexpr = False):
     """part[p, split, d] = w[p] * (down rows d of the tile's expert . h[p] over the split's blocks of F
     (+ the bias in split 0))."""
     tile = tl.program_id(1)
@@ -512,7 +516,7 @@ def _tiles_down_kernel(h_ptr, pairs_ptr, tile_e_ptr, w_ptr, dw_ptr, de_ptr, db_p
         kb_lo = split * CHUNK
         kb_hi = tl.minimum(kb_lo + CHUNK, F // 32)
         y, _ = _expert_dot(h_ptr + p.to(tl.int64) * F, ok_m, dw_ptr, de_ptr, dw_ptr, de_ptr, rows, F, kb_lo, kb_hi,
-                           BM, BN, NB, False, DOT_F32, F16, GROUP)  # fmt: skip
+                           BM, BN, NB, False, DOT_F32, F16, GROUP, W_LEFT)  # fmt: skip
         y += tl.load(db_ptr + rows)[None, :] * (split == 0)
         y *= tl.load(w_ptr + p, mask=ok_m, other=0.0).to(tl.float32)[:, None]
         out = part_ptr + (p.to(tl.int64) * tl.num_programs(2) + split)[:, None] * D + d[None, :]
@@ -524,11 +528,12 @@ def tiles_config() -> dict:
     down's splits of their inputs aim for."""
     if INTERPRET:
         return {"BM": 16, "BN": 16, "NB": 2, "UP_TARGET": 1, "TARGET": 1, "num_warps": 1, "num_stages": 1,
-                "F16": F16_TILES}
+                "F16": F16_TILES, "W_LEFT": W_LEFT}
     # H200 sweep (bench/gpu_tune.py moe), us a layer, float16 tiles: T=1 84, T=4 212, T=16 382, T=64 514,
     # T=128 806 (bfloat16 tiles, NB=2: 102, 240, 437, 532, 803)
-    return {"BM": 16, "BN": 128, "NB": 1 if F16_TILES else 2, "UP_TARGET": 256, "TARGET": 1024, "num_warps": 2,
-            "num_stages": 3, "F16": F16_TILES}
+    # (W_LEFT: 4 warps, the warpgroup a wgmma with its left operand in registers needs)
+    return {"BM": 16, "BN": 128, "NB": 1 if F16_TILES else 2, "UP_TARGET": 256, "TARGET": 1024,
+            "num_warps": 4 if W_LEFT else 2, "num_stages": 3, "F16": F16_TILES, "W_LEFT": W_LEFT}
 
 
 
@@ -552,7 +557,7 @@ def moe_tiles(
     c = dict(cfg or tiles_config())
     BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET")
     up_target = c.pop("UP_TARGET", 1)
-    f16 = c.pop("F16", False)
+    f16, w_left = c.pop("F16", False), c.pop("W_LEFT", False)
     T, D = x.shape
     k = top_ids.shape[1]
     E, F, _ = gate.shape
@@ -567,7 +572,8 @@ def moe_tiles(
     part = torch.empty(splits, 2, P, F, dtype=torch.float32, device=x.device) if splits > 1 else h
     _tiles_gate_up_kernel[(tiles, n_tiles, splits)](
         x, pairs, tile_expert, gp.codes, gp.scales, gb, upk.codes, upk.scales, ub, h, part, E, F, D, k, P, chunk,
-        limit, alpha, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, SPLIT=splits > 1, F16=f16, GROUP=_group(gp, upk), **c,
+        limit, alpha, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, SPLIT=splits > 1, F16=f16, GROUP=_group(gp, upk),
+        W_LEFT=w_left, **c,
     )  # fmt: skip
     if splits > 1:
         _swiglu_sum_kernel[(P, triton.cdiv(F, 1024))](part, top_ids.reshape(-1), gb, ub, h, F, P, limit, alpha,
@@ -578,7 +584,7 @@ def moe_tiles(
     _tiles_down_kernel[(tiles, n_tiles, splits)](
         h, pairs, tile_expert, top_w.reshape(-1).float().contiguous(), dp.codes, dp.scales,
         down_b.float().contiguous(), part, E, F, D, chunk, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, F16=f16,
-        GROUP=dp.group, **c,
+        GROUP=dp.group, W_LEFT=w_left, **c,
     )  # fmt: skip
     return _token_sums(part, T, x.dtype, out)
 

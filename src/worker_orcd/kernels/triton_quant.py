@@ -157,9 +157,10 @@ def _row_words(rows, nblk, WPB: tl.constexpr, GROUP: tl.constexpr):
 
 @triton.jit
 def _block_dot_f16(x, w_ptr, s_ptr, rows, nblk, kb, kb_hi, IS_MXFP4: tl.constexpr, DOT_F32: tl.constexpr,
-                   GROUP: tl.constexpr):
+                   GROUP: tl.constexpr, W_LEFT: tl.constexpr = False):
     """x [BM, 32] float16 (from _x_block_f16) . block kb of W rows [BN] -> float32 [BM, BN], scaled; 0 past
-    kb_hi."""
+    kb_hi. W_LEFT: the weights as the dot's left operand instead, [BN, BM] (on Hopper wgmma reads its left operand
+    from registers, so the decoded tile need not pass through shared memory: docs/research/mxfp4-decode.md)."""
     WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
     wi = tl.arange(0, WPB)
     ok = tl.full([rows.shape[0]], kb, tl.int32) < kb_hi  # masks as tensors: the interpreter takes no scalar
@@ -172,10 +173,12 @@ def _block_dot_f16(x, w_ptr, s_ptr, rows, nblk, kb, kb_hi, IS_MXFP4: tl.constexp
         t = _q8_0_block_f16(w)
         s = tl.load(s_ptr + rows * nblk + kb, mask=ok, other=0.0).to(tl.float32)
     if DOT_F32:  # the interpreter's half-precision dots are unreliable
-        d = tl.dot(x.to(tl.float32), tl.trans(t.to(tl.float32)), input_precision="ieee")
+        x, t = x.to(tl.float32), t.to(tl.float32)
+    if W_LEFT:
+        d = tl.dot(t, tl.trans(x), input_precision="ieee" if DOT_F32 else None) * s[:, None]
     else:
-        d = tl.dot(x, tl.trans(t))
-    return d * s[None, :]
+        d = tl.dot(x, tl.trans(t), input_precision="ieee" if DOT_F32 else None) * s[None, :]
+    return d
 
 
 # ---------------------------------------------------------------- GEMV tiles: acc[n] = x . W[n], one row of x
@@ -409,6 +412,7 @@ def _gemm_kernel(
     DOT_F32: tl.constexpr,
     F16: tl.constexpr = False,
     GROUP: tl.constexpr = 1,
+    W_LEFT: tl.constexpr = False,
 ):
     """y[split] = x W^T over the split's CHUNK blocks of K (one split: the whole row); per step, one
     [BM, NB*words] x [NB*words, BN] dot for each value position in a word (F16: one float16 dot a block)."""
@@ -424,10 +428,17 @@ def _gemm_kernel(
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     if F16:
         x_rows = x_ptr + m_in * stride_xm
+        acc_t = tl.zeros([BN, BM], dtype=tl.float32)  # W_LEFT: weights x tokens
         for kb in range(kb_lo, kb_hi, NB):
             for b in tl.static_range(NB):
                 x = _x_block_f16(x_rows, m < M, kb + b, kb_hi, IS_MXFP4)
-                acc += _block_dot_f16(x, w_ptr, s_ptr, n_in, nblk, kb + b, kb_hi, IS_MXFP4, DOT_F32, GROUP)
+                if W_LEFT:
+                    acc_t += _block_dot_f16(x, w_ptr, s_ptr, n_in, nblk, kb + b, kb_hi, IS_MXFP4, DOT_F32, GROUP,
+                                            True)  # fmt: skip
+                else:
+                    acc += _block_dot_f16(x, w_ptr, s_ptr, n_in, nblk, kb + b, kb_hi, IS_MXFP4, DOT_F32, GROUP)
+        if W_LEFT:
+            acc = tl.trans(acc_t)
     else:
         WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
         kk = tl.arange(0, NB * WPB)  # within a step: block kk // WPB, word kk % WPB
@@ -529,20 +540,24 @@ def gemm_config(w: PackedWeight, m: int) -> dict:
     """Tiles for tl.dot: 16 rows of x for decode-sized batches (one weight read serves them all), split over K
     by the weight's shape alone; 128 rows for prefill."""
     if INTERPRET:
-        return {"BM": 16, "BN": 16, "NB": 4, "TARGET": 1, "num_warps": 1, "num_stages": 1, "F16": F16_TILES}
+        return {"BM": 16, "BN": 16, "NB": 4, "TARGET": 1, "num_warps": 1, "num_stages": 1, "F16": F16_TILES,
+                "W_LEFT": W_LEFT}
     if m <= DECODE_MAX_M:  # H200 sweep (bench/gpu_tune.py): best of 36 configs on the 20B's q|k|v, o and head
         # (NB blocks a step: tl.dot needs K >= 16 values per dot, i.e. 2 Q8_0 or 4 MXFP4 blocks)
         # float16 tiles (sweep of session 6, us at M=1/16/64): Q8_0 5120x2880 NB=1 14.9/17.5/47.6 (NB=2 16.3),
         # 2880x4096 17.3/19.1/41.3 either; the 201088x2880 head NB=2 309/380/1384 (NB=1 342)
         nb = (1 if w.n <= 8192 else 2) if F16_TILES else 2
         return {"BM": 16, "BN": 128, "NB": nb if w.kind == "q8_0" else 4, "TARGET": 528, "num_warps": 4,
-                "num_stages": 3, "F16": F16_TILES}
+                "num_stages": 3, "F16": F16_TILES, "W_LEFT": W_LEFT}
     return {"BM": 128, "BN": 128, "NB": 4, "TARGET": 1, "num_warps": 8, "num_stages": 3}
 
 
 # Decode GEMMs (dense and MoE) on float16 block tiles (_block_dot_f16); WORKER_ORCD_F16_TILES=0 takes the
 # bfloat16 tiles (each value converted to float32, scaled and rounded to bfloat16 before the dot) instead.
 F16_TILES = os.environ.get("WORKER_ORCD_F16_TILES", "1") == "1"
+# The float16 tiles' dots with the weights as the left operand (tokens as N): what OpenAI's triton_kernels do on
+# Hopper (docs/research/mxfp4-decode.md). Written and checked in the interpreter, not timed: off until measured.
+W_LEFT = os.environ.get("WORKER_ORCD_W_LEFT", "0") == "1"
 
 # Up to this many rows (every decode batch the scheduler runs) one kernel, one tile shape and one split of K
 # per weight shape: a row's result never depends on how many rows share the call. Above (prompt chunks):
@@ -609,14 +624,14 @@ def quant_matmul(
     else:
         c = dict(cfg or gemm_config(w, M))
         BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET", 1)
-        f16 = c.pop("F16", False)
+        f16, w_left = c.pop("F16", False), c.pop("W_LEFT", False)
         tiles = triton.cdiv(w.n, BN)
         splits, chunk = split_k(nblk, tiles, NB, target)
         part = y if splits == 1 else torch.empty(splits, M, w.n, dtype=torch.float32, device=x.device)
         grid = (tiles, triton.cdiv(M, BM), splits)
         _gemm_kernel[grid](
             x2, w.codes, w.scales, part, M, w.n, w.k, x2.stride(0), w.n, chunk, IS_MXFP4=mx, BM=BM, BN=BN, NB=NB,
-            DOT_F32=INTERPRET, F16=f16, GROUP=w.group, **c,
+            DOT_F32=INTERPRET, F16=f16, GROUP=w.group, W_LEFT=w_left, **c,
         )  # fmt: skip
     if splits > 1:
         sum_partials_kernel[(1, triton.cdiv(M * w.n, 1024))](part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024,
