@@ -52,9 +52,8 @@ def _mx_bits(w, s: tl.constexpr):
 
 
 @triton.jit
-def _mx_half_pair(w, s: tl.constexpr):
-    """Slot s of uint32 words -> two float16 E2M1 values * 2^-14 (low half, high half): bits only, no convert."""
-    h = _mx_bits(w, s)
+def _f16_halves(h):
+    """uint32 words holding two float16 bit patterns -> (low half, high half) as float16: a register move."""
     if F16X2_ASM:
         lo, hi = tl.inline_asm_elementwise(
             "mov.b32 {$0, $1}, $2;", "=h,=h,r", [h], dtype=(tl.float16, tl.float16), is_pure=True, pack=1,
@@ -63,6 +62,12 @@ def _mx_half_pair(w, s: tl.constexpr):
         lo = (h & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
         hi = (h >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
     return lo, hi
+
+
+@triton.jit
+def _mx_half_pair(w, s: tl.constexpr):
+    """Slot s of uint32 words -> two float16 E2M1 values * 2^-14 (low half, high half): bits only, no convert."""
+    return _f16_halves(_mx_bits(w, s))
 
 
 @triton.jit
@@ -110,14 +115,7 @@ def _mxfp4_block_f16(w):
 def _q8_half_pair(w, t: tl.constexpr):
     """Bytes t and t + 2 of uint32 words -> their int8 values as two float16: 0x6400 | (byte ^ 0x80) is
     1024 + q + 128, less 1152."""
-    h = ((w >> (8 * t)) & 0x00FF00FF) ^ 0x64806480
-    if F16X2_ASM:
-        lo, hi = tl.inline_asm_elementwise(
-            "mov.b32 {$0, $1}, $2;", "=h,=h,r", [h], dtype=(tl.float16, tl.float16), is_pure=True, pack=1,
-        )  # fmt: skip
-    else:
-        lo = (h & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
-        hi = (h >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    lo, hi = _f16_halves(((w >> (8 * t)) & 0x00FF00FF) ^ 0x64806480)
     return lo - 1152.0, hi - 1152.0
 
 
