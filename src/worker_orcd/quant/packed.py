@@ -90,7 +90,7 @@ class PackedWeight:
         """The same weight with group 1 (a copy when grouped)."""
         if self.group == 1:
             return self
-        codes = ungroup_rows(self.codes, self.group, self.k // 32)
+        codes = group_rows(self.codes, self.group, self.k // 32, undo=True)
         return PackedWeight(self.kind, codes, self.scales, self.n, self.k, self.high)
 
     def _with(self, f, n: int) -> PackedWeight:
@@ -98,17 +98,12 @@ class PackedWeight:
                             None if self.high is None else f(self.high), self.group)
 
 
-def group_rows(codes: torch.Tensor, group: int, nblk: int) -> torch.Tensor:
-    """Row-by-row codes [rows, words] -> row groups (the module doc): [rows/group, nblk, group, words a block]."""
+def group_rows(codes: torch.Tensor, group: int, nblk: int, undo: bool = False) -> torch.Tensor:
+    """Row-by-row codes [rows, words] -> row groups (the module doc): [rows/group, nblk, group, words a block];
+    undo: back to row by row. Swapping the middle two axes is its own inverse."""
     rows = codes.shape[0]
-    wpb = codes.shape[1] // nblk
-    return codes.reshape(rows // group, group, nblk, wpb).transpose(1, 2).reshape(rows, -1).contiguous()
-
-
-def ungroup_rows(codes: torch.Tensor, group: int, nblk: int) -> torch.Tensor:
-    rows = codes.shape[0]
-    wpb = codes.shape[1] // nblk
-    return codes.reshape(rows // group, nblk, group, wpb).transpose(1, 2).reshape(rows, -1).contiguous()
+    middle = (nblk, group) if undo else (group, nblk)
+    return codes.reshape(rows // group, *middle, -1).transpose(1, 2).reshape(rows, -1).contiguous()
 
 
 def cat_rows(parts: list[PackedWeight]) -> PackedWeight:
