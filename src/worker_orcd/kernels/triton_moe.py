@@ -24,12 +24,11 @@ from worker_orcd.kernels.triton_quant import (
     INTERPRET,
     W_LEFT,
     PackedWeight,
-    _block_dot_f16,
+    _dot_f16_blocks,
     _e8m0,
     _mx_pair,
     _mxfp4_gemv_tile,
     _row_words,
-    _x_block_f16,
     dequantize_packed,
     split_k,
     sum_partials_kernel,
@@ -338,35 +337,15 @@ def _mxfp4_tile(w, s, dot_t: tl.constexpr):
 
 
 @triton.jit
-def _expert_dot_f16(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_hi, BM: tl.constexpr,
-                    BN: tl.constexpr, NB: tl.constexpr, TWO: tl.constexpr, DOT_F32: tl.constexpr,
-                    GROUP: tl.constexpr, W_LEFT: tl.constexpr = False):
-    """_expert_dot on float16 block tiles (triton_quant's _block_dot_f16): one K=32 dot a block, its scale
-    applied to the float32 result. W_LEFT: weights x tokens, transposed once at the end."""
-    nblk = K // 32
-    acc = tl.zeros([BN, BM] if W_LEFT else [BM, BN], dtype=tl.float32)
-    acc2 = tl.zeros([BN, BM] if W_LEFT else [BM, BN], dtype=tl.float32)
-    for kb in range(kb_lo, kb_hi, NB):
-        for b in tl.static_range(NB):
-            x = _x_block_f16(x_rows, ok_m, kb + b, kb_hi, True)
-            acc += _block_dot_f16(x, w_ptr, e_ptr, rows, nblk, kb + b, kb_hi, True, DOT_F32, GROUP, W_LEFT)
-            if TWO:
-                acc2 += _block_dot_f16(x, w2_ptr, e2_ptr, rows, nblk, kb + b, kb_hi, True, DOT_F32, GROUP, W_LEFT)
-    if W_LEFT:
-        acc, acc2 = tl.trans(acc), tl.trans(acc2)
-    return acc, acc2
-
-
-@triton.jit
 def _expert_dot(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_hi, BM: tl.constexpr,
                 BN: tl.constexpr, NB: tl.constexpr, TWO: tl.constexpr, DOT_F32: tl.constexpr,
                 F16: tl.constexpr = False, GROUP: tl.constexpr = 1, W_LEFT: tl.constexpr = False):
     """x rows (pointers [BM] to K values, masked by ok_m) . MXFP4 rows [BN] of W (and of W2) over blocks
     [kb_lo, kb_hi) -> float32 [BM, BN] (twice): each step of NB blocks one decode and one tl.dot.
-    F16: _expert_dot_f16 instead. GROUP: the codes' row groups (quant/packed.py)."""
+    F16: float16 block tiles instead (triton_quant._dot_f16_blocks). GROUP: the codes' row groups (quant/packed.py)."""
     if F16:
-        return _expert_dot_f16(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_hi, BM, BN, NB, TWO,
-                               DOT_F32, GROUP, W_LEFT)  # fmt: skip
+        return _dot_f16_blocks(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K // 32, kb_lo, kb_hi, BM, BN, NB,
+                               TWO, True, DOT_F32, GROUP, W_LEFT)  # fmt: skip
     nblk = K // 32
     dot_t = tl.float32 if DOT_F32 else tl.bfloat16
     kw = tl.arange(0, NB * 4)

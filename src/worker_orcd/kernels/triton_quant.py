@@ -179,6 +179,26 @@ def _block_dot_f16(x, w_ptr, s_ptr, rows, nblk, kb, kb_hi, IS_MXFP4: tl.constexp
     return d
 
 
+@triton.jit
+def _dot_f16_blocks(x_rows, ok_m, w_ptr, s_ptr, w2_ptr, s2_ptr, rows, nblk, kb_lo, kb_hi, BM: tl.constexpr,
+                    BN: tl.constexpr, NB: tl.constexpr, TWO: tl.constexpr, IS_MXFP4: tl.constexpr,
+                    DOT_F32: tl.constexpr, GROUP: tl.constexpr, W_LEFT: tl.constexpr):
+    """x rows (pointers [BM], masked by ok_m) . W rows [BN] (and W2's, on the same x) over blocks [kb_lo, kb_hi),
+    NB blocks a step, one _block_dot_f16 a block -> float32 [BM, BN] twice (W_LEFT: transposed once at the end)."""
+    acc = tl.zeros([BN, BM] if W_LEFT else [BM, BN], dtype=tl.float32)
+    acc2 = tl.zeros([BN, BM] if W_LEFT else [BM, BN], dtype=tl.float32)
+    for kb in range(kb_lo, kb_hi, NB):
+        for b in tl.static_range(NB):
+            x = _x_block_f16(x_rows, ok_m, kb + b, kb_hi, IS_MXFP4)
+            acc += _block_dot_f16(x, w_ptr, s_ptr, rows, nblk, kb + b, kb_hi, IS_MXFP4, DOT_F32, GROUP, W_LEFT)
+            if TWO:
+                acc2 += _block_dot_f16(x, w2_ptr, s2_ptr, rows, nblk, kb + b, kb_hi, IS_MXFP4, DOT_F32, GROUP,
+                                       W_LEFT)  # fmt: skip
+    if W_LEFT:
+        acc, acc2 = tl.trans(acc), tl.trans(acc2)
+    return acc, acc2
+
+
 # ---------------------------------------------------------------- GEMV tiles: acc[n] = x . W[n], one row of x
 # Blocks [kb_lo, kb_hi) of K (split-K programs take a slice); EVEN: the slice is whole steps of NB blocks.
 # STAGES >= 1: Triton pipelines the K loop (loads in flight through shared memory); 0: a register double
@@ -425,18 +445,8 @@ def _gemm_kernel(
     dot_t = tl.float32 if DOT_F32 else tl.bfloat16
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     if F16:
-        x_rows = x_ptr + m_in * stride_xm
-        acc_t = tl.zeros([BN, BM], dtype=tl.float32)  # W_LEFT: weights x tokens
-        for kb in range(kb_lo, kb_hi, NB):
-            for b in tl.static_range(NB):
-                x = _x_block_f16(x_rows, m < M, kb + b, kb_hi, IS_MXFP4)
-                if W_LEFT:
-                    acc_t += _block_dot_f16(x, w_ptr, s_ptr, n_in, nblk, kb + b, kb_hi, IS_MXFP4, DOT_F32, GROUP,
-                                            True)  # fmt: skip
-                else:
-                    acc += _block_dot_f16(x, w_ptr, s_ptr, n_in, nblk, kb + b, kb_hi, IS_MXFP4, DOT_F32, GROUP)
-        if W_LEFT:
-            acc = tl.trans(acc_t)
+        acc, _ = _dot_f16_blocks(x_ptr + m_in * stride_xm, m < M, w_ptr, s_ptr, w_ptr, s_ptr, n_in, nblk, kb_lo, kb_hi,
+                                 BM, BN, NB, False, IS_MXFP4, DOT_F32, GROUP, W_LEFT)  # fmt: skip
     else:
         WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
         kk = tl.arange(0, NB * WPB)  # within a step: block kk // WPB, word kk % WPB
