@@ -10,6 +10,7 @@
 #           graphs, sink attention on CUDA, the real-model decode path where the model files are present);
 #           exits with pytest's status, 1 without a CUDA device; also `make test-gpu`. Its last line
 #           (gpu-tests-summary.txt) is NOTES.md's "GPU tests, last run".
+#   ncu     Nsight Compute sections for the decode GEMMs (bench/ncu_decode_kernels.py) at 1 and 64 tokens
 #   bench   the synthetic GPT-OSS-20B (built if missing, ~40 s), bench/gpu.py with CUDA graphs, then eager
 # Logs go to $OUT (the device tool brings them back) or /tmp/gpu-session.
 set -uo pipefail
@@ -34,8 +35,8 @@ case "${1:-tests}" in
     ;;
   engine)
     # the GPU engine's kernels and models (one device call): kernel tests, kernel timings, the 20B table
-    timeout 240 python3 -m pytest -p no:cacheprovider -m gpu -q -rs tests 2>&1 | tee "$out/gpu-tests.log" \
-      | grep -E "passed|failed|Error|FAILED" | tail -30
+    [[ ${TESTS:-1} == 1 ]] && timeout 240 python3 -m pytest -p no:cacheprovider -m gpu -q -rs tests 2>&1 \
+      | tee "$out/gpu-tests.log" | grep -E "passed|failed|Error|FAILED" | tail -30
     [[ ${KERNELS:-1} == 1 ]] && timeout 100 python3 bench/gpu_engine_kernels.py 2>&1 | tee "$out/kernels.txt" | tail -40
     synthetic
     timeout 150 python3 bench/gpu.py --model "$model" 2>&1 | tee "$out/gpu-graphs.txt" | tail -11
@@ -62,8 +63,18 @@ case "${1:-tests}" in
       bench/serve_throughput.py --model "$model" --device cuda --streams 64 --tokens 64 --max-batch 64 --no-alone \
       2>&1 | tee "$out/http-64-serial.txt" | tail -2
     ;;
+  ncu)
+    # Nsight Compute on one launch of each decode GEMM (MoE gate/up and down, a dense Q8_0) at 1 and 64 tokens
+    for t in 1 64; do
+      timeout 200 ncu --kernel-name regex:'_tiles_gate_up|_tiles_down|_gemm_kernel' --launch-skip 3 --launch-count 3 \
+        --section SpeedOfLight --section WarpStateStats --section Occupancy --section MemoryWorkloadAnalysis \
+        --section LaunchStats python3 bench/ncu_decode_kernels.py "$t" 2>&1 | grep -v -i warn > "$out/ncu-$t.txt"
+    done
+    grep -h -E "_kernel \(|Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Waves" \
+      "$out"/ncu-*.txt
+    ;;
   *)
-    echo "usage: bench/gpu_session.sh tests|bench|engine|http" >&2
+    echo "usage: bench/gpu_session.sh tests|bench|engine|http|ncu" >&2
     exit 2
     ;;
 esac

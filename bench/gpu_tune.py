@@ -1,7 +1,8 @@
 """Sweep the batch-invariant decode kernels' tile configs on GPT-OSS-20B shapes (one config must serve every
 row count, so each is timed at several row counts) and print the best per shape.
 
-Usage: python bench/gpu_tune.py [dense|moe|kquant ...]   (CUDA; random weights)
+Usage: python bench/gpu_tune.py [dense|moe|fold|kquant ...]   (CUDA; random weights)
+  fold: the scale-folded float16 tiles (FOLD) against the default configs, dense and MoE
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from gpu_engine_kernels import BW, GPT_OSS_MOE, gpt_oss_experts, time_us  # noqa
 from tests.test_triton_kquant import blocks  # noqa: E402
 from tests.test_triton_quant import random_blocks  # noqa: E402
 from worker_orcd.kernels import triton_kquant, triton_moe  # noqa: E402
-from worker_orcd.kernels.triton_quant import gemv_config, pack_q8_0, quant_matmul  # noqa: E402
+from worker_orcd.kernels.triton_quant import gemm_config, gemv_config, pack_q8_0, quant_matmul  # noqa: E402
 from worker_orcd.quant.packed import pack_nibbles  # noqa: E402
 
 
@@ -90,6 +91,50 @@ def moe() -> None:
         print(f"  {cfg}  " + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()), flush=True)
 
 
+def fold() -> None:
+    """Scale folding (one dot over NB blocks, PackedWeight.fold) against today's default tiles."""
+    dev = "cuda"
+    base = {"BM": 16, "BN": 128, "TARGET": 528, "num_stages": 3, "F16": True}
+    for n, k in [(5120, 2880), (2880, 4096), (201088, 2880)]:
+        p = pack_q8_0(random_blocks(T.Q8_0, n, k, dev), n, k)
+        assert p.fold
+        xs = {m: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for m in (1, 16, 64)}
+        iters = 10 if n > 100000 else 30
+        cfgs = [gemm_config(p, 1)] + [base | {"NB": nb, "num_warps": w, "W_LEFT": wl, "FOLD": True}
+                                      for nb, w, wl in itertools.product((2, 4), (4, 8), (False, True))]
+        print(f"Q8_0 {n}x{k} ({p.nbytes / 1e6:.1f} MB)", flush=True)
+        for cfg in cfgs:
+            try:
+                t = {m: time_us(lambda x=x, cfg=cfg, p=p: quant_matmul(p, x, cfg), iters=iters) for m, x in xs.items()}
+            except Exception as e:
+                print(f"  skip {cfg}: {type(e).__name__}")
+                continue
+            print(f"  NB={cfg['NB']} warps={cfg['num_warps']} W_LEFT={cfg.get('W_LEFT')} FOLD={cfg.get('FOLD')}  "
+                  f"M=1 {t[1]:.1f} us ({p.nbytes / 1e3 / t[1] * 1e9 / BW:.0%} bw)  M=16 {t[16]:.1f}  M=64 {t[64]:.1f}",
+                  flush=True)
+    E, F, D = GPT_OSS_MOE
+    gate, gb, up, ub, down, db = gpt_oss_experts(dev)
+    inputs = {}
+    for t in (1, 4, 16, 64, 128):
+        x = torch.randn(t, D, device=dev, dtype=torch.bfloat16)
+        ids = torch.stack([torch.randperm(E)[:4] for _ in range(t)]).to(dev)
+        inputs[t] = (x, ids, torch.softmax(torch.randn(t, 4, device=dev), -1))
+    base = {"BM": 16, "UP_TARGET": 256, "TARGET": 1024, "num_stages": 3, "F16": True, "FOLD": True}
+    grid = itertools.product((64, 128), (2, 4), (4, 8), (False, True))
+    cfgs = [triton_moe.tiles_config()] + [base | {"BN": bn, "NB": nb, "num_warps": w, "W_LEFT": wl}
+                                          for bn, nb, w, wl in grid]
+    print("MoE tiles, us a layer")
+    for cfg in cfgs:
+        try:
+            tm = {t: time_us(lambda a=a, cfg=cfg: triton_moe.moe_tiles(*a, gate, gb, up, ub, down, db, cfg=cfg),
+                             iters=20) for t, a in inputs.items()}
+        except Exception as e:
+            print(f"  skip {cfg}: {type(e).__name__}")
+            continue
+        print(f"  BN={cfg['BN']} NB={cfg['NB']} warps={cfg['num_warps']} W_LEFT={cfg.get('W_LEFT')} "
+              f"FOLD={cfg.get('FOLD')}  " + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()), flush=True)
+
+
 def kquant() -> None:
     """The nibble formats' decode GEMM (kernels/triton_kquant.py): configs, against dequantize + cuBLAS at M=1."""
     dev = "cuda"
@@ -120,4 +165,4 @@ def kquant() -> None:
 
 if __name__ == "__main__":
     for what in sys.argv[1:] or ["moe", "dense"]:
-        {"dense": dense, "moe": moe}[what]()
+        {"dense": dense, "moe": moe, "fold": fold, "kquant": kquant}[what]()

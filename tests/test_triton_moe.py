@@ -144,13 +144,14 @@ def test_route_tiles_kernel_is_group_pairs(T_, E, k, group):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("f16,w_left", [(True, False), (True, True), (False, False)])
-def test_moe_tiles_with_gate_up_split(f16, w_left):
+@pytest.mark.parametrize("f16,w_left,fold", [(True, False, False), (True, True, False), (False, False, False),
+                                             (True, False, True), (True, True, True)])
+def test_moe_tiles_with_gate_up_split(f16, w_left, fold):
     """gate/up split over D (partial sums added in order before the SwiGLU); a token alone gives the same bits
-    as among others. Every tile decoder: float16 (scaled after the dot; weights as its right or left operand)
-    and bfloat16."""
-    cfg = {"BM": 16, "BN": 16, "NB": 1, "UP_TARGET": 64, "TARGET": 64, "num_warps": 1, "num_stages": 1, "F16": f16,
-           "W_LEFT": w_left}
+    as among others. Every tile decoder: float16 (scaled after the dot or folded into the weights; weights as
+    its right or left operand) and bfloat16."""
+    cfg = {"BM": 16, "BN": 16, "NB": 2 if fold else 1, "UP_TARGET": 64, "TARGET": 64, "num_warps": 1,
+           "num_stages": 1, "F16": f16, "W_LEFT": w_left, "FOLD": fold}
     g, gb, u, ub, d, db = experts(5, 96, 128, "cpu")
     x = torch.randn(7, 128) * 0.5
     ids, w = routes(7, 5, 3, "cpu")

@@ -8,6 +8,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from worker_orcd.kernels.triton_quant import (
+    GEMV_ROWS,
     dequantize_packed,
     gemm_config,
     gemv_config,
@@ -29,13 +30,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def random_blocks(kind: T, rows: int, k: int, device: str = "cpu") -> torch.Tensor:
-    """uint8 [rows, row_bytes] of valid blocks with realistic scales (Q8_0 d ~ 1e-3..1e-2, MXFP4 e ~ 2^-9..2^3)."""
+    """uint8 [rows, row_bytes] of valid blocks with realistic scales (Q8_0 d ~ 1e-3..1e-2, MXFP4 e ~ 2^-11..2^1:
+    inside the range that scale folding takes, packed.MXFP4_FOLD_E)."""
     nb = k // 32
     if kind == T.Q8_0:
         d = (torch.rand(rows, nb, 1, device=device) * 0.01 + 0.001).half().view(torch.uint8)
         q = torch.randint(0, 256, (rows, nb, 32), dtype=torch.uint8, device=device)
         return torch.cat([d.reshape(rows, nb, 2), q], -1).reshape(rows, -1)
-    e = torch.randint(118, 131, (rows, nb, 1), dtype=torch.uint8, device=device)
+    e = torch.randint(116, 129, (rows, nb, 1), dtype=torch.uint8, device=device)
     q = torch.randint(0, 256, (rows, nb, 16), dtype=torch.uint8, device=device)
     return torch.cat([e, q], -1).reshape(rows, -1)
 
@@ -46,12 +48,23 @@ def f16_exact(x: torch.Tensor) -> torch.Tensor:
     return x.half().to(x.dtype)
 
 
+def reference_weights(raw: torch.Tensor, kind: T, p, cfg: dict | None, m: int) -> torch.Tensor:
+    """The weights quant_matmul(p, x [m, K], cfg) multiplies by, in float64: folded Q8_0 scales (FOLD, the
+    default where the weight allows) make them q * d rounded to float16; every other path is exact."""
+    w = dequantize(raw, kind, (p.n, p.k))
+    c = cfg or (gemm_config(p, m) if m > GEMV_ROWS else {})
+    if kind == T.Q8_0 and c.get("F16") and c.get("FOLD") and p.fold:
+        w = w.half()
+    return w.double()
+
+
 def check(kind: T, n: int, k: int, m: int, dtype: torch.dtype, tol: float, device: str = "cpu", cfg=None):
     raw = random_blocks(kind, n, k, device)
     x = f16_exact(torch.randn(m, k, device=device)).to(dtype)
-    ref = x.double() @ dequantize(raw, kind, (n, k)).double().T
+    p = PACK[kind](raw, n, k)
+    ref = x.double() @ reference_weights(raw, kind, p, cfg, m).to(device).T
     y = torch.full((m, n), float("nan"), dtype=dtype, device=device)
-    quant_matmul(PACK[kind](raw, n, k), x, cfg, out=y)
+    quant_matmul(p, x, cfg, out=y)
     assert rel_err(y, ref) < tol
 
 
@@ -76,12 +89,33 @@ def test_gemv_split_k_and_bf16(kind):
 
 @pytest.mark.parametrize("kind", [T.Q8_0, T.MXFP4])
 @pytest.mark.parametrize("m", [2, 19])
-@pytest.mark.parametrize("tiles", [{"F16": True}, {"F16": True, "W_LEFT": True}, {"F16": False}])
+@pytest.mark.parametrize("tiles", [{"F16": True}, {"F16": True, "W_LEFT": True}, {"F16": False},
+                                   {"F16": True, "FOLD": True}, {"F16": True, "W_LEFT": True, "FOLD": True}])
 def test_gemm_interpreted(kind, m, tiles):
-    """float16 block tiles (weights as the dot's right operand, then as its left), bfloat16 tiles."""
+    """float16 block tiles (weights as the dot's right operand, then as its left; scales after each block's dot,
+    or folded into the weights), bfloat16 tiles."""
     check(kind, 20, 160, m, torch.float32, 1e-5, cfg=gemm_config(None, m) | tiles)  # dots in float32 here
     split = {"BM": 16, "BN": 16, "NB": 1, "TARGET": 8, "num_warps": 1, "num_stages": 1} | tiles  # 4 splits
     check(kind, 20, 160, m, torch.float32, 1e-5, cfg=split)
+
+
+def test_fold_only_where_the_scales_fit():
+    """MXFP4 exponents outside [104, 128] (or Q8_0 |d| > 512) would not survive folding into float16: such a
+    weight is marked, and a config asking to fold takes the per-block scaling for it (same result)."""
+    raw = random_blocks(T.MXFP4, 20, 160)
+    assert PACK[T.MXFP4](raw, 20, 160).fold
+    b = raw.reshape(20, 5, 17).clone()
+    b[3, 2, 0] = 131  # 2^4: 6 * 2^4 fits float16, but the scale 2^(131-113) does not
+    b[4, 1, 0] = 0  # a zero scale folds (to 0)
+    p = PACK[T.MXFP4](b.reshape(20, -1), 20, 160)
+    assert not p.fold and PACK[T.MXFP4](b[:3].reshape(3, -1), 3, 160).fold
+    x = f16_exact(torch.randn(3, 160))
+    ref = x.double() @ dequantize(b.reshape(20, -1), T.MXFP4, (20, 160)).double().T
+    assert rel_err(quant_matmul(p, x, gemm_config(p, 3) | {"F16": True, "FOLD": True}), ref) < 1e-5
+    q8 = random_blocks(T.Q8_0, 4, 64).reshape(4, 2, 34).clone()
+    assert PACK[T.Q8_0](q8.reshape(4, -1), 4, 64).fold
+    q8[1, 1, 0:2] = torch.tensor([600.0], dtype=torch.float16).view(torch.uint8)
+    assert not PACK[T.Q8_0](q8.reshape(4, -1), 4, 64).fold
 
 
 @pytest.mark.parametrize("kind", [T.Q8_0, T.MXFP4])
@@ -90,10 +124,11 @@ def test_gemm_interpreted(kind, m, tiles):
 def test_bias_joins_the_sum(kind, cfg):
     """x @ W.T + b: inside the split-K sum (float32) when K is split, one add after otherwise."""
     raw = random_blocks(kind, 20, 160)
+    p = PACK[kind](raw, 20, 160)
     x, b = f16_exact(torch.randn(3, 160)), torch.randn(20)
-    ref = x.double() @ dequantize(raw, kind, (20, 160)).double().T + b.double()
+    ref = x.double() @ reference_weights(raw, kind, p, cfg, 3).T + b.double()
     y = torch.full((3, 20), float("nan"))
-    quant_matmul(PACK[kind](raw, 20, 160), x, cfg, out=y, bias=b)
+    quant_matmul(p, x, cfg, out=y, bias=b)
     assert rel_err(y, ref) < 1e-5
 
 
@@ -203,9 +238,9 @@ def test_row_groups(kind, monkeypatch):
     x = f16_exact(torch.randn(3, k))
     cfgs = [gemv_config(p), {"BN": 16, "NB": 2, "STAGES": 1, "TARGET": 8, "num_warps": 1},
             gemm_config(p, 3) | {"F16": True}, gemm_config(p, 3) | {"F16": True, "W_LEFT": True},
-            gemm_config(p, 3) | {"F16": False}]
+            gemm_config(p, 3) | {"F16": True, "FOLD": True}, gemm_config(p, 3) | {"F16": False}]
     for cfg in cfgs:
-        assert rel_err(quant_matmul(p, x, cfg), x.double() @ ref_w.T) < 1e-5, cfg
+        assert rel_err(quant_matmul(p, x, cfg), x.double() @ reference_weights(raw, kind, p, cfg, 3).T) < 1e-5, cfg
     half = p.rows(MXFP4_GROUP, n)
     assert half.group == MXFP4_GROUP and torch.equal(unpack(half), raw[MXFP4_GROUP:])
     assert torch.equal(unpack(p.rows(3, 40)), raw[3:40])  # not on a group boundary: a row-by-row copy

@@ -20,6 +20,7 @@ import triton.language as tl
 from worker_orcd.kernels.activations import clamped_swiglu
 from worker_orcd.kernels.triton_quant import (
     F16_TILES,
+    FOLD,
     GEMV_ROWS,
     INTERPRET,
     W_LEFT,
@@ -339,13 +340,14 @@ def _mxfp4_tile(w, s, dot_t: tl.constexpr):
 @triton.jit
 def _expert_dot(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_hi, BM: tl.constexpr,
                 BN: tl.constexpr, NB: tl.constexpr, TWO: tl.constexpr, DOT_F32: tl.constexpr,
-                F16: tl.constexpr = False, GROUP: tl.constexpr = 1, W_LEFT: tl.constexpr = False):
+                F16: tl.constexpr = False, GROUP: tl.constexpr = 1, W_LEFT: tl.constexpr = False,
+                FOLD: tl.constexpr = False):
     """x rows (pointers [BM] to K values, masked by ok_m) . MXFP4 rows [BN] of W (and of W2) over blocks
     [kb_lo, kb_hi) -> float32 [BM, BN] (twice): each step of NB blocks one decode and one tl.dot.
     F16: float16 block tiles instead (triton_quant._dot_f16_blocks). GROUP: the codes' row groups (quant/packed.py)."""
     if F16:
         return _dot_f16_blocks(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K // 32, kb_lo, kb_hi, BM, BN, NB,
-                               TWO, True, DOT_F32, GROUP, W_LEFT)  # fmt: skip
+                               TWO, True, DOT_F32, GROUP, W_LEFT, FOLD)  # fmt: skip
     nblk = K // 32
     dot_t = tl.float32 if DOT_F32 else tl.bfloat16
     kw = tl.arange(0, NB * 4)
@@ -428,7 +430,7 @@ def _tiles_gate_up_kernel(x_ptr, pairs_ptr, tile_e_ptr, gw_ptr, ge_ptr, gb_ptr, 
                           part_ptr, E, F, D, K_SLOTS, N_PAIRS, CHUNK, limit, alpha,
                           BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr,
                           SPLIT: tl.constexpr, F16: tl.constexpr = False, GROUP: tl.constexpr = 1,
-                          W_LEFT: tl.constexpr = False):
+                          W_LEFT: tl.constexpr = False, FOLD: tl.constexpr = False):
     """h[p, f] = clamped SwiGLU of gate and up rows f of the tile's expert on token p // K_SLOTS. SPLIT: over
     this program's blocks of D only, gate and up stored to part[split, 0 | 1, p, f] for _swiglu_sum_kernel."""
     tile = tl.program_id(1)
@@ -443,7 +445,7 @@ def _tiles_gate_up_kernel(x_ptr, pairs_ptr, tile_e_ptr, gw_ptr, ge_ptr, gb_ptr, 
         kb_lo = split * CHUNK
         kb_hi = tl.minimum(kb_lo + CHUNK, D // 32)
         g, u = _expert_dot(x_ptr + (p // K_SLOTS) * D, ok_m, gw_ptr, ge_ptr, uw_ptr, ue_ptr, rows, D, kb_lo, kb_hi,
-                           BM, BN, NB, True, DOT_F32, F16, GROUP, W_LEFT)  # fmt: skip
+                           BM, BN, NB, True, DOT_F32, F16, GROUP, W_LEFT, FOLD)  # fmt: skip
         ok = ok_m[:, None] & (f < F)[None, :]
         if SPLIT:
             out = part_ptr + (split * 2 * N_PAIRS + p)[:, None] * F + f[None, :]
@@ -480,7 +482,8 @@ def _swiglu_sum_kernel(part_ptr, ids_ptr, gb_ptr, ub_ptr, h_ptr, F, N_PAIRS, lim
 @triton.jit
 def _tiles_down_kernel(h_ptr, pairs_ptr, tile_e_ptr, w_ptr, dw_ptr, de_ptr, db_ptr, part_ptr, E, F, D, CHUNK,
                        BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_F32: tl.constexpr,
-                       F16: tl.constexpr = False, GROUP: tl.constexpr = 1, W_LEFT: tl.constexpr = False):
+                       F16: tl.constexpr = False, GROUP: tl.constexpr = 1, W_LEFT: tl.constexpr = False,
+                       FOLD: tl.constexpr = False):
     """part[p, split, d] = w[p] * (down rows d of the tile's expert . h[p] over the split's blocks of F
     (+ the bias in split 0))."""
     tile = tl.program_id(1)
@@ -495,7 +498,7 @@ def _tiles_down_kernel(h_ptr, pairs_ptr, tile_e_ptr, w_ptr, dw_ptr, de_ptr, db_p
         kb_lo = split * CHUNK
         kb_hi = tl.minimum(kb_lo + CHUNK, F // 32)
         y, _ = _expert_dot(h_ptr + p.to(tl.int64) * F, ok_m, dw_ptr, de_ptr, dw_ptr, de_ptr, rows, F, kb_lo, kb_hi,
-                           BM, BN, NB, False, DOT_F32, F16, GROUP, W_LEFT)  # fmt: skip
+                           BM, BN, NB, False, DOT_F32, F16, GROUP, W_LEFT, FOLD)  # fmt: skip
         y += tl.load(db_ptr + rows)[None, :] * (split == 0)
         y *= tl.load(w_ptr + p, mask=ok_m, other=0.0).to(tl.float32)[:, None]
         out = part_ptr + (p.to(tl.int64) * tl.num_programs(2) + split)[:, None] * D + d[None, :]
@@ -507,12 +510,15 @@ def tiles_config() -> dict:
     down's splits of their inputs aim for."""
     if INTERPRET:
         return {"BM": 16, "BN": 16, "NB": 2, "UP_TARGET": 1, "TARGET": 1, "num_warps": 1, "num_stages": 1,
-                "F16": F16_TILES, "W_LEFT": W_LEFT}
+                "F16": F16_TILES, "W_LEFT": W_LEFT, "FOLD": FOLD}
     # H200 sweep (bench/gpu_tune.py moe), us a layer, float16 tiles: T=1 84, T=4 212, T=16 382, T=64 514,
     # T=128 806 (bfloat16 tiles, NB=2: 102, 240, 437, 532, 803)
     # (W_LEFT: 4 warps, the warpgroup a wgmma with its left operand in registers needs)
-    return {"BM": 16, "BN": 128, "NB": 1 if F16_TILES else 2, "UP_TARGET": 256, "TARGET": 1024,
-            "num_warps": 4 if W_LEFT else 2, "num_stages": 3, "F16": F16_TILES, "W_LEFT": W_LEFT}
+    # scales folded (FOLD, session 7), NB=2, 4 warps: T=1 79, T=4 184, T=16 409, T=64 478, T=128 700
+    # (the same run's unfolded default: 92, 195, 421, 503, 745)
+    fold = F16_TILES and FOLD
+    return {"BM": 16, "BN": 128, "NB": 2 if fold or not F16_TILES else 1, "UP_TARGET": 256, "TARGET": 1024,
+            "num_warps": 4 if W_LEFT or fold else 2, "num_stages": 3, "F16": F16_TILES, "W_LEFT": W_LEFT, "FOLD": fold}
 
 
 
@@ -536,7 +542,7 @@ def moe_tiles(
     c = dict(cfg or tiles_config())
     BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET")
     up_target = c.pop("UP_TARGET", 1)
-    f16, w_left = c.pop("F16", False), c.pop("W_LEFT", False)
+    f16, w_left, fold = c.pop("F16", False), c.pop("W_LEFT", False), c.pop("FOLD", False)
     T, D = x.shape
     k = top_ids.shape[1]
     E, F, _ = gate.shape
@@ -552,7 +558,7 @@ def moe_tiles(
     _tiles_gate_up_kernel[(tiles, n_tiles, splits)](
         x, pairs, tile_expert, gp.codes, gp.scales, gb, upk.codes, upk.scales, ub, h, part, E, F, D, k, P, chunk,
         limit, alpha, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, SPLIT=splits > 1, F16=f16, GROUP=_group(gp, upk),
-        W_LEFT=w_left, **c,
+        W_LEFT=w_left, FOLD=f16 and fold and gp.fold and upk.fold, **c,
     )  # fmt: skip
     if splits > 1:
         _swiglu_sum_kernel[(P, triton.cdiv(F, 1024))](part, top_ids.reshape(-1), gb, ub, h, F, P, limit, alpha,
@@ -563,7 +569,7 @@ def moe_tiles(
     _tiles_down_kernel[(tiles, n_tiles, splits)](
         h, pairs, tile_expert, top_w.reshape(-1).float().contiguous(), dp.codes, dp.scales,
         down_b.float().contiguous(), part, E, F, D, chunk, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, F16=f16,
-        GROUP=dp.group, W_LEFT=w_left, **c,
+        GROUP=dp.group, W_LEFT=w_left, FOLD=f16 and fold and dp.fold, **c,
     )  # fmt: skip
     return _token_sums(part, T, x.dtype, out)
 

@@ -180,23 +180,77 @@ def _block_dot_f16(x, w_ptr, s_ptr, rows, nblk, kb, kb_hi, IS_MXFP4: tl.constexp
 
 
 @triton.jit
+def _x_blocks_f16(x_rows, ok_m, kb, kb_hi, NB: tl.constexpr, IS_MXFP4: tl.constexpr):
+    """Blocks kb .. kb + NB - 1 of x rows as _x_block_f16 gives each, side by side: float16 [BM, NB * 32]."""
+    c = tl.arange(0, NB * 32)
+    k = (kb + c // 32) * 32 + _block_f16_element(c % 32, IS_MXFP4)
+    x = tl.load(x_rows[:, None] + k[None, :], mask=ok_m[:, None] & (k < kb_hi * 32)[None, :], other=0.0)
+    return tl.minimum(tl.maximum(x.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+
+
+@triton.jit
+def _w_blocks_f16(w_ptr, s_ptr, rows, nblk, kb, kb_hi, NB: tl.constexpr, IS_MXFP4: tl.constexpr,
+                  GROUP: tl.constexpr):
+    """Blocks kb .. kb + NB - 1 of W rows [BN], each block's scale folded in (PackedWeight.fold: exact for MXFP4,
+    Q8_0 rounded to float16): float16 [BN, NB * 32] in _x_blocks_f16's order of K; 0 past kb_hi."""
+    WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
+    BN: tl.constexpr = rows.shape[0]
+    i = tl.arange(0, NB * WPB)
+    ok = (kb + i // WPB < kb_hi)[None, :]
+    w_row = _row_words(rows, nblk, WPB, GROUP)
+    w = tl.load(w_ptr + w_row[:, None] + ((kb + i // WPB) * (GROUP * WPB) + i % WPB)[None, :], mask=ok, other=0)
+    j = tl.arange(0, NB)
+    ok_s = (kb + j < kb_hi)[None, :]
+    s = tl.load(s_ptr + rows[:, None] * nblk + kb + j[None, :], mask=ok_s, other=0)  # [BN, NB]
+    if IS_MXFP4:  # 2^(e-113) as float16 bits: E2M1 * 2^-14 * 2^(e-113) = E2M1 * 2^(e-127); e = 0 gives 0
+        e = s.to(tl.int32)
+        s = tl.where(e == 0, 0, (e - 98) << 10).to(tl.int16).to(tl.float16, bitcast=True)
+        t = _mxfp4_block_f16(tl.reshape(w, [BN * NB, WPB]))
+    else:
+        t = _q8_0_block_f16(tl.reshape(w, [BN * NB, WPB]))
+    t = tl.reshape(t, [BN * NB, 32]) * tl.reshape(s, [BN * NB])[:, None].to(tl.float16)
+    return tl.reshape(t, [BN, NB * 32])
+
+
+@triton.jit
 def _dot_f16_blocks(x_rows, ok_m, w_ptr, s_ptr, w2_ptr, s2_ptr, rows, nblk, kb_lo, kb_hi, BM: tl.constexpr,
                     BN: tl.constexpr, NB: tl.constexpr, TWO: tl.constexpr, IS_MXFP4: tl.constexpr,
-                    DOT_F32: tl.constexpr, GROUP: tl.constexpr, W_LEFT: tl.constexpr):
+                    DOT_F32: tl.constexpr, GROUP: tl.constexpr, W_LEFT: tl.constexpr, FOLD: tl.constexpr = False):
     """x rows (pointers [BM], masked by ok_m) . W rows [BN] (and W2's, on the same x) over blocks [kb_lo, kb_hi),
-    NB blocks a step, one _block_dot_f16 a block -> float32 [BM, BN] twice (W_LEFT: transposed once at the end)."""
+    NB blocks a step, one _block_dot_f16 a block -> float32 [BM, BN] twice (W_LEFT: transposed once at the end).
+    FOLD: the scales folded into the float16 weights (_w_blocks_f16), one dot over the step's NB blocks."""
     acc = tl.zeros([BN, BM] if W_LEFT else [BM, BN], dtype=tl.float32)
     acc2 = tl.zeros([BN, BM] if W_LEFT else [BM, BN], dtype=tl.float32)
     for kb in range(kb_lo, kb_hi, NB):
-        for b in tl.static_range(NB):
-            x = _x_block_f16(x_rows, ok_m, kb + b, kb_hi, IS_MXFP4)
-            acc += _block_dot_f16(x, w_ptr, s_ptr, rows, nblk, kb + b, kb_hi, IS_MXFP4, DOT_F32, GROUP, W_LEFT)
+        if FOLD:
+            x = _x_blocks_f16(x_rows, ok_m, kb, kb_hi, NB, IS_MXFP4)
+            acc = _dot_f16(x, _w_blocks_f16(w_ptr, s_ptr, rows, nblk, kb, kb_hi, NB, IS_MXFP4, GROUP), acc,
+                           DOT_F32, W_LEFT)  # fmt: skip
             if TWO:
-                acc2 += _block_dot_f16(x, w2_ptr, s2_ptr, rows, nblk, kb + b, kb_hi, IS_MXFP4, DOT_F32, GROUP,
-                                       W_LEFT)  # fmt: skip
+                acc2 = _dot_f16(x, _w_blocks_f16(w2_ptr, s2_ptr, rows, nblk, kb, kb_hi, NB, IS_MXFP4, GROUP), acc2,
+                                DOT_F32, W_LEFT)  # fmt: skip
+        else:
+            for b in tl.static_range(NB):
+                x = _x_block_f16(x_rows, ok_m, kb + b, kb_hi, IS_MXFP4)
+                acc += _block_dot_f16(x, w_ptr, s_ptr, rows, nblk, kb + b, kb_hi, IS_MXFP4, DOT_F32, GROUP, W_LEFT)
+                if TWO:
+                    acc2 += _block_dot_f16(x, w2_ptr, s2_ptr, rows, nblk, kb + b, kb_hi, IS_MXFP4, DOT_F32, GROUP,
+                                           W_LEFT)  # fmt: skip
     if W_LEFT:
         acc, acc2 = tl.trans(acc), tl.trans(acc2)
     return acc, acc2
+
+
+@triton.jit
+def _dot_f16(x, t, acc, DOT_F32: tl.constexpr, W_LEFT: tl.constexpr):
+    """acc + x [BM, K] . t [BN, K]^T (W_LEFT: acc^T + t . x^T), float16 operands (float32 in the interpreter)."""
+    if DOT_F32:  # the interpreter's half-precision dots are unreliable
+        x, t = x.to(tl.float32), t.to(tl.float32)
+    if W_LEFT:
+        acc = tl.dot(t, tl.trans(x), acc, input_precision="ieee" if DOT_F32 else None)
+    else:
+        acc = tl.dot(x, tl.trans(t), acc, input_precision="ieee" if DOT_F32 else None)
+    return acc
 
 
 # ---------------------------------------------------------------- GEMV tiles: acc[n] = x . W[n], one row of x
@@ -431,6 +485,7 @@ def _gemm_kernel(
     F16: tl.constexpr = False,
     GROUP: tl.constexpr = 1,
     W_LEFT: tl.constexpr = False,
+    FOLD: tl.constexpr = False,
 ):
     """y[split] = x W^T over the split's CHUNK blocks of K (one split: the whole row); per step, one
     [BM, NB*words] x [NB*words, BN] dot for each value position in a word (F16: one float16 dot a block)."""
@@ -446,7 +501,7 @@ def _gemm_kernel(
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     if F16:
         acc, _ = _dot_f16_blocks(x_ptr + m_in * stride_xm, m < M, w_ptr, s_ptr, w_ptr, s_ptr, n_in, nblk, kb_lo, kb_hi,
-                                 BM, BN, NB, False, IS_MXFP4, DOT_F32, GROUP, W_LEFT)  # fmt: skip
+                                 BM, BN, NB, False, IS_MXFP4, DOT_F32, GROUP, W_LEFT, FOLD)  # fmt: skip
     else:
         WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
         kk = tl.arange(0, NB * WPB)  # within a step: block kk // WPB, word kk % WPB
@@ -549,14 +604,19 @@ def gemm_config(w: PackedWeight, m: int) -> dict:
     by the weight's shape alone; 128 rows for prefill."""
     if INTERPRET:
         return {"BM": 16, "BN": 16, "NB": 4, "TARGET": 1, "num_warps": 1, "num_stages": 1, "F16": F16_TILES,
-                "W_LEFT": W_LEFT}
+                "W_LEFT": W_LEFT, "FOLD": FOLD}
     if m <= DECODE_MAX_M:  # H200 sweep (bench/gpu_tune.py): best of 36 configs on the 20B's q|k|v, o and head
         # (NB blocks a step: tl.dot needs K >= 16 values per dot, i.e. 2 Q8_0 or 4 MXFP4 blocks)
         # float16 tiles (sweep of session 6, us at M=1/16/64): Q8_0 5120x2880 NB=1 14.9/17.5/47.6 (NB=2 16.3),
         # 2880x4096 17.3/19.1/41.3 either; the 201088x2880 head NB=2 309/380/1384 (NB=1 342)
-        nb = (1 if w.n <= 8192 else 2) if F16_TILES else 2
+        # scales folded (FOLD, session 7, us at M=1/16/64): 5120x2880 NB=2 17.2/17.7/41.7 (NB=4 15.5/19.0/44.2),
+        # 2880x4096 NB=2 14.6/17.0/40.0, the head NB=4 244/370/1433 (NB=2 315/390/1328)
+        if F16_TILES and FOLD and w.fold:
+            nb = 2 if w.n <= 8192 else 4
+        else:
+            nb = (1 if w.n <= 8192 else 2) if F16_TILES else 2
         return {"BM": 16, "BN": 128, "NB": nb if w.kind == "q8_0" else 4, "TARGET": 528, "num_warps": 4,
-                "num_stages": 3, "F16": F16_TILES, "W_LEFT": W_LEFT}
+                "num_stages": 3, "F16": F16_TILES, "W_LEFT": W_LEFT, "FOLD": FOLD}
     return {"BM": 128, "BN": 128, "NB": 4, "TARGET": 1, "num_warps": 8, "num_stages": 3}
 
 
@@ -566,6 +626,11 @@ F16_TILES = os.environ.get("WORKER_ORCD_F16_TILES", "1") == "1"
 # The float16 tiles' dots with the weights as the left operand (tokens as N): what OpenAI's triton_kernels do on
 # Hopper (docs/research/mxfp4-decode.md). Written and checked in the interpreter, not timed: off until measured.
 W_LEFT = os.environ.get("WORKER_ORCD_W_LEFT", "0") == "1"
+# The float16 tiles with each block's scale folded into the weights before the dot (PackedWeight.fold), one dot
+# over NB blocks instead of a K=32 dot and a float32 rescale per block (triton_kernels' Hopper path applies its
+# MXFP4 scales the same way). H200 (bench/gpu_tune.py fold): dense 4-21% faster at one row, MoE 5-14% at every
+# row count. WORKER_ORCD_FOLD=0 keeps the per-block scaling; weights whose scales do not fit always keep it.
+FOLD = os.environ.get("WORKER_ORCD_FOLD", "1") == "1"
 
 # Up to this many rows (every decode batch the scheduler runs) one kernel, one tile shape and one split of K
 # per weight shape: a row's result never depends on how many rows share the call. Above (prompt chunks):
@@ -632,14 +697,14 @@ def quant_matmul(
     else:
         c = dict(cfg or gemm_config(w, M))
         BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET", 1)
-        f16, w_left = c.pop("F16", False), c.pop("W_LEFT", False)
+        f16, w_left, fold = c.pop("F16", False), c.pop("W_LEFT", False), c.pop("FOLD", False) and w.fold
         tiles = triton.cdiv(w.n, BN)
         splits, chunk = split_k(nblk, tiles, NB, target)
         part = y if splits == 1 else torch.empty(splits, M, w.n, dtype=torch.float32, device=x.device)
         grid = (tiles, triton.cdiv(M, BM), splits)
         _gemm_kernel[grid](
             x2, w.codes, w.scales, part, M, w.n, w.k, x2.stride(0), w.n, chunk, IS_MXFP4=mx, BM=BM, BN=BN, NB=NB,
-            DOT_F32=INTERPRET, F16=f16, GROUP=w.group, W_LEFT=w_left, **c,
+            DOT_F32=INTERPRET, F16=f16, GROUP=w.group, W_LEFT=w_left, FOLD=f16 and fold, **c,
         )  # fmt: skip
     if splits > 1:
         sum_partials_kernel[(1, triton.cdiv(M * w.n, 1024))](part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024,

@@ -62,6 +62,8 @@ class PackedWeight:
     k: int  # input features
     high: torch.Tensor | None = None
     group: int = 1  # rows whose codes are block-interleaved (the module doc's row groups); 1: row by row
+    fold: bool = False  # every block's scale times its codes fits float16 (fold_scales_fit): the decode GEMMs
+    # may scale the float16 tile before the dot instead of the float32 result after it
 
     def _parts(self) -> list[torch.Tensor]:
         return [self.codes, self.scales] + ([] if self.high is None else [self.high])
@@ -84,18 +86,18 @@ class PackedWeight:
         g = self.codes.reshape(-1, nblk, self.group, self.codes.shape[1] // nblk)  # [groups, blocks, group, words]
         codes = g[ids // self.group, :, ids % self.group].reshape(ids.numel(), -1)
         return PackedWeight(self.kind, codes, self.scales[ids], ids.numel(), self.k,
-                            None if self.high is None else self.high[ids])
+                            None if self.high is None else self.high[ids], fold=self.fold)
 
     def row_by_row(self) -> PackedWeight:
         """The same weight with group 1 (a copy when grouped)."""
         if self.group == 1:
             return self
         codes = group_rows(self.codes, self.group, self.k // 32, undo=True)
-        return PackedWeight(self.kind, codes, self.scales, self.n, self.k, self.high)
+        return PackedWeight(self.kind, codes, self.scales, self.n, self.k, self.high, fold=self.fold)
 
     def _with(self, f, n: int) -> PackedWeight:
         return PackedWeight(self.kind, f(self.codes), f(self.scales), n, self.k,
-                            None if self.high is None else f(self.high), self.group)
+                            None if self.high is None else f(self.high), self.group, self.fold)
 
 
 def group_rows(codes: torch.Tensor, group: int, nblk: int, undo: bool = False) -> torch.Tensor:
@@ -113,7 +115,7 @@ def cat_rows(parts: list[PackedWeight]) -> PackedWeight:
     p = parts[0]
     high = None if p.high is None else torch.cat([q.high for q in parts])
     return PackedWeight(p.kind, torch.cat([q.codes for q in parts]), torch.cat([q.scales for q in parts]),
-                        sum(q.codes.shape[0] for q in parts), p.k, high, p.group)
+                        sum(q.codes.shape[0] for q in parts), p.k, high, p.group, all(q.fold for q in parts))
 
 
 # MXFP4 row groups: 64 rows (1 KB a block) divide the row counts of every supported model's MXFP4 matrices.
@@ -121,6 +123,28 @@ def cat_rows(parts: list[PackedWeight]) -> PackedWeight:
 # interpreter), but its speed on a GPU was not measured yet, so it is off by default.
 MXFP4_GROUP = int(os.environ.get("WORKER_ORCD_ROW_GROUP", "64"))
 Q8_0_GROUP = int(os.environ.get("WORKER_ORCD_Q8_ROW_GROUP", "1"))
+
+
+# Scale folding: the decode GEMMs may multiply a block's float16 codes (MXFP4: E2M1 value * 2^-14; Q8_0: the int8
+# value) by a float16 scale before the dot, one dot over several blocks, instead of scaling each block's float32
+# dot. MXFP4 exponent bytes e in [104, 128] (and 0) keep that exact: the scale 2^(e-113) is a float16 normal and
+# every product E2M1 * 2^(e-127) a float16 (subnormals from 2^-24). Q8_0 rounds q * d to float16 (as llama.cpp's
+# float16 dequantization does); |d| <= 512 keeps 127 * d finite. Real checkpoints fit; a weight that does not
+# keeps the per-block float32 scaling.
+MXFP4_FOLD_E = (104, 128)
+Q8_0_FOLD_D = 512.0
+
+
+def fold_scales_fit(kind: str, scales: torch.Tensor) -> bool:
+    """Whether every block of a weight with these scales (MXFP4 exponent bytes, Q8_0 float16 d) can be folded."""
+    if scales.numel() == 0:
+        return True
+    if kind == "mxfp4":
+        e = scales.to(torch.int32)
+        return bool(((e == 0) | ((e >= MXFP4_FOLD_E[0]) & (e <= MXFP4_FOLD_E[1]))).all())
+    if kind == "q8_0":
+        return bool((scales.float().abs() <= Q8_0_FOLD_D).all())
+    return False
 
 
 def _group_for(group: int, n: int, rows: int) -> int:
@@ -142,7 +166,7 @@ def pack_q8_0(raw: torch.Tensor, n: int, k: int) -> PackedWeight:
     q = q.transpose(-1, -2).reshape(rows, k)  # byte 4i + t = element 8t + i
     group = _group_for(Q8_0_GROUP, n, rows)
     words = group_rows(_words(q), group, k // 32) if group > 1 else _words(q)
-    return PackedWeight("q8_0", words, d.contiguous(), n, k, group=group)
+    return PackedWeight("q8_0", words, d.contiguous(), n, k, group=group, fold=fold_scales_fit("q8_0", d))
 
 
 def pack_mxfp4(raw: torch.Tensor, n: int, k: int, chunk_rows: int = 16384) -> PackedWeight:
@@ -158,7 +182,8 @@ def pack_mxfp4(raw: torch.Tensor, n: int, k: int, chunk_rows: int = 16384) -> Pa
     for r in range(0, rows, chunk_rows):
         w = _mxfp4_words(b[r : r + chunk_rows, :, 1:17]).reshape(-1, k // 8)
         words[r : r + chunk_rows] = group_rows(w, group, k // 32) if group > 1 else w
-    return PackedWeight("mxfp4", words, b[..., 0].contiguous(), n, k, group=group)
+    e = b[..., 0].contiguous()
+    return PackedWeight("mxfp4", words, e, n, k, group=group, fold=fold_scales_fit("mxfp4", e))
 
 
 def unpack(p: PackedWeight, chunk_rows: int = 16384) -> torch.Tensor:
