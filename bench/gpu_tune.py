@@ -92,24 +92,25 @@ def moe() -> None:
 
 
 def fold() -> None:
-    """Scale folding (one dot over NB blocks, PackedWeight.fold) against today's default tiles."""
+    """Scale folding (one dot over NB blocks, PackedWeight.fold): today's default configs, then the split-K
+    program targets (how many waves of programs) and NB around them."""
     dev = "cuda"
-    base = {"BM": 16, "BN": 128, "TARGET": 528, "num_stages": 3, "F16": True}
     for n, k in [(5120, 2880), (2880, 4096), (201088, 2880)]:
         p = pack_q8_0(random_blocks(T.Q8_0, n, k, dev), n, k)
         assert p.fold
         xs = {m: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for m in (1, 16, 64)}
         iters = 10 if n > 100000 else 30
-        cfgs = [gemm_config(p, 1)] + [base | {"NB": nb, "num_warps": w, "W_LEFT": wl, "FOLD": True}
-                                      for nb, w, wl in itertools.product((2, 4), (4, 8), (False, True))]
-        print(f"Q8_0 {n}x{k} ({p.nbytes / 1e6:.1f} MB)", flush=True)
+        base = gemm_config(p, 1)
+        cfgs = [base] + [base | {"NB": nb, "TARGET": tg} for nb, tg in itertools.product((2, 4), (132, 264, 528, 1056))
+                         if (nb, tg) != (base["NB"], base["TARGET"])]
+        print(f"Q8_0 {n}x{k} ({p.nbytes / 1e6:.1f} MB), default {base}", flush=True)
         for cfg in cfgs:
             try:
                 t = {m: time_us(lambda x=x, cfg=cfg, p=p: quant_matmul(p, x, cfg), iters=iters) for m, x in xs.items()}
             except Exception as e:
                 print(f"  skip {cfg}: {type(e).__name__}")
                 continue
-            print(f"  NB={cfg['NB']} warps={cfg['num_warps']} W_LEFT={cfg.get('W_LEFT')} FOLD={cfg.get('FOLD')}  "
+            print(f"  NB={cfg['NB']} TARGET={cfg['TARGET']} warps={cfg['num_warps']} FOLD={cfg.get('FOLD')}  "
                   f"M=1 {t[1]:.1f} us ({p.nbytes / 1e3 / t[1] * 1e9 / BW:.0%} bw)  M=16 {t[16]:.1f}  M=64 {t[64]:.1f}",
                   flush=True)
     E, F, D = GPT_OSS_MOE
@@ -119,11 +120,11 @@ def fold() -> None:
         x = torch.randn(t, D, device=dev, dtype=torch.bfloat16)
         ids = torch.stack([torch.randperm(E)[:4] for _ in range(t)]).to(dev)
         inputs[t] = (x, ids, torch.softmax(torch.randn(t, 4, device=dev), -1))
-    base = {"BM": 16, "UP_TARGET": 256, "TARGET": 1024, "num_stages": 3, "F16": True, "FOLD": True}
-    grid = itertools.product((64, 128), (2, 4), (4, 8), (False, True))
-    cfgs = [triton_moe.tiles_config()] + [base | {"BN": bn, "NB": nb, "num_warps": w, "W_LEFT": wl}
-                                          for bn, nb, w, wl in grid]
-    print("MoE tiles, us a layer")
+    base = triton_moe.tiles_config()
+    grid = itertools.product((2, 4), (64, 128, 256, 512), (256, 512, 1024))
+    cfgs = [base] + [base | {"NB": nb, "UP_TARGET": up_t, "TARGET": tg} for nb, up_t, tg in grid
+                     if (nb, up_t, tg) != (base["NB"], base["UP_TARGET"], base["TARGET"])]
+    print(f"MoE tiles, us a layer; default {base}")
     for cfg in cfgs:
         try:
             tm = {t: time_us(lambda a=a, cfg=cfg: triton_moe.moe_tiles(*a, gate, gb, up, ub, down, db, cfg=cfg),
@@ -131,8 +132,8 @@ def fold() -> None:
         except Exception as e:
             print(f"  skip {cfg}: {type(e).__name__}")
             continue
-        print(f"  BN={cfg['BN']} NB={cfg['NB']} warps={cfg['num_warps']} W_LEFT={cfg.get('W_LEFT')} "
-              f"FOLD={cfg.get('FOLD')}  " + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()), flush=True)
+        print(f"  NB={cfg['NB']} UP_TARGET={cfg['UP_TARGET']} TARGET={cfg['TARGET']}  "
+              + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()), flush=True)
 
 
 def kquant() -> None:

@@ -355,8 +355,8 @@ def test_a_runaway_render_does_not_stop_other_threads_rendering():
     for t in threads:
         t.start()
     for t in threads:
-        t.join(10)
-    assert "ran longer" in results["loop"]
+        t.join(60)  # generous: on a loaded 2-core machine the runaway's watchdog can be starved for seconds
+    assert "ran longer" in results.get("loop", "still running after 60 s"), results.get("loop")
     assert all(results[f"ok{i}"] == "".join(map(str, range(2000))) for i in range(4))
 
 

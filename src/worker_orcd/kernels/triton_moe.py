@@ -514,10 +514,12 @@ def tiles_config() -> dict:
     # H200 sweep (bench/gpu_tune.py moe), us a layer, float16 tiles: T=1 84, T=4 212, T=16 382, T=64 514,
     # T=128 806 (bfloat16 tiles, NB=2: 102, 240, 437, 532, 803)
     # (W_LEFT: 4 warps, the warpgroup a wgmma with its left operand in registers needs)
-    # scales folded (FOLD, session 7), NB=2, 4 warps: T=1 79, T=4 184, T=16 409, T=64 478, T=128 700
-    # (the same run's unfolded default: 92, 195, 421, 503, 745)
+    # scales folded (FOLD, session 7), NB=2, 4 warps: T=1 79, T=4 184, T=16 409, T=64 478, T=128 700 (the same
+    # run's unfolded default: 92, 195, 421, 503, 745); x converted with saturation (one instruction a pair), fewer
+    # splits (UP_TARGET 64, TARGET 256): 81, 149, 336, 447, 694
     fold = F16_TILES and FOLD
-    return {"BM": 16, "BN": 128, "NB": 2 if fold or not F16_TILES else 1, "UP_TARGET": 256, "TARGET": 1024,
+    return {"BM": 16, "BN": 128, "NB": 2 if fold or not F16_TILES else 1, "UP_TARGET": 64 if fold else 256,
+            "TARGET": 256 if fold else 1024,
             "num_warps": 4 if W_LEFT or fold else 2, "num_stages": 3, "F16": F16_TILES, "W_LEFT": W_LEFT, "FOLD": fold}
 
 
@@ -551,14 +553,16 @@ def moe_tiles(
     n_tiles = tile_expert.numel()
     x = x.contiguous()
     gb, ub = gate_b.float().contiguous(), up_b.float().contiguous()
-    h = torch.empty(P, F, dtype=x.dtype, device=x.device)
+    fold = f16 and fold and gp.fold and upk.fold and dp.fold
+    # folded tiles read float16 x as it is: h in float16 (|h| <= (limit + 1) * limit, well inside its range)
+    h = torch.empty(P, F, dtype=torch.float16 if fold else x.dtype, device=x.device)
     tiles = triton.cdiv(F, BN)
     splits, chunk = split_k(D // 32, tiles, NB, up_target)  # by shape, never by the pair count
     part = torch.empty(splits, 2, P, F, dtype=torch.float32, device=x.device) if splits > 1 else h
     _tiles_gate_up_kernel[(tiles, n_tiles, splits)](
         x, pairs, tile_expert, gp.codes, gp.scales, gb, upk.codes, upk.scales, ub, h, part, E, F, D, k, P, chunk,
         limit, alpha, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, SPLIT=splits > 1, F16=f16, GROUP=_group(gp, upk),
-        W_LEFT=w_left, FOLD=f16 and fold and gp.fold and upk.fold, **c,
+        W_LEFT=w_left, FOLD=fold, **c,
     )  # fmt: skip
     if splits > 1:
         _swiglu_sum_kernel[(P, triton.cdiv(F, 1024))](part, top_ids.reshape(-1), gb, ub, h, F, P, limit, alpha,
@@ -569,7 +573,7 @@ def moe_tiles(
     _tiles_down_kernel[(tiles, n_tiles, splits)](
         h, pairs, tile_expert, top_w.reshape(-1).float().contiguous(), dp.codes, dp.scales,
         down_b.float().contiguous(), part, E, F, D, chunk, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, F16=f16,
-        GROUP=dp.group, W_LEFT=w_left, FOLD=f16 and fold and dp.fold, **c,
+        GROUP=dp.group, W_LEFT=w_left, FOLD=fold, **c,
     )  # fmt: skip
     return _token_sums(part, T, x.dtype, out)
 

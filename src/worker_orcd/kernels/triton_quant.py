@@ -185,6 +185,17 @@ def _x_blocks_f16(x_rows, ok_m, kb, kb_hi, NB: tl.constexpr, IS_MXFP4: tl.conste
     c = tl.arange(0, NB * 32)
     k = (kb + c // 32) * 32 + _block_f16_element(c % 32, IS_MXFP4)
     x = tl.load(x_rows[:, None] + k[None, :], mask=ok_m[:, None] & (k < kb_hi * 32)[None, :], other=0.0)
+    return _f16_saturated(x)
+
+
+@triton.jit
+def _f16_saturated(x):
+    """x as float16, clamped to float16's finite range (one convert a pair on the GPU); float16 x as it is."""
+    if x.dtype == tl.float16:
+        return x
+    if F16X2_ASM:
+        return tl.inline_asm_elementwise("cvt.rn.satfinite.f16x2.f32 $0, $2, $1;", "=r,r,r", [x.to(tl.float32)],
+                                         dtype=tl.float16, is_pure=True, pack=2)  # fmt: skip
     return tl.minimum(tl.maximum(x.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
 
@@ -609,10 +620,10 @@ def gemm_config(w: PackedWeight, m: int) -> dict:
         # (NB blocks a step: tl.dot needs K >= 16 values per dot, i.e. 2 Q8_0 or 4 MXFP4 blocks)
         # float16 tiles (sweep of session 6, us at M=1/16/64): Q8_0 5120x2880 NB=1 14.9/17.5/47.6 (NB=2 16.3),
         # 2880x4096 17.3/19.1/41.3 either; the 201088x2880 head NB=2 309/380/1384 (NB=1 342)
-        # scales folded (FOLD, session 7, us at M=1/16/64): 5120x2880 NB=2 17.2/17.7/41.7 (NB=4 15.5/19.0/44.2),
-        # 2880x4096 NB=2 14.6/17.0/40.0, the head NB=4 244/370/1433 (NB=2 315/390/1328)
+        # scales folded (FOLD, session 7, us at M=1/16/64): 5120x2880 NB=2 14.2/17.6/39.4 (NB=4 15.2/18.1/43.1),
+        # 2880x4096 NB=4 12.8/16.9/34.9 (NB=2 14.4/17.3/39.2), the head NB=4 234/360/1407 (NB=2 298/382/1298)
         if F16_TILES and FOLD and w.fold:
-            nb = 2 if w.n <= 8192 else 4
+            nb = 4 if w.n > 8192 or w.k >= 4096 else 2
         else:
             nb = (1 if w.n <= 8192 else 2) if F16_TILES else 2
         return {"BM": 16, "BN": 128, "NB": nb if w.kind == "q8_0" else 4, "TARGET": 528, "num_warps": 4,
