@@ -180,10 +180,34 @@ def _block_dot_f16(x, w_ptr, s_ptr, rows, nblk, kb, kb_hi, IS_MXFP4: tl.constexp
 
 
 @triton.jit
+def _mxfp4_fold_f16(w):
+    """4 packed words a row [R, 4] -> [R, 32] float16 (unscaled) for the folded tiles: column c = 8i + 4p + 2r + h
+    holds word i, half h of slot r + 2p (element 8(r + 2p) + 4h + i). A word's two halves land side by side, the
+    pair of K values one register of the dot's operand holds: no byte permutes to pair them."""
+    w = w.to(tl.uint32, bitcast=True)
+    l0, h0 = _mx_half_pair(w, 0)
+    l1, h1 = _mx_half_pair(w, 1)
+    l2, h2 = _mx_half_pair(w, 2)
+    l3, h3 = _mx_half_pair(w, 3)
+    lo = tl.join(tl.join(l0, l2), tl.join(l1, l3))  # [R, 4, p, r]
+    hi = tl.join(tl.join(h0, h2), tl.join(h1, h3))
+    return tl.reshape(tl.join(lo, hi), [w.shape[0], 32])
+
+
+@triton.jit
+def _fold_element(c, IS_MXFP4: tl.constexpr):
+    """Column c of a folded block tile -> the element of the block it holds (Q8_0: as _block_f16_element)."""
+    if IS_MXFP4:
+        return 8 * ((c // 2) % 2 + 2 * ((c // 4) % 2)) + 4 * (c % 2) + c // 8
+    return _block_f16_element(c, IS_MXFP4)
+
+
+@triton.jit
 def _x_blocks_f16(x_rows, ok_m, kb, kb_hi, NB: tl.constexpr, IS_MXFP4: tl.constexpr):
-    """Blocks kb .. kb + NB - 1 of x rows as _x_block_f16 gives each, side by side: float16 [BM, NB * 32]."""
+    """Blocks kb .. kb + NB - 1 of x rows (pointers [BM], masked by ok_m; zeros past kb_hi) in the folded tiles'
+    order of K, clamped to float16's range: float16 [BM, NB * 32]."""
     c = tl.arange(0, NB * 32)
-    k = (kb + c // 32) * 32 + _block_f16_element(c % 32, IS_MXFP4)
+    k = (kb + c // 32) * 32 + _fold_element(c % 32, IS_MXFP4)
     x = tl.load(x_rows[:, None] + k[None, :], mask=ok_m[:, None] & (k < kb_hi * 32)[None, :], other=0.0)
     return _f16_saturated(x)
 
@@ -216,7 +240,7 @@ def _w_blocks_f16(w_ptr, s_ptr, rows, nblk, kb, kb_hi, NB: tl.constexpr, IS_MXFP
     if IS_MXFP4:  # 2^(e-113) as float16 bits: E2M1 * 2^-14 * 2^(e-113) = E2M1 * 2^(e-127); e = 0 gives 0
         e = s.to(tl.int32)
         s = tl.where(e == 0, 0, (e - 98) << 10).to(tl.int16).to(tl.float16, bitcast=True)
-        t = _mxfp4_block_f16(tl.reshape(w, [BN * NB, WPB]))
+        t = _mxfp4_fold_f16(tl.reshape(w, [BN * NB, WPB]))
     else:
         t = _q8_0_block_f16(tl.reshape(w, [BN * NB, WPB]))
     t = tl.reshape(t, [BN * NB, 32]) * tl.reshape(s, [BN * NB])[:, None].to(tl.float16)
