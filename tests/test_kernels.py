@@ -195,3 +195,25 @@ def test_triton_rms_norm_and_fused_add():
     assert torch.allclose(rms_norm_cuda(x, w, 1e-5, torch.float32), rms_norm(x, w, 1e-5), atol=1e-5)
     res, out = add_rms_norm_cuda(x, y, w, 1e-5, torch.float32)
     assert torch.equal(res, x + y) and torch.allclose(out, rms_norm(x + y, w, 1e-5), atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_add_sums_a_matmuls_split_k_partials(bias):
+    """A Q8_0 matmul's split-K Partials, summed inside add_rms_norm, give the bits of the summed matmul added
+    after it; Partials.dense() gives the summed matmul."""
+    from gguf import GGMLQuantizationType as T
+
+    from tests.test_triton_quant import random_blocks
+    from worker_orcd.kernels.triton_norm import add_rms_norm_cuda
+    from worker_orcd.kernels.triton_quant import Partials, pack_q8_0, quant_matmul
+
+    p = pack_q8_0(random_blocks(T.Q8_0, 40, 256), 40, 256)
+    h, x, w = torch.randn(3, 256), torch.randn(3, 40), torch.randn(40)
+    b = torch.randn(40) if bias else None
+    cfg = {"BM": 16, "BN": 16, "NB": 1, "TARGET": 16, "num_warps": 1, "num_stages": 1}  # 3 row tiles, 6 splits
+    parts = quant_matmul(p, h, cfg, out_dtype=torch.float32, bias=b, partials=True)
+    assert isinstance(parts, Partials) and parts.R > 1
+    y = quant_matmul(p, h, cfg, out_dtype=torch.float32, bias=b)
+    assert torch.equal(parts.dense(), y)
+    fused, want = add_rms_norm_cuda(x, parts, w, 1e-5, torch.float32), add_rms_norm_cuda(x, y, w, 1e-5, torch.float32)
+    assert torch.equal(fused[0], want[0]) and torch.equal(fused[1], want[1])

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+if TYPE_CHECKING:
+    from worker_orcd.kernels.triton_quant import Partials
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight, over the last dim. On CUDA one Triton launch whose output is bf16,
-    the dtype the matmuls take there (kernels/triton_norm.py)."""
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, cuda_dtype: torch.dtype = torch.bfloat16
+             ) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, over the last dim. On CUDA one Triton launch whose output is in
+    cuda_dtype (bf16, the dtype the matmuls take there; float16, saturated, for the folded decode GEMMs)."""
     if x.is_cuda:
         from worker_orcd.kernels.triton_norm import rms_norm_cuda
 
-        return rms_norm_cuda(x, weight, eps)
+        return rms_norm_cuda(x, weight, eps, cuda_dtype)
     if x.dtype == torch.float32 and weight.dtype == torch.float32:  # the CPU decode path: one call, same bits
         return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
@@ -19,13 +25,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (y * weight.float()).to(x.dtype)
 
 
-def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + y, rms_norm(x + y)): the residual add and the next norm, one launch on CUDA."""
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor | Partials, weight: torch.Tensor, eps: float,
+                 cuda_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + y, rms_norm(x + y)): the residual add and the next norm, one launch on CUDA (where y may be a
+    matmul's split-K Partials, summed in that launch; the norm comes out in cuda_dtype)."""
     if x.is_cuda:
         from worker_orcd.kernels.triton_norm import add_rms_norm_cuda
 
-        return add_rms_norm_cuda(x, y, weight, eps)
+        return add_rms_norm_cuda(x, y, weight, eps, cuda_dtype)
     x = x + y
     return x, rms_norm(x, weight, eps)
 

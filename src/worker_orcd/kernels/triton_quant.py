@@ -8,6 +8,7 @@ The torch reference is `quant.dequantize` followed by a matmul (`tensor.dequanti
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -489,6 +490,29 @@ def sum_partials_kernel(part_ptr, y_ptr, J, stride_i, stride_r, R: tl.constexpr,
     tl.store(y_ptr + i * J + j, acc.to(y_ptr.dtype.element_ty), mask=j < J)
 
 
+@dataclass(frozen=True)
+class Partials:
+    """A split-K result not yet summed: y[t, d] = sum over r < R, in order, of part[t * stride_t + r * stride_r + d]
+    (+ bias[d]), float32. Its consumer adds the sums in its own launch (triton_norm's add_rms_norm) instead of a
+    launch of their own; `dense()` sums them where none does."""
+
+    part: torch.Tensor
+    rows: int
+    cols: int
+    R: int
+    stride_t: int
+    stride_r: int
+    bias: torch.Tensor | None = None
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        y = torch.empty(self.rows, self.cols, dtype=dtype, device=self.part.device)
+        sum_partials_kernel[(self.rows, triton.cdiv(self.cols, 1024))](
+            self.part, y, self.cols, self.stride_t, self.stride_r, R=self.R, BJ=1024, b_ptr=self.bias, N=self.cols,
+            HAS_BIAS=self.bias is not None,
+        )  # fmt: skip
+        return y
+
+
 def split_k(nblk: int, tiles: int, nb: int, target: int) -> tuple[int, int]:
     """(splits, blocks per split): enough programs to reach `target`, each split whole steps of nb blocks."""
     steps = -(-nblk // nb)
@@ -705,11 +729,12 @@ def cublas_into(x2: torch.Tensor, wd: torch.Tensor, y: torch.Tensor) -> torch.Te
 
 def quant_matmul(
     w: PackedWeight, x: torch.Tensor, cfg: dict | None = None, out: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None, bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+    out_dtype: torch.dtype | None = None, bias: torch.Tensor | None = None, partials: bool = False,
+) -> torch.Tensor | Partials:
     """x [..., K] @ W^T (+ bias [N]) -> [..., N] in out_dtype (default x.dtype; into `out`, contiguous [M, N], if
     given), W one packed 2-D weight. A cfg picks its kernel by its keys (gemv_config's or gemm_config's). The
-    bias joins the split-K sum in float32 when the kernel splits K (no launch of its own), else is added after."""
+    bias joins the split-K sum in float32 when the kernel splits K (no launch of its own), else is added after.
+    partials (x 2-D): a split K is returned as its Partials, for the consumer to sum."""
     lead, x2, y = matmul_operands("quant_matmul", w, x, out, out_dtype)
     M = x2.shape[0]
     if M == 0:
@@ -741,6 +766,8 @@ def quant_matmul(
             x2, w.codes, w.scales, part, M, w.n, w.k, x2.stride(0), w.n, chunk, IS_MXFP4=mx, BM=BM, BN=BN, NB=NB,
             DOT_F32=INTERPRET, F16=f16, GROUP=w.group, W_LEFT=w_left, FOLD=f16 and fold, **c,
         )  # fmt: skip
+    if splits > 1 and partials and len(lead) == 1:
+        return Partials(part, M, w.n, splits, w.n, M * w.n, bias)
     if splits > 1:
         sum_partials_kernel[(1, triton.cdiv(M * w.n, 1024))](part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024,
                                                               b_ptr=bias, N=w.n, HAS_BIAS=bias is not None)

@@ -9,6 +9,7 @@ over those k logits only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from worker_orcd.models.common import batch_inputs, static_plans, window_plans
 from worker_orcd.models.hparams import HParams
 from worker_orcd.models.weights import Weights, fuse_bias, fuse_rows, linear
 from worker_orcd.quant import GGMLType, QuantTensor
+
+if TYPE_CHECKING:
+    from worker_orcd.kernels.triton_quant import Partials
 
 ARCHITECTURES = ("gpt-oss",)
 SWIGLU_LIMIT = 7.0
@@ -183,8 +187,9 @@ class GptOssModel:
         v = linear(h, layer.wv, layer.bv).reshape(T, Hkv, c.head_dim)
         return apply_rope(q, cos, sin, c.head_dim, True), apply_rope(k, cos, sin, c.head_dim, True), v
 
-    def moe(self, layer: GptOssLayer, h: torch.Tensor, static: bool = False) -> torch.Tensor:
-        """Route each token to its top-k experts; softmax over the k chosen logits; weighted sum. [T, D]
+    def moe(self, layer: GptOssLayer, h: torch.Tensor, static: bool = False) -> torch.Tensor | Partials:
+        """Route each token to its top-k experts; softmax over the k chosen logits; weighted sum. [T, D] (on CUDA
+        the expert tiles' Partials, which add_rms_norm sums)
 
         static: no host sync (CUDA graphs); without the grouped kernel every expert then runs on every token."""
         k = self.cfg.n_experts_used
@@ -202,7 +207,7 @@ class GptOssModel:
 
             # routing stays on the device: tokens sorted by expert, one grouped launch per matrix
             return moe_grouped(h, top_ids, weights, layer.gate, layer.gate_b, layer.up, layer.up_b, layer.down,
-                               layer.down_b, limit=SWIGLU_LIMIT, alpha=SWIGLU_ALPHA)
+                               layer.down_b, limit=SWIGLU_LIMIT, alpha=SWIGLU_ALPHA, partials=True)
         if static:
             return self._moe_every_expert(layer, h, top_ids, weights)
         out = torch.zeros_like(h, dtype=torch.float32)
@@ -254,20 +259,22 @@ class GptOssModel:
         T = tokens.shape[0]
         cos, sin = cos_sin(self.rope, positions, self.freq)
         x = self.tok_embd.embedding(tokens)
-        h = rms_norm(x, self.layers[0].attn_norm, c.norm_eps)
+        f16 = torch.float16  # on CUDA the norms feed the folded decode GEMMs float16 (read as it is; triton_quant)
+        h = rms_norm(x, self.layers[0].attn_norm, c.norm_eps, f16)
         for i, layer in enumerate(self.layers):
             plan = plans[c.sliding_window if c.is_sliding(i) else None]
             q, k, v = self._rotated_qkv(layer, h, cos, sin, kv, i, plan)
             out = cached_attention(q, k, v, kv, i, plan, self.scale, sinks=layer.sinks)
-            x, h = add_rms_norm(x, linear(out.reshape(T, -1), layer.wo, layer.bo), layer.ffn_norm, c.norm_eps)
+            # on CUDA the o projection's and the MoE's split sums are added inside the norm launch after them
+            y = linear(out.reshape(T, -1), layer.wo, layer.bo, partials=True)
+            x, h = add_rms_norm(x, y, layer.ffn_norm, c.norm_eps, f16)
             y = self.moe(layer, h, static)
-            if i + 1 < len(self.layers):  # the residual add and the next layer's norm in one step
-                x, h = add_rms_norm(x, y, self.layers[i + 1].attn_norm, c.norm_eps)
-            else:
-                x = x + y
+            # the residual add and the next norm (the output norm after the last layer) in one step
+            x, h = add_rms_norm(x, y, (self.layers[i + 1].attn_norm if i + 1 < len(self.layers)
+                                       else self.output_norm), c.norm_eps, f16)  # fmt: skip
         if logit_rows is not None:
-            x = x[logit_rows]
-        return linear(rms_norm(x, self.output_norm, c.norm_eps), self.output, out_dtype=torch.float32).float()
+            h = h[logit_rows]
+        return linear(h, self.output, out_dtype=torch.float32).float()
 
 
 def float32_matrix(w: QuantTensor) -> torch.Tensor | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +14,9 @@ from worker_orcd.gguf import GGUFError, GGUFFile
 from worker_orcd.quant import QuantTensor
 from worker_orcd.quant.formats import row_bytes
 from worker_orcd.quant.packed import cat_rows
+
+if TYPE_CHECKING:
+    from worker_orcd.kernels.triton_quant import Partials
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 # CPU models with more tensor bytes than this stay memory-mapped by default (a copy would double what a
@@ -118,9 +122,18 @@ def fuse_bias(*bs: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None,
-           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+           out_dtype: torch.dtype | None = None, partials: bool = False) -> torch.Tensor | Partials:
     """x @ w.T (+ bias), with w in its block format. On CUDA the activations enter the matmul in bf16 (the
-    kernels accumulate in float32) and come out in bf16, or in `out_dtype` (the logits: float32)."""
+    kernels accumulate in float32) and come out in bf16, or in `out_dtype` (the logits: float32).
+    partials (x 2-D): on CUDA a Q8_0/MXFP4 matmul that splits K may return its Partials instead, for
+    add_rms_norm to sum in its own launch."""
     if w.device.type == "cuda" and x.dtype == torch.float32:
         x = x.to(torch.bfloat16)
+    if partials and w.device.type == "cuda" and x.dim() == 2 and out_dtype is None:
+        from worker_orcd.kernels.triton_quant import quant_matmul
+        from worker_orcd.quant.gpu_matmul import packed
+
+        p = packed(w)
+        if p is not None and p.kind in ("q8_0", "mxfp4"):
+            return quant_matmul(p, x, bias=bias, partials=True)
     return w.matmul(x, out_dtype=out_dtype, bias=bias)
