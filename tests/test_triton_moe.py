@@ -160,8 +160,6 @@ def test_moe_tiles_with_gate_up_split(f16, w_left, fold):
     tol = 2e-3 if f16 else 1e-5  # float16 x and h: 2^-11 rounding each (the interpreter dots in float32)
     assert rel_err(out, moe_reference(x, ids, w, g, gb, u, ub, d, db)) < tol
     assert torch.equal(moe_tiles(x[2:3], ids[2:3], w[2:3], g, gb, u, ub, d, db, cfg=cfg)[0], out[2])
-    parts = moe_tiles(x, ids, w, g, gb, u, ub, d, db, cfg=cfg, partials=True)  # the sums left to the consumer
-    assert torch.equal(parts.dense(), out)
 
 
 def test_moe_prefill_grouped_mm_matches_reference():

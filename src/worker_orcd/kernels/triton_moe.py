@@ -25,7 +25,6 @@ from worker_orcd.kernels.triton_quant import (
     INTERPRET,
     W_LEFT,
     PackedWeight,
-    Partials,
     _dot_f16_blocks,
     _e8m0,
     _mx_pair,
@@ -297,11 +296,10 @@ def moe_grouped(
     limit: float = SWIGLU_LIMIT,
     alpha: float = SWIGLU_ALPHA,
     cfg: dict | None = None,
-    partials: bool = False,
-) -> torch.Tensor | Partials:
+) -> torch.Tensor:
     """The MoE of moe_reference for any number of tokens: x [T, D], top_ids/top_w [T, k] -> y [T, D] float32.
     Up to PREFILL_ABOVE tokens (every decode step) the expert tiles (moe_tiles); more (prompt chunks):
-    moe_prefill. partials: the expert tiles' per-token sums left to the consumer (Partials)."""
+    moe_prefill."""
     T = x.shape[0]
     if T > PREFILL_ABOVE and not INTERPRET and hasattr(torch, "_grouped_mm"):
         gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
@@ -309,8 +307,7 @@ def moe_grouped(
     out = torch.empty(T, x.shape[1], dtype=torch.float32, device=x.device)
     if T <= PAIR_ROWS:  # --nondeterministic: the per-pair kernels where they are faster (not batch-invariant)
         return moe_mxfp4(x, top_ids, top_w, gate, gate_b, up, up_b, down, down_b, None, limit, alpha, out=out)
-    return moe_tiles(x, top_ids, top_w, gate, gate_b, up, up_b, down, down_b, cfg, limit, alpha, out=out,
-                     partials=partials)
+    return moe_tiles(x, top_ids, top_w, gate, gate_b, up, up_b, down, down_b, cfg, limit, alpha, out=out)
 
 
 # ---------------------------------------------------------------- expert tiles on tensor cores
@@ -541,10 +538,8 @@ def moe_tiles(
     limit: float = SWIGLU_LIMIT,
     alpha: float = SWIGLU_ALPHA,
     out: torch.Tensor | None = None,
-    partials: bool = False,
-) -> torch.Tensor | Partials:
-    """moe_reference's function on tensor cores, for any number of tokens: x [T, D] -> y [T, D] (into `out`).
-    partials: each token's k experts and down's splits returned as Partials, summed by their consumer."""
+) -> torch.Tensor:
+    """moe_reference's function on tensor cores, for any number of tokens: x [T, D] -> y [T, D] (into `out`)."""
     gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
     c = dict(cfg or tiles_config())
     BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET")
@@ -580,8 +575,6 @@ def moe_tiles(
         down_b.float().contiguous(), part, E, F, D, chunk, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, F16=f16,
         GROUP=dp.group, W_LEFT=w_left, FOLD=fold, **c,
     )  # fmt: skip
-    if partials:
-        return Partials(part, T, D, k * splits, k * splits * D, D)
     return _token_sums(part, T, x.dtype, out)
 
 

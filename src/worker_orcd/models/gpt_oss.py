@@ -9,7 +9,6 @@ over those k logits only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,9 +22,6 @@ from worker_orcd.models.common import batch_inputs, static_plans, window_plans
 from worker_orcd.models.hparams import HParams
 from worker_orcd.models.weights import Weights, fuse_bias, fuse_rows, linear
 from worker_orcd.quant import GGMLType, QuantTensor
-
-if TYPE_CHECKING:
-    from worker_orcd.kernels.triton_quant import Partials
 
 ARCHITECTURES = ("gpt-oss",)
 SWIGLU_LIMIT = 7.0
@@ -187,9 +183,8 @@ class GptOssModel:
         v = linear(h, layer.wv, layer.bv).reshape(T, Hkv, c.head_dim)
         return apply_rope(q, cos, sin, c.head_dim, True), apply_rope(k, cos, sin, c.head_dim, True), v
 
-    def moe(self, layer: GptOssLayer, h: torch.Tensor, static: bool = False) -> torch.Tensor | Partials:
-        """Route each token to its top-k experts; softmax over the k chosen logits; weighted sum. [T, D] (on CUDA
-        the expert tiles' Partials, which add_rms_norm sums)
+    def moe(self, layer: GptOssLayer, h: torch.Tensor, static: bool = False) -> torch.Tensor:
+        """Route each token to its top-k experts; softmax over the k chosen logits; weighted sum. [T, D]
 
         static: no host sync (CUDA graphs); without the grouped kernel every expert then runs on every token."""
         k = self.cfg.n_experts_used
@@ -207,7 +202,7 @@ class GptOssModel:
 
             # routing stays on the device: tokens sorted by expert, one grouped launch per matrix
             return moe_grouped(h, top_ids, weights, layer.gate, layer.gate_b, layer.up, layer.up_b, layer.down,
-                               layer.down_b, limit=SWIGLU_LIMIT, alpha=SWIGLU_ALPHA, partials=True)
+                               layer.down_b, limit=SWIGLU_LIMIT, alpha=SWIGLU_ALPHA)
         if static:
             return self._moe_every_expert(layer, h, top_ids, weights)
         out = torch.zeros_like(h, dtype=torch.float32)
@@ -265,7 +260,8 @@ class GptOssModel:
             plan = plans[c.sliding_window if c.is_sliding(i) else None]
             q, k, v = self._rotated_qkv(layer, h, cos, sin, kv, i, plan)
             out = cached_attention(q, k, v, kv, i, plan, self.scale, sinks=layer.sinks)
-            # on CUDA the o projection's and the MoE's split sums are added inside the norm launch after them
+            # on CUDA the o projection's split-K sums are added inside the norm launch after it (the MoE's k * splits
+            # partial rows stay with their own sum kernel: one norm program a row reading them all was slower)
             y = linear(out.reshape(T, -1), layer.wo, layer.bo, partials=True)
             x, h = add_rms_norm(x, y, layer.ffn_norm, c.norm_eps, f16)
             y = self.moe(layer, h, static)

@@ -124,16 +124,18 @@ def fuse_bias(*bs: torch.Tensor | None) -> torch.Tensor | None:
 def linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None,
            out_dtype: torch.dtype | None = None, partials: bool = False) -> torch.Tensor | Partials:
     """x @ w.T (+ bias), with w in its block format. On CUDA the activations enter the matmul in bf16 (the
-    kernels accumulate in float32) and come out in bf16, or in `out_dtype` (the logits: float32).
+    kernels accumulate in float32) and come out in bf16 (float16 in too), or in `out_dtype` (the logits: float32).
     partials (x 2-D): on CUDA a Q8_0/MXFP4 matmul that splits K may return its Partials instead, for
     add_rms_norm to sum in its own launch."""
     if w.device.type == "cuda" and x.dtype == torch.float32:
         x = x.to(torch.bfloat16)
-    if partials and w.device.type == "cuda" and x.dim() == 2 and out_dtype is None:
+    if w.device.type == "cuda" and x.dtype == torch.float16 and out_dtype is None:  # float16 norms (GPT-OSS)
+        out_dtype = torch.bfloat16
+    if partials and w.device.type == "cuda" and x.dim() == 2:
         from worker_orcd.kernels.triton_quant import quant_matmul
         from worker_orcd.quant.gpu_matmul import packed
 
         p = packed(w)
         if p is not None and p.kind in ("q8_0", "mxfp4"):
-            return quant_matmul(p, x, bias=bias, partials=True)
+            return quant_matmul(p, x, bias=bias, partials=True, out_dtype=out_dtype)
     return w.matmul(x, out_dtype=out_dtype, bias=bias)
