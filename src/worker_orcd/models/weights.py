@@ -12,6 +12,7 @@ import torch
 
 from worker_orcd.gguf import GGUFError, GGUFFile
 from worker_orcd.quant import QuantTensor
+from worker_orcd.quant.cpu_matmul import PACKED_MAX_ROWS
 from worker_orcd.quant.formats import row_bytes
 from worker_orcd.quant.packed import cat_rows
 
@@ -127,6 +128,9 @@ def linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None,
     kernels accumulate in float32) and come out in bf16 (float16 in too), or in `out_dtype` (the logits: float32).
     partials (x 2-D): on CUDA a Q8_0/MXFP4 matmul that splits K may return its Partials instead, for
     add_rms_norm to sum in its own launch."""
+    cpu_kernel = w.__dict__.get("_cpu_packed")  # CPU, once packed (quant/cpu_matmul.py): no dispatch on the way
+    if cpu_kernel is not None and bias is None and out_dtype is None and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS:
+        return cpu_kernel(x)
     if w.device.type == "cuda" and x.dtype == torch.float32:
         x = x.to(torch.bfloat16)
     if w.device.type == "cuda" and x.dtype == torch.float16 and out_dtype is None:  # float16 norms (GPT-OSS)
