@@ -435,7 +435,10 @@ class _Watchdog:
     """One daemon thread that raises RenderTimeout in each watched thread that passes its deadline.
 
     Firing and stopping take the same lock, and stopping a watch that fired clears an exception not
-    yet delivered, so a timeout never escapes the render it was meant for.
+    yet delivered, so a timeout never escapes the render it was meant for. The render threads take that lock
+    with `with self._lock` (a C-level lock): an exception fired at them can arrive the moment they get it,
+    and only then is it sure to be released (Condition.__enter__ is a Python frame, which such an exception
+    can leave with the lock held, wedging every later render).
     """
 
     def __init__(self) -> None:
@@ -443,13 +446,14 @@ class _Watchdog:
         os.register_at_fork(after_in_child=self._reset)  # a forked child has no watchdog thread
 
     def _reset(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._watches: set[_Watch] = set()
         self._thread: threading.Thread | None = None
 
     def start(self, timeout_s: float) -> _Watch:
         watch = _Watch(threading.get_ident(), time.monotonic() + timeout_s)
-        with self._cond:
+        with self._lock:
             self._watches.add(watch)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="chat-template-watchdog", daemon=True)
@@ -458,7 +462,7 @@ class _Watchdog:
         return watch
 
     def stop(self, watch: _Watch) -> None:
-        with self._cond:
+        with self._lock:
             self._watches.discard(watch)
             if watch.fired:
                 _set_async_exc(watch.thread_id, None)
