@@ -171,12 +171,10 @@ def _block_dot_f16(x, w_ptr, s_ptr, rows, nblk, kb, kb_hi, IS_MXFP4: tl.constexp
     else:
         t = _q8_0_block_f16(w)
         s = tl.load(s_ptr + rows * nblk + kb, mask=ok, other=0.0).to(tl.float32)
-    if DOT_F32:  # the interpreter's half-precision dots are unreliable
-        x, t = x.to(tl.float32), t.to(tl.float32)
     if W_LEFT:
-        d = tl.dot(t, tl.trans(x), input_precision="ieee" if DOT_F32 else None) * s[:, None]
+        d = _dot_f16(x, t, tl.zeros([t.shape[0], x.shape[0]], tl.float32), DOT_F32, True) * s[:, None]
     else:
-        d = tl.dot(x, tl.trans(t), input_precision="ieee" if DOT_F32 else None) * s[None, :]
+        d = _dot_f16(x, t, tl.zeros([x.shape[0], t.shape[0]], tl.float32), DOT_F32, False) * s[None, :]
     return d
 
 
