@@ -1,6 +1,6 @@
 """GPT-OSS-20B on one GPU, every number issue 8 asks for, in one run, each beside the ceiling it implies.
 
-Usage: python bench/gpu.py [--model PATH] [--dense q8_0|bf16] [--streams 4,16,64] [--quick]
+Usage: python bench/gpu.py [--model PATH] [--dense q8_0|bf16] [--streams 4,16,64] [--quick] [--http 1,16,64]
 
 Builds the synthetic 20B GGUF (bench/make_synthetic.py) when --model is absent and the file is missing,
 then measures: the device's copy bandwidth; load time and VRAM; 1-stream decode (512-token prompt,
@@ -11,6 +11,10 @@ DESIGN.md speed model; at batch B the routed experts are counted once per distin
 of them); prefill = the GPU's dense bf16 tensor-core rate / (2 x active parameters per token).
 Decode runs through CUDA graphs (engine/cuda_graphs.py) unless --no-graphs. `--device cpu` with a tiny
 --model is a smoke run of this script itself (graphs then run eagerly, VRAM figures read 0).
+--http N,...: then `worker-orcd serve` on the same file (the engine freed first) and N concurrent streaming
+greedy /v1/completions of --http-tokens each (bench/serve_throughput.py): aggregate tok/s, TTFT p50/p99, and
+the share of the engine's decode figure for as many streams (needs the server's packages: fastapi, uvicorn,
+pydantic, httpx).
 """
 
 from __future__ import annotations
@@ -116,6 +120,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--long", type=int, default=8192, help="the one long sequence whose peak VRAM is measured")
+    ap.add_argument("--http", default="", help="streams over HTTP after the engine rows, e.g. 1,16,64")
+    ap.add_argument("--http-tokens", type=int, default=64, help="new tokens a stream over HTTP (issue 14's table)")
     a = ap.parse_args()
     dev = torch.device(a.device)
     path = a.model or synthetic_path(a.dense)
@@ -140,6 +146,7 @@ def main() -> None:
     ceiling1 = bw / per_token
     tps = decode_rate(net, kv, 1, 512, new, a.graphs)
     rows.append(("decode, 1 stream (512 prompt)", f"{tps:,.0f} tok/s", f"{tps / ceiling1:.0%} of {ceiling1:,.0f}"))
+    engine = {1: tps}  # decode tok/s by stream count, for the HTTP rows
 
     flops = next((v for k, v in DENSE_BF16_FLOPS.items() if k in name), 989e12)
     prefill_ceiling = flops / (2 * active)
@@ -154,6 +161,7 @@ def main() -> None:
         ceiling = b * bw / step_bytes
         rate = decode_rate(net, kv, b, 512, new if b <= 16 else new // 2, a.graphs)
         rows.append((f"decode, {b} streams", f"{rate:,.0f} tok/s", f"{rate / ceiling:.0%} of {ceiling:,.0f}"))
+        engine[b] = rate
 
     del kv
     if a.long > 0:
@@ -168,6 +176,12 @@ def main() -> None:
         sync()
         rows.append((f"peak VRAM, one {a.long}-token sequence", f"{vram_gib(peak=True):.2f} GiB", "target 16 GiB"))
 
+    if a.http:
+        del net
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        rows += http_rows(path, a.device, [int(n) for n in a.http.split(",")], a.http_tokens, engine)
+
     print(f"device: {name}, torch {torch.__version__}; model {path.name}; "
           f"{'CUDA graphs' if a.graphs else 'eager'} decode, "
           f"{'nondeterministic' if os.environ.get('WORKER_ORCD_NONDETERMINISTIC') == '1' else 'batch-invariant'}")
@@ -175,6 +189,28 @@ def main() -> None:
     for label, value, ceiling in rows:
         print(f"{label:<{width}}  {value:>14}  {ceiling}")
     print(json.dumps({label: value for label, value, _ in rows}))
+
+
+def http_rows(path: Path, device: str, streams: list[int], tokens: int, engine: dict[int, float]
+              ) -> list[tuple[str, str, str]]:
+    """`worker-orcd serve` on the file, then each count of concurrent streaming /v1/completions in turn."""
+    import asyncio
+
+    from serve_throughput import measure, start_server
+
+    proc, url = start_server(str(path), device, max(8, *streams))
+    rows = []
+    try:
+        for n in streams:
+            r = asyncio.run(measure(url, n, tokens, alone_too=False, openai=True))
+            rate = r["n_streams_tok_s"]
+            share = f"; {rate / engine[n]:.0%} of the engine's" if n in engine else ""
+            note = f"TTFT p50/p99 {r['ttft_p50_ms']:.0f}/{r['ttft_p99_ms']:.0f} ms, {tokens} tokens a stream{share}"
+            rows.append((f"HTTP /v1/completions, {n} streams", f"{rate:,.0f} tok/s", note))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return rows
 
 
 if __name__ == "__main__":

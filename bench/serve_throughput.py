@@ -1,11 +1,12 @@
 """Aggregate decode throughput through HTTP: 1 stream, then N concurrent streams, on `worker-orcd serve`.
 
-Usage: python bench/serve_throughput.py [--model PATH] [--streams 8] [--tokens 64] [--url URL]
+Usage: python bench/serve_throughput.py [--model PATH] [--streams 8] [--tokens 64] [--url URL] [--openai]
 
 Starts `worker-orcd serve` (CPU unless --device) on a free loopback port in its own process (or uses
---url), sends greedy /execute requests with asyncio + httpx, and reports generated tokens per second
-of wall time for one stream alone and for N at once, with each stream's text checked against its
-text alone. Tokens/s counts generated tokens over the whole request (prefill included), as a client sees it.
+--url), sends greedy /execute requests (--openai: streaming /v1/completions) with asyncio + httpx, and reports
+generated tokens per second of wall time for one stream alone and for N at once, with each stream's text
+checked against its text alone. Tokens/s counts generated tokens over the whole request (prefill included), as
+a client sees it. bench/gpu.py --http runs it beside the engine's own figures.
 """
 
 from __future__ import annotations
@@ -79,20 +80,48 @@ async def one_stream(client: httpx.AsyncClient, job_id: str, prompt: str, n_toke
     return "".join(text), tokens
 
 
-async def measure(url: str, n_streams: int, n_tokens: int, rounds: int = 1, alone_too: bool = True) -> dict:
+async def one_completion(client: httpx.AsyncClient, job_id: str, prompt: str, n_tokens: int,
+                         ttft: list[float] | None = None) -> tuple[str, int]:
+    """one_stream's result through the OpenAI API: a streaming greedy /v1/completions (the count from the
+    usage chunk that stream_options.include_usage adds)."""
+    body = {"prompt": prompt, "max_tokens": n_tokens, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}, "user": job_id}
+    text, tokens = [], 0
+    start = time.perf_counter()
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if "error" in data:
+                raise RuntimeError(f"{job_id}: {data}")
+            for choice in data.get("choices") or []:
+                if choice.get("text"):
+                    if not text and ttft is not None:
+                        ttft.append(time.perf_counter() - start)
+                    text.append(choice["text"])
+            if data.get("usage"):
+                tokens = data["usage"]["completion_tokens"]
+    return "".join(text), tokens
+
+
+async def measure(url: str, n_streams: int, n_tokens: int, rounds: int = 1, alone_too: bool = True,
+                  openai: bool = False) -> dict:
     """Each prompt alone (unless not alone_too), then all at once `rounds` times (the last round reported)."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_streams)]
+    stream = one_completion if openai else one_stream
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        await one_stream(client, "warmup", "Hello", 8)
+        await stream(client, "warmup", "Hello", 8)
         alone, t_alone = [], 0.0
         for i, p in enumerate(prompts if alone_too else []):
             t0 = time.perf_counter()
-            alone.append(await one_stream(client, f"a{i}", p, n_tokens))
+            alone.append(await stream(client, f"a{i}", p, n_tokens))
             t_alone += time.perf_counter() - t0
         for r in range(rounds):
             t0 = time.perf_counter()
             ttft: list[float] = []
-            together = await asyncio.gather(*(one_stream(client, f"b{r}-{i}", p, n_tokens, ttft)
+            together = await asyncio.gather(*(stream(client, f"b{r}-{i}", p, n_tokens, ttft)
                                               for i, p in enumerate(prompts)))
             t_together = time.perf_counter() - t0
     ttft.sort()
@@ -115,13 +144,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="run the N streams together this many times")
     ap.add_argument("--no-alone", action="store_true", help="skip the streams alone (no text check)")
     ap.add_argument("--max-batch", type=int, help="the server's --max-batch (default: max(8, streams))")
+    ap.add_argument("--openai", action="store_true", help="streaming /v1/completions instead of /execute")
     args = ap.parse_args()
     proc = None
     url = args.url
     if url is None:
         proc, url = start_server(args.model, args.device, args.max_batch or max(8, args.streams))
     try:
-        result = asyncio.run(measure(url, args.streams, args.tokens, args.rounds, not args.no_alone))
+        result = asyncio.run(measure(url, args.streams, args.tokens, args.rounds, not args.no_alone, args.openai))
     finally:
         if proc is not None:
             proc.terminate()
