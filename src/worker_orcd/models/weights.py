@@ -131,11 +131,13 @@ def linear(x: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None,
     cpu_kernel = w.__dict__.get("_cpu_packed")  # CPU, once packed (quant/cpu_matmul.py): no dispatch on the way
     if cpu_kernel is not None and bias is None and out_dtype is None and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS:
         return cpu_kernel(x)
-    if w.device.type == "cuda" and x.dtype == torch.float32:
+    if w.device.type != "cuda":
+        return w.matmul(x, out_dtype=out_dtype, bias=bias)
+    if x.dtype == torch.float32:
         x = x.to(torch.bfloat16)
-    if w.device.type == "cuda" and x.dtype == torch.float16 and out_dtype is None:  # float16 norms (GPT-OSS)
+    elif x.dtype == torch.float16 and out_dtype is None:  # float16 norms (GPT-OSS): bf16 out all the same
         out_dtype = torch.bfloat16
-    if partials and w.device.type == "cuda" and x.dim() == 2:
+    if partials and x.dim() == 2:
         from worker_orcd.kernels.triton_quant import quant_matmul
         from worker_orcd.quant.gpu_matmul import packed
 
