@@ -58,15 +58,21 @@ def dense() -> None:
                 print(f"  best at M=64 with BM={bm}: {best[1]}  M=1 {t[1]:.1f}  M=16 {t[16]:.1f}  M=64 {t[64]:.1f}")
 
 
-def moe() -> None:
-    dev = "cuda"
-    E, F, D = GPT_OSS_MOE
-    gate, gb, up, ub, down, db = gpt_oss_experts(dev)
+def moe_inputs(dev: str) -> dict[int, tuple]:
+    """Random bf16 tokens, each routed to 4 distinct experts with softmax weights, for 1 to 128 tokens."""
+    E, _, D = GPT_OSS_MOE
     inputs = {}
     for t in (1, 4, 16, 64, 128):
         x = torch.randn(t, D, device=dev, dtype=torch.bfloat16)
         ids = torch.stack([torch.randperm(E)[:4] for _ in range(t)]).to(dev)
         inputs[t] = (x, ids, torch.softmax(torch.randn(t, 4, device=dev), -1))
+    return inputs
+
+
+def moe() -> None:
+    dev = "cuda"
+    gate, gb, up, ub, down, db = gpt_oss_experts(dev)
+    inputs = moe_inputs(dev)
     old = {t: time_us(lambda a=a: triton_moe.moe_mxfp4(*a, gate, gb, up, ub, down, db), iters=20)
            for t, a in inputs.items()}
     print("MoE per-pair (before): " + "  ".join(f"T={t} {us:.1f} us" for t, us in old.items()), flush=True)
@@ -113,13 +119,8 @@ def fold() -> None:
             print(f"  NB={cfg['NB']} TARGET={cfg['TARGET']} warps={cfg['num_warps']} FOLD={cfg.get('FOLD')}  "
                   f"M=1 {t[1]:.1f} us ({p.nbytes / 1e3 / t[1] * 1e9 / BW:.0%} bw)  M=16 {t[16]:.1f}  M=64 {t[64]:.1f}",
                   flush=True)
-    E, F, D = GPT_OSS_MOE
     gate, gb, up, ub, down, db = gpt_oss_experts(dev)
-    inputs = {}
-    for t in (1, 4, 16, 64, 128):
-        x = torch.randn(t, D, device=dev, dtype=torch.bfloat16)
-        ids = torch.stack([torch.randperm(E)[:4] for _ in range(t)]).to(dev)
-        inputs[t] = (x, ids, torch.softmax(torch.randn(t, 4, device=dev), -1))
+    inputs = moe_inputs(dev)
     base = triton_moe.tiles_config()
     grid = itertools.product((2, 4), (64, 128, 256, 512), (256, 512, 1024))
     cfgs = [base] + [base | {"NB": nb, "UP_TARGET": up_t, "TARGET": tg} for nb, up_t, tg in grid
