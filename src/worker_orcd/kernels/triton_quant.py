@@ -681,7 +681,7 @@ def gemm_config(w: PackedWeight, m: int) -> dict:
 # bfloat16 tiles (each value converted to float32, scaled and rounded to bfloat16 before the dot) instead.
 F16_TILES = os.environ.get("WORKER_ORCD_F16_TILES", "1") == "1"
 # The float16 tiles' dots with the weights as the left operand (tokens as N): what OpenAI's triton_kernels do on
-# Hopper (docs/research/mxfp4-decode.md). Written and checked in the interpreter, not timed: off until measured.
+# Hopper (docs/research/mxfp4-decode.md). H200, session 7: no faster in any config (NOTES), so it stays off.
 W_LEFT = os.environ.get("WORKER_ORCD_W_LEFT", "0") == "1"
 # The float16 tiles with each block's scale folded into the weights before the dot (PackedWeight.fold), one dot
 # over NB blocks instead of a K=32 dot and a float32 rescale per block (triton_kernels' Hopper path applies its
