@@ -1,8 +1,9 @@
 """Sweep the batch-invariant decode kernels' tile configs on GPT-OSS-20B shapes (one config must serve every
 row count, so each is timed at several row counts) and print the best per shape.
 
-Usage: python bench/gpu_tune.py [dense|moe|fold|kquant ...]   (CUDA; random weights)
+Usage: python bench/gpu_tune.py [dense|moe|fold|kquant|rows ...]   (CUDA; random weights)
   fold: the scale-folded float16 tiles (FOLD) against the default configs, dense and MoE
+  rows: row tiles (BM) of 16, 32 and 64 at 1-256 rows, bit for bit against the default
 """
 
 from __future__ import annotations
@@ -165,6 +166,33 @@ def kquant() -> None:
                   flush=True)
 
 
+def rows() -> None:
+    """The dense decode GEMMs at 1 to 256 rows with the grid's row tiles first or not (M_FIRST: the row tiles
+    that read one weight tile run side by side), each checked bit for bit against the default's rows. (Session 8
+    also swept row tiles of 32 and 64, dense and MoE, a register cap of 128 and M_FIRST for the MoE tiles: all
+    slower or the same; NOTES.)"""
+    dev = "cuda"
+    ms = (1, 16, 64, 128, 256)
+    for n, k in [(5120, 2880), (2880, 4096), (201088, 2880)]:
+        p = pack_q8_0(random_blocks(T.Q8_0, n, k, dev), n, k)
+        xs = {m: torch.randn(m, k, device=dev, dtype=torch.float16) for m in ms}
+        iters = 5 if n > 100000 else 20
+        base = gemm_config(p, 1)
+        ref = quant_matmul(p, xs[256], base)
+        print(f"Q8_0 {n}x{k}, default {base}", flush=True)
+        for bm, warps, m_first in [(16, 4, True), (16, 4, False), (16, 8, True)]:
+            cfg = base | {"BM": bm, "num_warps": warps, "M_FIRST": m_first}
+            try:
+                t = {m: time_us(lambda x=x, cfg=cfg, p=p: quant_matmul(p, x, cfg), iters=iters) for m, x in xs.items()}
+            except Exception as e:
+                print(f"  skip BM={bm} warps={warps}: {type(e).__name__}")
+                continue
+            same = torch.equal(quant_matmul(p, xs[256], cfg), ref)
+            one = torch.equal(quant_matmul(p, xs[256][:1], cfg), ref[:1])
+            print(f"  BM={bm} warps={warps} M_FIRST={m_first}  " + "  ".join(f"M={m} {us:.1f}" for m, us in t.items())
+                  + f"  bits as default: {same}, row alone: {one}", flush=True)
+
+
 if __name__ == "__main__":
     for what in sys.argv[1:] or ["moe", "dense"]:
-        {"dense": dense, "moe": moe, "fold": fold, "kquant": kquant}[what]()
+        {"dense": dense, "moe": moe, "fold": fold, "kquant": kquant, "rows": rows}[what]()

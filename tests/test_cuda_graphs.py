@@ -199,6 +199,33 @@ def test_scheduler_on_cuda_decodes_through_bucketed_graphs(tmp_path):
 
 
 @pytest.mark.gpu
+def test_scheduler_start_leaves_no_kernel_for_the_first_requests_to_compile(tmp_path):
+    """start() runs both kinds of prompt chunk (packable, and longer than pack_rows) besides capturing the
+    decode graphs, so the first requests, short or long, compile no Triton kernel while serving."""
+    from triton import knobs
+
+    from worker_orcd.engine.scheduler import Request, Scheduler
+
+    class Tok:
+        eog_ids: list[int] = []
+
+        def stream_decoder(self, continuation: bool = False):
+            return type("D", (), {"push": lambda self, t: "", "flush": lambda self: ""})()
+
+    _, net = load(tmp_path, "gpt-oss", "MXFP4", "cuda")
+    s = Scheduler(net, Tok(), max_batch=4, ctx=512, prefill_chunk=256).start()
+    compiled, hook = [], knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = lambda *, repr, **_: compiled.append(repr.split("[")[0]) or False
+    try:
+        for n in (1, 7, 20, 200):
+            list(s.submit(Request(f"r{n}", prompt_ids(net.cfg.vocab_size, n, n), 4)))
+    finally:
+        knobs.runtime.jit_cache_hook = hook
+        s.stop()
+    assert compiled == []
+
+
+@pytest.mark.gpu
 def test_scheduler_on_cuda_texts_do_not_depend_on_company(tmp_path):
     """16 requests of different lengths (greedy, and seeded samples drawn on the device) decoding and
     prefilling together give each the tokens it gets alone: every GPU kernel computes a row the same way in

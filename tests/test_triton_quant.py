@@ -90,10 +90,11 @@ def test_gemv_split_k_and_bf16(kind):
 @pytest.mark.parametrize("kind", [T.Q8_0, T.MXFP4])
 @pytest.mark.parametrize("m", [2, 19])
 @pytest.mark.parametrize("tiles", [{"F16": True}, {"F16": True, "W_LEFT": True}, {"F16": False},
-                                   {"F16": True, "FOLD": True}, {"F16": True, "W_LEFT": True, "FOLD": True}])
+                                   {"F16": True, "FOLD": True}, {"F16": True, "W_LEFT": True, "FOLD": True},
+                                   {"F16": True, "FOLD": True, "M_FIRST": True}])
 def test_gemm_interpreted(kind, m, tiles):
     """float16 block tiles (weights as the dot's right operand, then as its left; scales after each block's dot,
-    or folded into the weights), bfloat16 tiles."""
+    or folded into the weights), bfloat16 tiles; the grid with row tiles first (M_FIRST)."""
     check(kind, 20, 160, m, torch.float32, 1e-5, cfg=gemm_config(None, m) | tiles)  # dots in float32 here
     split = {"BM": 16, "BN": 16, "NB": 1, "TARGET": 8, "num_warps": 1, "num_stages": 1} | tiles  # 4 splits
     check(kind, 20, 160, m, torch.float32, 1e-5, cfg=split)

@@ -210,7 +210,9 @@ def window_variants(positions: torch.Tensor, seqs, kv, windows, kernel: bool | N
         lengths.append(length)
     blocks, offsets = kv.locate(row_slot, pos_list)
     dev = kv.device
-    where = to_device([blocks, offsets], dev, torch.long)
+    # one copy; both rows start 16-byte aligned whatever the row count (Triton compiles a variant per alignment)
+    pad = [0] * (len(pos_list) % 2)
+    where = to_device([blocks + pad, offsets + pad], dev, torch.long)[:, : len(pos_list)]
     tiles = _kernel_tiles(pos_list, row_slot, seqs, kv) if kernel else None
     plans = {}
     for window in windows:
