@@ -13,7 +13,7 @@ run: setup
 
 # Then again on the portable CPU path, as an AVX2-only CPU runs it: oneDNN capped at AVX2 refuses bf16 there
 # too, ATen takes its AVX2 kernels (NOTES.md, issue 13). The subset covers every CPU matmul kind.
-PORTABLE_TESTS = tests/test_cpu_matmul.py tests/test_cpu_paths.py tests/test_models_real.py \
+PORTABLE_TESTS = tests/test_cpu_matmul.py tests/test_cpu_paths.py tests/test_cpu_q8dot.py tests/test_models_real.py \
 	tests/test_scheduler.py tests/test_server.py
 
 test: setup-test

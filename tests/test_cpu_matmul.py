@@ -7,6 +7,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants
 
 from worker_orcd.quant.cpu_matmul import pack_for_cpu
+from worker_orcd.quant.cpu_q8dot import Q8DotLinear
 
 
 def _random_q4_k(rng, n, k):
@@ -32,8 +33,9 @@ def test_packed_matmul_matches_float64(gtype):
     y = torch.full((3, n), float("nan"))
     y[:] = lin(x)
     ref = x.double() @ w.T
-    # bf16 activations, scales and outputs: ~2^-9 relative per element
-    assert float((y.double() - ref).norm() / ref.norm()) < 6e-3
+    # bf16 activations, scales and outputs: ~2^-9 relative per element; llama.cpp's 8-bit activations: ~2x that
+    tol = 1.2e-2 if isinstance(lin, Q8DotLinear) else 6e-3
+    assert float((y.double() - ref).norm() / ref.norm()) < tol
     assert y.dtype == torch.float32 and y.shape == (3, n)
 
 

@@ -95,7 +95,8 @@ ModelOpt = Annotated[Path | None, typer.Option("--model", "-m", help="GGUF file 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
 CpuKernelsOpt = Annotated[str | None, typer.Option(
     "--cpu-kernels", help="CPU matmul path: auto | onednn (AVX-512) | portable (AVX2, ARM64) | reference "
-    "(float32); default: $WORKER_ORCD_CPU_KERNELS or auto")]
+    "(float32); default: $WORKER_ORCD_CPU_KERNELS or auto. Q4_0/Q4_1 take llama.cpp's integer dot products "
+    "(compiled at first use) unless WORKER_ORCD_CPU_Q8DOT=0")]
 
 
 def _force_cpu_kernels(name: str | None) -> None:

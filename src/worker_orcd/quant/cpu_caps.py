@@ -1,6 +1,8 @@
 """Which CPU matmul kernels this CPU can run: decided once per process, forced with WORKER_ORCD_CPU_KERNELS.
 
 Paths, fastest first (each kernel is also tried once on a small matrix before it is trusted):
+- On `onednn` and `portable`, Q4_0 and Q4_1 weights take llama.cpp's integer dot products (cpu_q8dot.py,
+  compiled at first use) where a C compiler is found; WORKER_ORCD_CPU_Q8DOT=0 leaves them to the kernels below.
 - `onednn`: int4pack for Q4_0/Q4_1/Q4_K, dense bf16 through oneDNN's prepacked kernels. Needs oneDNN's
   bf16 ISA (x86 AVX-512 BW/VL/DQ, AVX512-BF16, AMX or AVX-NE-CONVERT): on an AVX2-only CPU oneDNN
   refuses the bf16 reorder.
@@ -31,9 +33,13 @@ class CpuKernels:
     int4: bool  # torch's int4pack kernel for the 4-bit formats (else they go dense)
     dense: str  # onednn-bf16 | f16 | bf16 | f32: how a dense weight multiplies
     capability: str  # torch.backends.cpu.get_cpu_capability()
+    q8dot: bool = False  # llama.cpp's integer dot products for Q4_0/Q4_1 (cpu_q8dot.py)
 
     def describe(self) -> str:
         four = "int4pack" if self.int4 else f"dense {self.dense}"
+        if self.q8dot:
+            return (f"CPU kernels: {self.path} (Q4_0/Q4_1: q8dot; Q4_K: {four}; Q5/Q6/Q8: {self.dense}; "
+                    f"ATen {self.capability})")
         return f"CPU kernels: {self.path} (Q4_x: {four}; Q5/Q6/Q8: {self.dense}; ATen {self.capability})"
 
 
@@ -73,13 +79,14 @@ def _decide(want: str) -> CpuKernels:
     if want == "reference":
         return CpuKernels("reference", False, "f32", cap)
     int4 = _int4_ok()
+    q8dot = _q8dot_ok()
     if want in ("auto", "onednn") and _onednn_ok(cap, forced=want == "onednn"):
-        return CpuKernels("onednn", int4, "onednn-bf16", cap)
+        return CpuKernels("onednn", int4, "onednn-bf16", cap, q8dot)
     if _probe("torch float16 GEMV", _try_f16_gemv, "dense weights use bf16 (2^-9 instead of 2^-12 relative)"):
-        return CpuKernels("portable", int4, "f16", cap)
+        return CpuKernels("portable", int4, "f16", cap, q8dot)
     if not _probe("torch bf16 GEMV", _try_bf16_gemv, "dense weights use float32 (the reference path)"):
         return CpuKernels("reference", int4, "f32", cap)
-    return CpuKernels("portable", int4, "bf16", cap)
+    return CpuKernels("portable", int4, "bf16", cap, q8dot)
 
 
 def _onednn_bf16_supported() -> bool:
@@ -100,6 +107,22 @@ def _onednn_ok(cap: str, forced: bool) -> bool:
         log.info("CPU kernels: ATen capability %s is not AVX-512; %s", cap, portable)
         return False
     return _probe("oneDNN bf16 linear", _try_onednn, portable)
+
+
+def _q8dot_ok() -> bool:
+    from worker_orcd.quant import cpu_q8dot
+
+    if not cpu_q8dot.enabled():
+        log.info("CPU kernels: q8dot off (%s=0); Q4_0/Q4_1 use int4pack", cpu_q8dot.ENV)
+        return False
+    instead = "Q4_0/Q4_1 use int4pack"
+    if not _probe("q8dot (llama.cpp's integer dot products, compiled here)", _try_q8dot, instead):
+        return False
+    if not cpu_q8dot.threads_ok():
+        log.warning("CPU kernels: q8dot was built without OpenMP (one thread) and torch runs %d; %s",
+                    torch.get_num_threads(), instead)
+        return False
+    return True
 
 
 def _int4_ok() -> bool:
@@ -168,3 +191,19 @@ def _try_int4() -> bool:
     zero = torch.zeros_like(scale)
     wq = (codes - 8).float() * 0.01
     return _agrees(Int4Linear(codes, scale, zero), wq, x)
+
+
+def _try_q8dot() -> bool:
+    """Each format on the blocks of a random weight, against float32 on the same weight."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    from worker_orcd.quant.cpu_q8dot import Q8DotLinear
+    from worker_orcd.quant.formats import dequantize
+
+    w, x = _probe_inputs()
+    for kind in (T.Q4_0, T.Q4_1):
+        raw = torch.from_numpy(quants.quantize(w.numpy(), kind).copy())
+        if not _agrees(Q8DotLinear(raw, kind, tuple(w.shape)), dequantize(raw, kind, tuple(w.shape)).float(), x):
+            return False
+    return True

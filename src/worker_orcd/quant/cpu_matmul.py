@@ -1,7 +1,9 @@
 """Weight-only quantized matmul on CPU through torch's packed kernels, weights kept compact.
 
 CPU decode is memory-bound: float32 copies of a 135M model stream ~500 MB per token, the GGUF
-blocks ~90 MB. So blocks are repacked once, at load, into what torch's CPU kernels take:
+blocks ~90 MB. Q4_0 and Q4_1 blocks are multiplied as they are by llama.cpp's integer dot products
+(cpu_q8dot.py) where this machine could build them; otherwise, and for the other formats, blocks are repacked
+once, at load, into what torch's CPU kernels take:
 - 4-bit formats with a scale and offset per 32 weights (Q4_0, Q4_1, Q4_K) become int4pack:
   w = (q - 8) * s + z per group, bf16 activations, float32 accumulation.
 - 5-, 6- and 8-bit formats (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0) become dense 2-byte weights: bf16 through
@@ -25,10 +27,13 @@ from gguf import GGMLQuantizationType as T
 
 from worker_orcd.quant._bytes import f16, nibbles
 from worker_orcd.quant.cpu_caps import cpu_kernels
+from worker_orcd.quant.cpu_q8dot import KINDS as Q8DOT_KINDS
+from worker_orcd.quant.cpu_q8dot import Q8DotLinear
 from worker_orcd.quant.formats import dequantize
 from worker_orcd.quant.tensor import MATMUL_KERNELS, QuantTensor, dequantize_matmul
 
 INT4_TYPES = {T.Q4_0, T.Q4_1, T.Q4_K}
+Q8DOT_TYPES = set(Q8DOT_KINDS)  # llama.cpp's integer dot products where cpu_caps found them (cpu_q8dot.py)
 BF16_TYPES = {T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0}
 GROUP = 32
 
@@ -177,7 +182,7 @@ def dense_linear(weight: torch.Tensor) -> Bf16Linear | RowsLinear:
     return RowsLinear(weight, ROWS_DTYPES[kind])
 
 
-CpuLinear = Int4Linear | Bf16Linear | RowsLinear
+CpuLinear = Q8DotLinear | Int4Linear | Bf16Linear | RowsLinear
 
 
 def pack_for_cpu(raw: torch.Tensor, ggml_type: T, shape: tuple[int, ...]) -> CpuLinear | None:
@@ -186,6 +191,8 @@ def pack_for_cpu(raw: torch.Tensor, ggml_type: T, shape: tuple[int, ...]) -> Cpu
         return None
     N, K = shape
     kernels = cpu_kernels()
+    if kernels.q8dot and ggml_type in Q8DOT_TYPES:
+        return Q8DotLinear(raw, ggml_type, shape)
     if ggml_type in INT4_TYPES and N % 16 == 0 and kernels.int4:  # int4pack takes whole tiles of 16 output rows
         blocks = raw.reshape(N, -1)
         if ggml_type == T.Q4_K:
