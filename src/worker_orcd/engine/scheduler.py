@@ -271,7 +271,7 @@ class Scheduler:
         in a free slot released after, so the first requests do not compile their kernels (H200: the first
         request after ready took 1.4 s). Decode-only steps are covered by the graphs' capture."""
         slot = self._free[-1]
-        for n in (self.pack_rows // 4 + 1, min(self.pack_rows + 8, self.ctx)):
+        for n in sorted({min(rows, self.ctx) for rows in (self.pack_rows // 4 + 1, self.pack_rows + 8)}):
             self.kv.prepare(slot, n)
             try:
                 self.net.forward(torch.zeros(n, dtype=torch.long), torch.arange(n), self.kv, [SeqSpan(slot, 0, n)],
