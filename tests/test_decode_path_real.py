@@ -10,7 +10,8 @@ Greedy generations are compared with llama.cpp's and transformers' ids (tests/da
 up to the first position where the reference's own top-2 margin is under GREEDY_MARGIN: past a near-tie
 any implementation may pick either token, and every later id follows from that pick.
 
-Bars (native CPU path when set; NOTES.md, issue 17, has the margins):
+Bars (native CPU path when set; NOTES.md, issue 17, has the margins; SmolLM2's Q4_1 through llama.cpp's integer
+dot products has its own, Q8DOT below):
 - decoded vs the float path over the 512 positions: mean cosine >= 0.999 (measured 0.99992 SmolLM2, 0.99995
   Gemma 3), relative error of the logits <= 0.02 (0.0101, 0.0111), no top-1 flip where the float path's
   top-2 margin is >= 0.5 logits (every flip measured is at < 0.1), top-1 agreement >= 97% (SmolLM2 99.0%;
@@ -29,6 +30,7 @@ import pytest
 import torch
 
 import worker_orcd
+from worker_orcd.quant import cpu_caps
 
 REFS = Path(__file__).parent / "data" / "references"
 WINDOW = 512
@@ -42,6 +44,11 @@ CLEAR_MARGIN = 0.5  # logits between the float path's top-1 and top-2 where a fl
 # CUDA's matmul inputs are bf16 too (never measured on Gemma 3: its package does not travel to the device).
 MIN_AGREE_FLOAT = {("gemma3", "onednn-bf16"): 0.95, ("gemma3", "cuda"): 0.95}
 MIN_AGREE = 0.97
+# SmolLM2's Q4_1 matrices through llama.cpp's integer dot products (quant/cpu_q8dot.py, session 8): activations
+# quantized to 8 bits a block, as llama.cpp does. Measured: top-1 96.7% with the float path, rel err 0.026, no
+# flip at a clear margin; with llama.cpp 97.3% (the float path 96.9%: llama.cpp agrees with the float path no
+# better than this does). The bars for it follow llama.cpp's own distance from the float path.
+Q8DOT = {"min_agree": 0.96, "max_rel_err": 0.035}
 LLAMA_CPP_SLACK = 0.03
 
 # A reference's id is binding where its top-1 leads its top-2 by at least this many logits. transformers f32
@@ -118,8 +125,6 @@ def served_models(served_device):
 
 def dense_kind(model) -> str:
     """How the served path multiplies dense weights: the CPU path's kind (cpu_caps.py), or the device's."""
-    from worker_orcd.quant import cpu_caps
-
     return cpu_caps.cpu_kernels().dense if model.device.type == "cpu" else model.device.type
 
 
@@ -151,10 +156,12 @@ def test_teacher_forced_window_decodes_like_the_float_path_and_llama_cpp(exact, 
                f"(min {float(cosines.min()):.4f}), rel err {rel_err:.4f}, flips at clear margins {clear_flips}; "
                f"vs llama.cpp top-1 {agree_cpp:.4f} (float path {float_cpp:.4f})")
     print(summary)
+    q8dot = name == "smollm2" and model.device.type == "cpu" and cpu_caps.cpu_kernels().q8dot
     assert float(cosines.mean()) >= MIN_MEAN_COSINE, summary
-    assert rel_err <= MAX_REL_ERR, summary
+    assert rel_err <= (Q8DOT["max_rel_err"] if q8dot else MAX_REL_ERR), summary
     assert not clear_flips, summary
-    assert agree_float >= MIN_AGREE_FLOAT.get((name, dense_kind(model)), MIN_AGREE), summary
+    min_agree = Q8DOT["min_agree"] if q8dot else MIN_AGREE_FLOAT.get((name, dense_kind(model)), MIN_AGREE)
+    assert agree_float >= min_agree, summary
     assert agree_cpp >= float_cpp - LLAMA_CPP_SLACK, summary
 
 

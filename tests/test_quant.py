@@ -209,14 +209,15 @@ def test_matmul_matches_float64(gtype, x_shape, reference_matmul):
 @pytest.mark.parametrize("gtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [3, 16, 40])
 def test_matmul_registered_cpu_kernel(gtype, rows):
-    """Whatever kernel is registered for CPU (packed bf16 ones included): any row count, close to float64."""
+    """Whatever kernel is registered for CPU (packed bf16 ones included): any row count, close to float64 (within
+    what 8-bit activations give on 4 blocks of K: llama.cpp's dot products, quant/cpu_q8dot.py, measured 1.1e-2)."""
     cols = 512 if gtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 128
     w, ref = quant_weight(gtype, rows, cols)
     x = torch.randn(2, cols, generator=torch.Generator().manual_seed(2))
     y = w.matmul(x)
     want = x.double() @ ref.T
     assert y.dtype == torch.float32 and y.shape == (2, rows)
-    assert float((y.double() - want).norm() / want.norm()) < 1e-2
+    assert float((y.double() - want).norm() / want.norm()) < 2e-2
 
 
 def test_matmul_keeps_input_dtype(reference_matmul):
