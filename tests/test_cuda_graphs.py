@@ -41,8 +41,14 @@ def prompt_ids(vocab: int, n: int = PROMPT, seed: int = 1) -> list[int]:
 @pytest.mark.parametrize("arch,gtype", [(a, "F32") for a in ("llama", "qwen2", "phi3", "gpt-oss")] + [
     ("llama", "Q8_0"), ("gpt-oss", "MXFP4")])
 def test_static_decode_matches_forward_on_cpu(tmp_path, arch, gtype):
-    """Two sequences in slots 1 and 0 at different positions decode in one static step."""
+    """Two sequences in slots 1 and 0 at different positions decode in one static step. With float32 activations
+    the same sums to ~1e-7; where the CPU path feeds a Q8_0 matmul half-precision activations (the portable path's
+    float16 GEMV), a one-ulp float32 difference between the eager and the static attention can round to 2^-11:
+    measured 7.6e-4 on the portable path, so 3e-3 there."""
+    from worker_orcd.quant.cpu_caps import cpu_kernels
+
     _, net = load(tmp_path, arch, gtype, "cpu")
+    tol = 3e-3 if gtype == "Q8_0" and cpu_kernels().dense in ("f16", "bf16") else 1e-5
     a, b = prompt_ids(net.cfg.vocab_size, 10, 1), prompt_ids(net.cfg.vocab_size, 6, 2)
     eager, static = net.new_kv_cache(32, n_slots=2), net.new_kv_cache(32, n_slots=2)
     for kv in (eager, static):
@@ -56,7 +62,7 @@ def test_static_decode_matches_forward_on_cpu(tmp_path, arch, gtype):
         static.prepare(1, pa + 1)
         static.prepare(0, pb + 1)
         got = net.decode(torch.tensor([ta, tb]), torch.tensor([pa, pb]), torch.tensor([1, 0]), static)
-        assert rel_err(got[0], ref_a) < 1e-5 and rel_err(got[1], ref_b) < 1e-5
+        assert rel_err(got[0], ref_a) < tol and rel_err(got[1], ref_b) < tol
         ta, tb = int(ref_a.argmax()), int(ref_b.argmax())
 
 
