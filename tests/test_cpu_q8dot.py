@@ -102,6 +102,16 @@ def test_plain_c_build_agrees_with_the_avx2_build(tmp_path, monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_activation_poisons_its_row_only(bad):
+    raw, _ = weight(T.Q4_1, 40, 128, seed=5)
+    x = torch.randn(3, 128)
+    x[1, 70] = bad
+    y = Q8DotLinear(raw, T.Q4_1, (40, 128))(x)
+    assert not torch.isfinite(y[1]).any() and torch.isfinite(y[[0, 2]]).all()
+
+
+@needs_kernel
 def test_wrong_sizes_are_refused():
     raw, _ = weight(T.Q4_1, 8, 64, seed=0)
     with pytest.raises(ValueError, match="Q4_1"):

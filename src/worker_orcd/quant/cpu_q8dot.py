@@ -124,8 +124,9 @@ class Q8DotLinear:
 
     def __init__(self, raw: torch.Tensor, ggml_type: T, shape: tuple[int, int], lib: ctypes.CDLL | None = None):
         N, K = shape
-        if ggml_type not in KINDS or K % 32 or raw.numel() != N * K // 32 * BLOCK_BYTES[ggml_type]:
-            raise ValueError(f"Q8DotLinear: {ggml_type.name} [{N}, {K}] from {raw.numel()} bytes")
+        if (ggml_type not in KINDS or K % 32 or raw.dtype != torch.uint8
+                or raw.numel() != N * K // 32 * BLOCK_BYTES[ggml_type]):
+            raise ValueError(f"Q8DotLinear: {ggml_type.name} [{N}, {K}] from {raw.numel()} {raw.dtype} values")
         self.lib = lib or library()
         self.kind, self.out_features, self.in_features = KINDS[ggml_type], N, K
         self.blocks = raw.reshape(N, -1).contiguous()

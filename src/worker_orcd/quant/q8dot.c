@@ -55,7 +55,10 @@ void q8dot_quantize(const float *x, int64_t M, int64_t K, int8_t *q, float *d, f
     for (int64_t i = 0; i < blocks; i++) {
         const float *xb = x + i * 32;
         float amax = 0.0f;
-        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        for (int j = 0; j < 32; j++) {  // a NaN is kept (fmaxf would drop it): the block's scale, then its sums, are NaN
+            const float a = fabsf(xb[j]);
+            amax = (a > amax || a != a) ? a : amax;
+        }
         const float dd = amax / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
         int sum = 0;
         for (int j = 0; j < 32; j++) {
