@@ -20,6 +20,15 @@ fixtures = pytest.importorskip("tests.fixtures.hf_to_gguf")
 PROMPT, STEPS = 12, 32
 
 
+class NoText:
+    """The tokenizer side the scheduler needs, with no text: no end-of-generation ids, empty pieces."""
+
+    eog_ids: list[int] = []
+
+    def stream_decoder(self, continuation: bool = False):
+        return type("D", (), {"push": lambda self, t: "", "flush": lambda self: ""})()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -184,16 +193,10 @@ def test_scheduler_on_cuda_decodes_through_bucketed_graphs(tmp_path):
     change nothing: each sequence's greedy tokens stay those of its eager run."""
     from worker_orcd.engine.scheduler import Request, Scheduler, TokenEvent
 
-    class Tok:
-        eog_ids: list[int] = []
-
-        def stream_decoder(self, continuation: bool = False):
-            return type("D", (), {"push": lambda self, t: "", "flush": lambda self: ""})()
-
     _, net = load(tmp_path, "gpt-oss", "MXFP4", "cuda")
     runs = {}
     for graphs in (False, True):
-        s = Scheduler(net, Tok(), max_batch=4, ctx=64, prefill_chunk=32, graphs=graphs).start()
+        s = Scheduler(net, NoText(), max_batch=4, ctx=64, prefill_chunk=32, graphs=graphs).start()
         try:
             handles = [s.submit(Request(f"r{i}", prompt_ids(net.cfg.vocab_size, 6 + i, i), 12)) for i in range(3)]
             runs[graphs] = [[e.token for e in h if isinstance(e, TokenEvent)] for h in handles]
@@ -212,14 +215,8 @@ def test_scheduler_start_leaves_no_kernel_for_the_first_requests_to_compile(tmp_
 
     from worker_orcd.engine.scheduler import Request, Scheduler
 
-    class Tok:
-        eog_ids: list[int] = []
-
-        def stream_decoder(self, continuation: bool = False):
-            return type("D", (), {"push": lambda self, t: "", "flush": lambda self: ""})()
-
     _, net = load(tmp_path, "gpt-oss", "MXFP4", "cuda")
-    s = Scheduler(net, Tok(), max_batch=4, ctx=512, prefill_chunk=256).start()
+    s = Scheduler(net, NoText(), max_batch=4, ctx=512, prefill_chunk=256).start()
     compiled, hook = [], knobs.runtime.jit_cache_hook
     knobs.runtime.jit_cache_hook = lambda *, repr, **_: compiled.append(repr.split("[")[0]) or False
     try:
@@ -241,14 +238,8 @@ def test_scheduler_on_cuda_texts_do_not_depend_on_company(tmp_path):
     from worker_orcd.engine.sampler import SamplingParams
     from worker_orcd.engine.scheduler import PromptEvent, Request, Scheduler, TokenEvent
 
-    class Tok:
-        eog_ids: list[int] = []
-
-        def stream_decoder(self, continuation: bool = False):
-            return type("D", (), {"push": lambda self, t: "", "flush": lambda self: ""})()
-
     _, net = load(tmp_path, "gpt-oss", "MXFP4", "cuda")
-    s = Scheduler(net, Tok(), max_batch=16, ctx=256, prefill_chunk=64).start()
+    s = Scheduler(net, NoText(), max_batch=16, ctx=256, prefill_chunk=64).start()
     try:
         kinds = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=0), SamplingParams(),
                  SamplingParams(temperature=1.1, min_p=0.05, repetition_penalty=1.2, frequency_penalty=0.3,
@@ -279,12 +270,6 @@ def test_overlapped_decode_launches_without_a_sync_and_changes_nothing(tmp_path,
     from worker_orcd.engine.sampler import SamplingParams
     from worker_orcd.engine.scheduler import Request, Scheduler, TokenEvent
 
-    class Tok:
-        eog_ids: list[int] = []
-
-        def stream_decoder(self, continuation: bool = False):
-            return type("D", (), {"push": lambda self, t: "", "flush": lambda self: ""})()
-
     launch, launches = Scheduler._launch, []
 
     def strict_launch(self, rows, last):
@@ -304,7 +289,7 @@ def test_overlapped_decode_launches_without_a_sync_and_changes_nothing(tmp_path,
                     logprobs=2 if i % 2 else None) for i in range(6)]
     runs = {}
     for overlap in (False, True):
-        s = Scheduler(net, Tok(), max_batch=8, ctx=128, prefill_chunk=32, overlap=overlap).start()
+        s = Scheduler(net, NoText(), max_batch=8, ctx=128, prefill_chunk=32, overlap=overlap).start()
         try:
             handles = [s.submit(r) for r in reqs]
             runs[overlap] = [[(e.token, e.logprob) for e in h if isinstance(e, TokenEvent)] for h in handles]
