@@ -112,6 +112,25 @@ def test_a_non_finite_activation_poisons_its_row_only(bad):
 
 
 @needs_kernel
+def test_a_compiler_without_openmp_builds_plain_once(tmp_path, monkeypatch):
+    """A compiler that refuses -fopenmp (Apple's clang): the build without it, and later builds neither retry the
+    failed one nor compile again."""
+    import shutil
+
+    log = tmp_path / "calls"
+    cc = tmp_path / "cc"
+    cc.write_text(f'#!/bin/sh\necho "$@" >> {log}\ncase "$*" in *-fopenmp*) echo "no openmp" >&2; exit 1;; esac\n'
+                  f'exec {shutil.which("cc") or shutil.which("gcc")} "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    lib = cpu_q8dot.load(cpu_q8dot.build())
+    assert not lib.q8dot_has_openmp() and len(log.read_text().splitlines()) == 2
+    cpu_q8dot.build()
+    assert len(log.read_text().splitlines()) == 2
+
+
+@needs_kernel
 def test_wrong_sizes_are_refused():
     raw, _ = weight(T.Q4_1, 8, 64, seed=0)
     with pytest.raises(ValueError, match="Q4_1"):

@@ -67,8 +67,12 @@ def build() -> Path:
         flags = compile_flags() + extra
         key = hashlib.sha256(source + " ".join([cc, *flags]).encode()).hexdigest()[:16]
         out = _cache_dir() / f"q8dot-{key}.so"
+        failed = out.with_suffix(".failed")  # a build that failed once (e.g. no OpenMP) is not tried again
         if out.exists():
             return out
+        if failed.exists():
+            errors.append(failed.read_text(errors="replace").strip())
+            continue
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -84,6 +88,7 @@ def build() -> Path:
                 os.replace(lib, out)  # atomic: another process may build the same file
                 return out
             errors.append(f"{' '.join([Path(cc).name, *flags])}: {(run.stderr.strip().splitlines() or ['?'])[0]}")
+            failed.write_text(errors[-1])
     raise BuildError("the C compiler failed: " + " | ".join(errors))
 
 
