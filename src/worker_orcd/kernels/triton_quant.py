@@ -25,10 +25,6 @@ from worker_orcd.quant.packed import (  # noqa: F401  (re-exported: the kernels'
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 F16X2_ASM = tl.constexpr(not INTERPRET)  # inline PTX where it compiles; the interpreter takes the generic path
-# The folded tiles load x and the scales of the next step while they decode and multiply this one. Triton pipelines
-# the weights' words through shared memory but leaves these gathered loads inside the step, where each waits its
-# full latency. Same bits. WORKER_ORCD_PREFETCH_XS=0 loads them in their step.
-PREFETCH_XS = tl.constexpr(int(os.environ.get("WORKER_ORCD_PREFETCH_XS", "1")))
 
 
 
@@ -227,23 +223,19 @@ def _f16_saturated(x):
 
 
 @triton.jit
-def _w_scales(s_ptr, rows, nblk, kb, kb_hi, NB: tl.constexpr):
-    """The scales of blocks kb .. kb + NB - 1 of W rows [BN], as stored: [BN, NB] (0 past kb_hi)."""
-    j = tl.arange(0, NB)
-    return tl.load(s_ptr + rows[:, None] * nblk + kb + j[None, :], mask=(kb + j < kb_hi)[None, :], other=0)
-
-
-@triton.jit
-def _w_blocks_f16(w_ptr, s, rows, nblk, kb, kb_hi, NB: tl.constexpr, IS_MXFP4: tl.constexpr, GROUP: tl.constexpr):
-    """Blocks kb .. kb + NB - 1 of W rows [BN], each block's scale (s [BN, NB] from _w_scales) folded in
-    (PackedWeight.fold: exact for MXFP4, Q8_0 rounded to float16): float16 [BN, NB * 32] in _x_blocks_f16's order
-    of K; 0 past kb_hi."""
+def _w_blocks_f16(w_ptr, s_ptr, rows, nblk, kb, kb_hi, NB: tl.constexpr, IS_MXFP4: tl.constexpr,
+                  GROUP: tl.constexpr):
+    """Blocks kb .. kb + NB - 1 of W rows [BN], each block's scale folded in (PackedWeight.fold: exact for MXFP4,
+    Q8_0 rounded to float16): float16 [BN, NB * 32] in _x_blocks_f16's order of K; 0 past kb_hi."""
     WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
     BN: tl.constexpr = rows.shape[0]
     i = tl.arange(0, NB * WPB)
     ok = (kb + i // WPB < kb_hi)[None, :]
     w_row = _row_words(rows, nblk, WPB, GROUP)
     w = tl.load(w_ptr + w_row[:, None] + ((kb + i // WPB) * (GROUP * WPB) + i % WPB)[None, :], mask=ok, other=0)
+    j = tl.arange(0, NB)
+    ok_s = (kb + j < kb_hi)[None, :]
+    s = tl.load(s_ptr + rows[:, None] * nblk + kb + j[None, :], mask=ok_s, other=0)  # [BN, NB]
     if IS_MXFP4:  # 2^(e-113) as float16 bits: E2M1 * 2^-14 * 2^(e-113) = E2M1 * 2^(e-127); e = 0 gives 0
         e = s.to(tl.int32)
         s = tl.where(e == 0, 0, (e - 98) << 10).to(tl.int16).to(tl.float16, bitcast=True)
@@ -263,30 +255,13 @@ def _dot_f16_blocks(x_rows, ok_m, w_ptr, s_ptr, w2_ptr, s2_ptr, rows, nblk, kb_l
     FOLD: the scales folded into the float16 weights (_w_blocks_f16), one dot over the step's NB blocks."""
     acc = tl.zeros([BN, BM] if W_LEFT else [BM, BN], dtype=tl.float32)
     acc2 = tl.zeros([BN, BM] if W_LEFT else [BM, BN], dtype=tl.float32)
-    if FOLD:  # x and the scales of step kb + NB are loaded while step kb is decoded and multiplied (Triton's
-        # pipeliner streams the words through shared memory, but leaves these gathered loads in the step)
-        x_n = _x_blocks_f16(x_rows, ok_m, kb_lo, kb_hi, NB, IS_MXFP4)
-        s_n = _w_scales(s_ptr, rows, nblk, kb_lo, kb_hi, NB)
-        s2_n = _w_scales(s2_ptr, rows, nblk, kb_lo, kb_hi, NB) if TWO else s_n
     for kb in range(kb_lo, kb_hi, NB):
         if FOLD:
-            x, s, s2 = x_n, s_n, s2_n
-            if PREFETCH_XS == 3:
-                x = x.to(tl.int16, bitcast=True).to(tl.float16, bitcast=True)
-            if PREFETCH_XS == 1 or PREFETCH_XS == 3:
-                x_n = _x_blocks_f16(x_rows, ok_m, kb + NB, kb_hi, NB, IS_MXFP4)
-            else:
-                x = _x_blocks_f16(x_rows, ok_m, kb, kb_hi, NB, IS_MXFP4)
-            if PREFETCH_XS != 0:
-                s_n = _w_scales(s_ptr, rows, nblk, kb + NB, kb_hi, NB)
-                s2_n = _w_scales(s2_ptr, rows, nblk, kb + NB, kb_hi, NB) if TWO else s_n
-            else:
-                s = _w_scales(s_ptr, rows, nblk, kb, kb_hi, NB)
-                s2 = _w_scales(s2_ptr, rows, nblk, kb, kb_hi, NB) if TWO else s
-            acc = _dot_f16(x, _w_blocks_f16(w_ptr, s, rows, nblk, kb, kb_hi, NB, IS_MXFP4, GROUP), acc, DOT_F32,
-                           W_LEFT)  # fmt: skip
+            x = _x_blocks_f16(x_rows, ok_m, kb, kb_hi, NB, IS_MXFP4)
+            acc = _dot_f16(x, _w_blocks_f16(w_ptr, s_ptr, rows, nblk, kb, kb_hi, NB, IS_MXFP4, GROUP), acc,
+                           DOT_F32, W_LEFT)  # fmt: skip
             if TWO:
-                acc2 = _dot_f16(x, _w_blocks_f16(w2_ptr, s2, rows, nblk, kb, kb_hi, NB, IS_MXFP4, GROUP), acc2,
+                acc2 = _dot_f16(x, _w_blocks_f16(w2_ptr, s2_ptr, rows, nblk, kb, kb_hi, NB, IS_MXFP4, GROUP), acc2,
                                 DOT_F32, W_LEFT)  # fmt: skip
         else:
             for b in tl.static_range(NB):
