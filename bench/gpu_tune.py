@@ -4,6 +4,8 @@ row count, so each is timed at several row counts) and print the best per shape.
 Usage: python bench/gpu_tune.py [dense|moe|fold|kquant|rows ...]   (CUDA; random weights)
   fold: the scale-folded float16 tiles (FOLD) against the default configs, dense and MoE
   rows: row tiles (BM) of 16, 32 and 64 at 1-256 rows, bit for bit against the default
+  defaults: the default configs only (dense and MoE), with a hash of each output: run it under two settings of
+            an environment switch (e.g. WORKER_ORCD_PREFETCH_XS=0 and 1) to time the switch and check its bits
 """
 
 from __future__ import annotations
@@ -193,6 +195,33 @@ def rows() -> None:
                   + f"  bits as default: {same}, row alone: {one}", flush=True)
 
 
+def defaults() -> None:
+    """The default configs at 1-128 rows, with a hash of each output (seeded inputs: equal hashes across two
+    processes mean equal bits)."""
+    import hashlib
+
+    def digest(y: torch.Tensor) -> str:
+        return hashlib.sha1(y.float().cpu().numpy().tobytes()).hexdigest()[:8]
+
+    dev = "cuda"
+    torch.manual_seed(0)
+    for n, k in [(5120, 2880), (2880, 4096), (201088, 2880)]:
+        p = pack_q8_0(random_blocks(T.Q8_0, n, k, dev), n, k)
+        xs = {m: torch.randn(m, k, device=dev, dtype=torch.float16) for m in (1, 16, 64, 128)}
+        iters = 10 if n > 100000 else 30
+        t = {m: time_us(lambda x=x: quant_matmul(p, x), iters=iters) for m, x in xs.items()}
+        print(f"Q8_0 {n}x{k}  " + "  ".join(f"M={m} {us:.1f}" for m, us in t.items())
+              + f"  hash {digest(quant_matmul(p, xs[128]))}", flush=True)
+    torch.manual_seed(1)
+    gate, gb, up, ub, down, db = gpt_oss_experts(dev)
+    inputs = {t: (x.half(), ids, w) for t, (x, ids, w) in moe_inputs(dev).items()}
+    tm = {t: time_us(lambda a=a: triton_moe.moe_tiles(*a, gate, gb, up, ub, down, db), iters=20)
+          for t, a in inputs.items()}
+    y = triton_moe.moe_tiles(*inputs[128], gate, gb, up, ub, down, db)
+    print("MoE tiles, us a layer  " + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()) + f"  hash {digest(y)}",
+          flush=True)
+
+
 if __name__ == "__main__":
     for what in sys.argv[1:] or ["moe", "dense"]:
-        {"dense": dense, "moe": moe, "fold": fold, "kquant": kquant, "rows": rows}[what]()
+        {"dense": dense, "moe": moe, "fold": fold, "kquant": kquant, "rows": rows, "defaults": defaults}[what]()
