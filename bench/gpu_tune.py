@@ -4,6 +4,7 @@ row count, so each is timed at several row counts) and print the best per shape.
 Usage: python bench/gpu_tune.py [dense|moe|fold|kquant|rows ...]   (CUDA; random weights)
   fold: the scale-folded float16 tiles (FOLD) against the default configs, dense and MoE
   rows: row tiles (BM) of 16, 32 and 64 at 1-256 rows, bit for bit against the default
+  sweep, sweep_dense, sweep_moe: the folded tiles' configs with float16 x, warps and pipeline stages included
   defaults: the default configs only (dense and MoE), with a hash of each output: run it under two settings of
             an environment switch (e.g. WORKER_ORCD_PREFETCH_XS=0 and 1) to time the switch and check its bits
 """
@@ -209,7 +210,7 @@ def defaults() -> None:
         p = pack_q8_0(random_blocks(T.Q8_0, n, k, dev), n, k)
         xs = {m: torch.randn(m, k, device=dev, dtype=torch.float16) for m in (1, 16, 64, 128)}
         iters = 10 if n > 100000 else 30
-        t = {m: time_us(lambda x=x: quant_matmul(p, x), iters=iters) for m, x in xs.items()}
+        t = {m: time_us(lambda x=x, p=p: quant_matmul(p, x), iters=iters) for m, x in xs.items()}
         print(f"Q8_0 {n}x{k}  " + "  ".join(f"M={m} {us:.1f}" for m, us in t.items())
               + f"  hash {digest(quant_matmul(p, xs[128]))}", flush=True)
     torch.manual_seed(1)
@@ -222,6 +223,68 @@ def defaults() -> None:
           flush=True)
 
 
+def sweep() -> None:
+    sweep_dense()
+    sweep_moe()
+
+
+def sweep_dense() -> None:
+    """The folded tiles' configs with float16 x (what GPT-OSS feeds them on CUDA: its norms come out in float16),
+    warps, pipeline stages and splits included: dense at 1/16/64 rows, MoE at T=1/16/64."""
+    dev = "cuda"
+    shapes = [(5120, 2880), (2880, 4096)]
+    for n, k in shapes:
+        p = pack_q8_0(random_blocks(T.Q8_0, n, k, dev), n, k)
+        xs = {m: torch.randn(m, k, device=dev, dtype=torch.float16) for m in (1, 16, 64)}
+        base = gemm_config(p, 1)
+        res = []
+        for bn, warps, stages, nb, tg in itertools.product((128, 256), (4, 8), (2, 3, 4), (2, 4), (264, 528)):
+            cfg = base | {"BN": bn, "num_warps": warps, "num_stages": stages, "NB": nb, "TARGET": tg}
+            try:
+                t = {m: time_us(lambda x=x, cfg=cfg, p=p: quant_matmul(p, x, cfg), iters=20) for m, x in xs.items()}
+            except Exception as e:
+                print(f"  skip {cfg}: {type(e).__name__}")
+                continue
+            res.append((t[1] + t[16] + t[64] / 4, cfg, t))
+        res.sort(key=lambda r: r[0])
+        tb = {m: time_us(lambda x=x, p=p, c=base: quant_matmul(p, x, c), iters=20) for m, x in xs.items()}
+        print(f"Q8_0 {n}x{k}: default {base}  " + "  ".join(f"M={m} {us:.1f}" for m, us in tb.items()), flush=True)
+        for _, cfg, t in res[:6]:
+            print(f"  BN={cfg['BN']} warps={cfg['num_warps']} stages={cfg['num_stages']} NB={cfg['NB']} "
+                  f"TARGET={cfg['TARGET']}  " + "  ".join(f"M={m} {us:.1f}" for m, us in t.items()), flush=True)
+
+
+def sweep_moe() -> None:
+    dev = "cuda"
+    gate, gb, up, ub, down, db = gpt_oss_experts(dev)
+    inputs = {t: (x.half(), ids, w) for t, (x, ids, w) in moe_inputs(dev).items() if t in (1, 16, 64)}
+    base = triton_moe.tiles_config()
+    tb = {t: time_us(lambda a=a: triton_moe.moe_tiles(*a, gate, gb, up, ub, down, db), iters=10)
+          for t, a in inputs.items()}
+    print(f"MoE tiles: default {base}  " + "  ".join(f"T={t} {us:.1f}" for t, us in tb.items()), flush=True)
+    res = []
+    grid = itertools.product((64, 128, 256), (4, 8), (2, 3, 4), ((64, 256), (32, 128), (1, 64), (64, 64), (1, 256)))
+    for bn, warps, stages, (up_t, tg) in grid:
+        if bn == 256 and warps == 4:
+            continue
+        cfg = base | {"BN": bn, "num_warps": warps, "num_stages": stages, "UP_TARGET": up_t, "TARGET": tg}
+        try:
+            tm = {t: time_us(lambda a=a, cfg=cfg: triton_moe.moe_tiles(*a, gate, gb, up, ub, down, db, cfg=cfg),
+                             iters=10) for t, a in inputs.items()}
+        except Exception as e:
+            print(f"  skip {cfg}: {type(e).__name__}")
+            continue
+        res.append((tm[1] + tm[16] + tm[64] / 4, cfg, tm))
+    res.sort(key=lambda r: r[0])
+    for name, key in [("score t1 + t16 + t64/4", lambda r: r[0]), ("T=16", lambda r: r[2][16]),
+                      ("T=64", lambda r: r[2][64]), ("T=1", lambda r: r[2][1])]:
+        print(f"MoE tiles, best by {name}:", flush=True)
+        for _, cfg, tm in sorted(res, key=key)[:5]:
+            print(f"  BN={cfg['BN']} warps={cfg['num_warps']} stages={cfg['num_stages']} UP_TARGET={cfg['UP_TARGET']} "
+                  f"TARGET={cfg['TARGET']}  " + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()), flush=True)
+
+
 if __name__ == "__main__":
     for what in sys.argv[1:] or ["moe", "dense"]:
-        {"dense": dense, "moe": moe, "fold": fold, "kquant": kquant, "rows": rows, "defaults": defaults}[what]()
+        {"dense": dense, "moe": moe, "fold": fold, "kquant": kquant, "rows": rows, "defaults": defaults,
+         "sweep": sweep, "sweep_dense": sweep_dense, "sweep_moe": sweep_moe}[what]()

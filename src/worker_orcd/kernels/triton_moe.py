@@ -320,7 +320,7 @@ def moe_grouped(
 @triton.jit
 def _mxfp4_tile(w, s, dot_t: tl.constexpr):
     """Packed MXFP4 words [BN, NW] and each word's block exponent [BN, NW] -> weights [BN, NW*8] in dot_t, in
-    element order: word w holds element 8s + 4h + w % 4 of block w // 4 in slot s, half h (quant/packed.py)."""
+    element order: word w holds element 8 (w % 4) + 2s + h of block w // 4 in slot s, half h (quant/packed.py)."""
     w = w.to(tl.uint32, bitcast=True)
     BN: tl.constexpr = w.shape[0]
     NW: tl.constexpr = w.shape[1]
@@ -332,8 +332,8 @@ def _mxfp4_tile(w, s, dot_t: tl.constexpr):
     lo0, lo1, lo2, lo3 = (lo0 * s).to(dot_t), (lo1 * s).to(dot_t), (lo2 * s).to(dot_t), (lo3 * s).to(dot_t)
     hi0, hi1, hi2, hi3 = (hi0 * s).to(dot_t), (hi1 * s).to(dot_t), (hi2 * s).to(dot_t), (hi3 * s).to(dot_t)
     t = tl.join(tl.join(tl.join(lo0, lo1), tl.join(lo2, lo3)), tl.join(tl.join(hi0, hi1), tl.join(hi2, hi3)))
-    # t [BN, NW, a, b, h] holds slot a + 2b, half h: element 16b + 8a + 4h + w % 4 of block w // 4
-    t = tl.permute(tl.reshape(t, [BN, NW // 4, 4, 2, 2, 2]), 0, 1, 4, 3, 5, 2)
+    # t [BN, NW, a, b, h] holds slot a + 2b, half h: element 8 (w % 4) + 4b + 2a + h of block w // 4
+    t = tl.permute(tl.reshape(t, [BN, NW // 4, 4, 2, 2, 2]), 0, 1, 2, 4, 3, 5)
     return tl.reshape(t, [BN, NW * 8])
 
 

@@ -100,19 +100,6 @@ def _e8m0(e):
 
 
 @triton.jit
-def _mxfp4_block_f16(w):
-    """4 packed words a row [BN, 4] -> [BN, 32] float16; column c = 8i + 4h + 2r + q holds word i, half h of
-    slot 2q + r, i.e. element 8(2q + r) + 4h + i (quant/packed.py)."""
-    w = w.to(tl.uint32, bitcast=True)
-    l0, h0 = _mx_half_pair(w, 0)
-    l1, h1 = _mx_half_pair(w, 1)
-    l2, h2 = _mx_half_pair(w, 2)
-    l3, h3 = _mx_half_pair(w, 3)
-    t = tl.join(tl.join(tl.join(l0, h0), tl.join(l1, h1)), tl.join(tl.join(l2, h2), tl.join(l3, h3)))
-    return tl.reshape(t, [w.shape[0], 32])
-
-
-@triton.jit
 def _q8_half_pair(w, t: tl.constexpr):
     """Bytes t and t + 2 of uint32 words -> their int8 values as two float16: 0x6400 | (byte ^ 0x80) is
     1024 + q + 128, less 1152."""
@@ -122,8 +109,8 @@ def _q8_half_pair(w, t: tl.constexpr):
 
 @triton.jit
 def _q8_0_block_f16(w):
-    """8 packed words a row [BN, 8] -> [BN, 32] float16 int8 values; column c = 4i + 2t + h holds byte t + 2h of
-    word i, i.e. element 8(t + 2h) + i."""
+    """8 packed words a row [BN, 8] -> [BN, 32] float16 int8 values in element order: column c = 4i + 2t + h holds
+    byte t + 2h of word i, element c (quant/packed.py)."""
     w = w.to(tl.uint32, bitcast=True)
     l0, h0 = _q8_half_pair(w, 0)
     l1, h1 = _q8_half_pair(w, 1)
@@ -131,18 +118,10 @@ def _q8_0_block_f16(w):
 
 
 @triton.jit
-def _block_f16_element(c, IS_MXFP4: tl.constexpr):
-    """Column c of the float16 block tile -> the element of the block it holds."""
-    if IS_MXFP4:
-        return 16 * (c % 2) + 8 * ((c // 2) % 2) + 4 * ((c // 4) % 2) + c // 8
-    return 8 * ((c // 2) % 2 + 2 * (c % 2)) + c // 4
-
-
-@triton.jit
-def _x_block_f16(x_rows, ok_m, kb, kb_hi, IS_MXFP4: tl.constexpr):
-    """Block kb of x rows (pointers [BM], masked by ok_m; zeros past kb_hi) in the tile's K order, clamped to
-    float16's range, as float16 [BM, 32]."""
-    k = kb * 32 + _block_f16_element(tl.arange(0, 32), IS_MXFP4)
+def _x_block_f16(x_rows, ok_m, kb, kb_hi):
+    """Block kb of x rows (pointers [BM], masked by ok_m; zeros past kb_hi), clamped to float16's range, as float16
+    [BM, 32]."""
+    k = kb * 32 + tl.arange(0, 32)
     x = tl.load(x_rows[:, None] + k[None, :], mask=ok_m[:, None] & (k < kb_hi * 32)[None, :], other=0.0)
     return tl.minimum(tl.maximum(x.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
@@ -166,7 +145,7 @@ def _block_dot_f16(x, w_ptr, s_ptr, rows, nblk, kb, kb_hi, IS_MXFP4: tl.constexp
     w_row = _row_words(rows, nblk, WPB, GROUP)
     w = tl.load(w_ptr + w_row[:, None] + kb * (GROUP * WPB) + wi[None, :], mask=ok[:, None], other=0)
     if IS_MXFP4:
-        t = _mxfp4_block_f16(w)
+        t = _mxfp4_fold_f16(w)
         s = _e8m0(tl.load(s_ptr + rows * nblk + kb, mask=ok, other=0)) * 16384.0
     else:
         t = _q8_0_block_f16(w)
@@ -180,9 +159,9 @@ def _block_dot_f16(x, w_ptr, s_ptr, rows, nblk, kb, kb_hi, IS_MXFP4: tl.constexp
 
 @triton.jit
 def _mxfp4_fold_f16(w):
-    """4 packed words a row [R, 4] -> [R, 32] float16 (unscaled) for the folded tiles: column c = 8i + 4p + 2r + h
-    holds word i, half h of slot r + 2p (element 8(r + 2p) + 4h + i). A word's two halves land side by side, the
-    pair of K values one register of the dot's operand holds: no byte permutes to pair them."""
+    """4 packed words a row [R, 4] -> [R, 32] float16 (unscaled) in element order: column c = 8i + 4p + 2r + h holds
+    word i, half h of slot r + 2p, element c (quant/packed.py). A word's two halves land side by side, the pair of
+    K values one register of the dot's operand holds: no byte permutes to pair them."""
     w = w.to(tl.uint32, bitcast=True)
     l0, h0 = _mx_half_pair(w, 0)
     l1, h1 = _mx_half_pair(w, 1)
@@ -194,19 +173,10 @@ def _mxfp4_fold_f16(w):
 
 
 @triton.jit
-def _fold_element(c, IS_MXFP4: tl.constexpr):
-    """Column c of a folded block tile -> the element of the block it holds (Q8_0: as _block_f16_element)."""
-    if IS_MXFP4:
-        return 8 * ((c // 2) % 2 + 2 * ((c // 4) % 2)) + 4 * (c % 2) + c // 8
-    return _block_f16_element(c, IS_MXFP4)
-
-
-@triton.jit
-def _x_blocks_f16(x_rows, ok_m, kb, kb_hi, NB: tl.constexpr, IS_MXFP4: tl.constexpr):
-    """Blocks kb .. kb + NB - 1 of x rows (pointers [BM], masked by ok_m; zeros past kb_hi) in the folded tiles'
-    order of K, clamped to float16's range: float16 [BM, NB * 32]."""
-    c = tl.arange(0, NB * 32)
-    k = (kb + c // 32) * 32 + _fold_element(c % 32, IS_MXFP4)
+def _x_blocks_f16(x_rows, ok_m, kb, kb_hi, NB: tl.constexpr):
+    """Blocks kb .. kb + NB - 1 of x rows (pointers [BM], masked by ok_m; zeros past kb_hi), clamped to float16's
+    range: float16 [BM, NB * 32]. Contiguous: the decoded tiles are in element order."""
+    k = kb * 32 + tl.arange(0, NB * 32)
     x = tl.load(x_rows[:, None] + k[None, :], mask=ok_m[:, None] & (k < kb_hi * 32)[None, :], other=0.0)
     return _f16_saturated(x)
 
@@ -226,7 +196,7 @@ def _f16_saturated(x):
 def _w_blocks_f16(w_ptr, s_ptr, rows, nblk, kb, kb_hi, NB: tl.constexpr, IS_MXFP4: tl.constexpr,
                   GROUP: tl.constexpr):
     """Blocks kb .. kb + NB - 1 of W rows [BN], each block's scale folded in (PackedWeight.fold: exact for MXFP4,
-    Q8_0 rounded to float16): float16 [BN, NB * 32] in _x_blocks_f16's order of K; 0 past kb_hi."""
+    Q8_0 rounded to float16): float16 [BN, NB * 32] in element order; 0 past kb_hi."""
     WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
     BN: tl.constexpr = rows.shape[0]
     i = tl.arange(0, NB * WPB)
@@ -257,7 +227,7 @@ def _dot_f16_blocks(x_rows, ok_m, w_ptr, s_ptr, w2_ptr, s2_ptr, rows, nblk, kb_l
     acc2 = tl.zeros([BN, BM] if W_LEFT else [BM, BN], dtype=tl.float32)
     for kb in range(kb_lo, kb_hi, NB):
         if FOLD:
-            x = _x_blocks_f16(x_rows, ok_m, kb, kb_hi, NB, IS_MXFP4)
+            x = _x_blocks_f16(x_rows, ok_m, kb, kb_hi, NB)
             acc = _dot_f16(x, _w_blocks_f16(w_ptr, s_ptr, rows, nblk, kb, kb_hi, NB, IS_MXFP4, GROUP), acc,
                            DOT_F32, W_LEFT)  # fmt: skip
             if TWO:
@@ -265,7 +235,7 @@ def _dot_f16_blocks(x_rows, ok_m, w_ptr, s_ptr, w2_ptr, s2_ptr, rows, nblk, kb_l
                                 DOT_F32, W_LEFT)  # fmt: skip
         else:
             for b in tl.static_range(NB):
-                x = _x_block_f16(x_rows, ok_m, kb + b, kb_hi, IS_MXFP4)
+                x = _x_block_f16(x_rows, ok_m, kb + b, kb_hi)
                 acc += _block_dot_f16(x, w_ptr, s_ptr, rows, nblk, kb + b, kb_hi, IS_MXFP4, DOT_F32, GROUP, W_LEFT)
                 if TWO:
                     acc2 += _block_dot_f16(x, w2_ptr, s2_ptr, rows, nblk, kb + b, kb_hi, IS_MXFP4, DOT_F32, GROUP,
@@ -295,12 +265,18 @@ def _dot_f16(x, t, acc, DOT_F32: tl.constexpr, W_LEFT: tl.constexpr):
 
 @triton.jit
 def _x_slices(xb, ok):
-    """x for one step: the 8 runs [NB, 4] at offsets 0, 4, ..., 28 of each block (still in x's dtype)."""
-    m = ok[:, None]
-    return (tl.load(xb, mask=m, other=0.0), tl.load(xb + 4, mask=m, other=0.0), tl.load(xb + 8, mask=m, other=0.0),
-            tl.load(xb + 12, mask=m, other=0.0), tl.load(xb + 16, mask=m, other=0.0),
-            tl.load(xb + 20, mask=m, other=0.0), tl.load(xb + 24, mask=m, other=0.0),
-            tl.load(xb + 28, mask=m, other=0.0))  # fmt: skip
+    """x for one step, xb [NB, 4] the start of each word's run of 8 elements: the 8 slices [NB, 4], slice j
+    element j of each run (still in x's dtype). One contiguous load, split."""
+    NB: tl.constexpr = xb.shape[0]
+    x = tl.load(xb[:, :, None] + tl.arange(0, 8)[None, None, :], mask=ok[:, None, None], other=0.0)
+    c0, c1 = tl.split(tl.reshape(x, [NB, 4, 2, 2, 2]))  # element j = 4a + 2b + c at [.., a, b, c]
+    c0b0, c0b1 = tl.split(c0)
+    c1b0, c1b1 = tl.split(c1)
+    x0, x4 = tl.split(c0b0)
+    x2, x6 = tl.split(c0b1)
+    x1, x5 = tl.split(c1b0)
+    x3, x7 = tl.split(c1b1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
 
 
 @triton.jit
@@ -310,7 +286,8 @@ def _f(v):
 
 @triton.jit
 def _mx_step(w, e, x0, x1, x2, x3, x4, x5, x6, x7, acc):
-    """acc [BN, NB, 4] += scale * (decoded words w . x) for one step; x runs as _x_slices gives them."""
+    """acc [BN, NB, 4] += scale * (decoded words w . x) for one step; x slices as _x_slices gives them (slot s, half
+    h of a word: element 2s + h of its run)."""
     w = w.to(tl.uint32, bitcast=True)
     lo, hi = _mx_pair(w, 0)
     part = lo * _f(x0) + hi * _f(x1)
@@ -349,7 +326,7 @@ def _mxfp4_gemv_tile(
     # multiples of 4 words: the compiler sees 16-byte alignment and issues one vector load per block
     w_off = (_row_words(n, nblk, 4, GROUP)[:, None] + b[None, :] * GW)[:, :, None] + i[None, None, :]  # [BN, NB, 4]
     e_off = n[:, None] * nblk + b[None, :]  # [BN, NB]
-    x_blk = x_ptr + b[:, None] * 32 + i[None, :]  # [NB, 4]
+    x_blk = x_ptr + b[:, None] * 32 + 8 * i[None, :]  # [NB, 4]: word i holds elements 8i .. 8i + 7
     acc = tl.zeros([BN, NB, 4], dtype=tl.float32)
     acc2 = tl.zeros([BN, NB, 4], dtype=tl.float32)
     if STAGES == 0:  # register double buffer: step kb+NB's weights and x are in flight while step kb is decoded
@@ -410,7 +387,7 @@ def _q8_0_gemv_tile(
     GW: tl.constexpr = GROUP * 8
     w_off = (_row_words(n, nblk, 8, GROUP)[:, None] + b[None, :] * GW)[:, :, None] + i[None, None, :]  # [BN, NB, 8]
     d_off = n[:, None] * nblk + b[None, :]
-    x_blk = x_ptr + b[:, None] * 32 + i[None, :]  # [NB, 8]
+    x_blk = x_ptr + b[:, None] * 32 + 4 * i[None, :]  # [NB, 8]: word i holds elements 4i .. 4i + 3
     acc = tl.zeros([BN, NB, 8], dtype=tl.float32)
     if STAGES == 0:  # register double buffer, as in the MXFP4 tile
         ok0 = (kb_lo + b < kb_hi) | EVEN
@@ -427,10 +404,14 @@ def _q8_0_gemv_tile(
             w = tl.load(w_ptr + w_off + kb * GW, mask=ok[None, :, None], other=0).to(tl.uint32, bitcast=True)
             d = tl.load(d_ptr + d_off + kb, mask=ok[None, :], other=0.0).to(tl.float32)
         xb = x_blk + kb * 32
-        part = tl.zeros([BN, NB, 8], dtype=tl.float32)
-        for t in tl.static_range(4):
-            xt = tl.load(xb + 8 * t, mask=ok[:, None], other=0.0).to(tl.float32)[None, :, :]
-            part = tl.fma(_q8_byte(w, t), xt, part)
+        x = tl.load(xb[:, :, None] + tl.arange(0, 4)[None, None, :], mask=ok[:, None, None], other=0.0)
+        e0, e1 = tl.split(tl.reshape(x, [NB, 8, 2, 2]))  # element j = 2a + c of a word's run at [.., a, c]
+        x0, x2 = tl.split(e0)
+        x1, x3 = tl.split(e1)
+        part = _q8_byte(w, 0) * _f(x0)  # byte b holds element Q8_0_BYTE_ELEMENT[b]: 0, 2, 1, 3
+        part = tl.fma(_q8_byte(w, 1), _f(x2), part)
+        part = tl.fma(_q8_byte(w, 2), _f(x1), part)
+        part = tl.fma(_q8_byte(w, 3), _f(x3), part)
         acc = tl.fma(part, d[:, :, None], acc)
     return tl.sum(tl.sum(acc, axis=2), axis=1)
 
@@ -573,19 +554,20 @@ def _gemm_kernel(
             w = tl.load(w_ptr + w_row[:, None] + (blk * (GROUP * WPB) + word_of)[None, :], mask=ok, other=0)
             w = w.to(tl.uint32, bitcast=True)
             s = tl.load(s_ptr + n_in[:, None] * nblk + blk[None, :], mask=ok, other=0)  # [BN, NB*WPB], repeated
-            x_base = x_ptr + m_in[:, None] * stride_xm + (blk * 32 + word_of)[None, :]  # [BM, NB*WPB]
+            # word w of a block holds elements (32 // WPB) * w onwards (quant/packed.py)
+            x_base = x_ptr + m_in[:, None] * stride_xm + (blk * 32 + (32 // WPB) * word_of)[None, :]  # [BM, NB*WPB]
             if IS_MXFP4:
                 s = _e8m0(s) * 16384.0
                 for p in tl.static_range(4):
                     lo, hi = _mx_pair(w, p)
-                    xa = tl.load(x_base + 8 * p, mask=ok, other=0.0).to(dot_t)
-                    xb = tl.load(x_base + 8 * p + 4, mask=ok, other=0.0).to(dot_t)
+                    xa = tl.load(x_base + 2 * p, mask=ok, other=0.0).to(dot_t)  # slot p: elements 2p, 2p + 1
+                    xb = tl.load(x_base + 2 * p + 1, mask=ok, other=0.0).to(dot_t)
                     acc = tl.dot(xa, tl.trans((lo * s).to(dot_t)), acc)
                     acc = tl.dot(xb, tl.trans((hi * s).to(dot_t)), acc)
             else:
                 s = s.to(tl.float32)
                 for t in tl.static_range(4):
-                    xa = tl.load(x_base + 8 * t, mask=ok, other=0.0).to(dot_t)
+                    xa = tl.load(x_base + 2 * (t % 2) + t // 2, mask=ok, other=0.0).to(dot_t)  # byte t
                     acc = tl.dot(xa, tl.trans((_q8_byte(w, t) * s).to(dot_t)), acc)
     y = y_ptr + split * M * N + m[:, None] * stride_ym + n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(m < M)[:, None] & (n < N)[None, :])
@@ -601,11 +583,11 @@ def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, IS_MXFP4: tl.constexpr, BC: tl.con
     nblk = K // 32
     blk = c // 32
     e = c % 32
-    if IS_MXFP4:  # element 8s + 4h + i: word i, half h, slot s (quant/packed.py)
-        at = _row_words(r, nblk, 4, GROUP) + blk * (GROUP * 4) + e % 4
+    if IS_MXFP4:  # element 8i + 2s + h: word i, slot s, half h (quant/packed.py)
+        at = _row_words(r, nblk, 4, GROUP) + blk * (GROUP * 4) + e // 8
         word = tl.load(w_ptr + at, mask=ok, other=0).to(tl.uint32, bitcast=True)
-        slot = e // 8
-        half = (word >> (16 * ((e // 4) % 2))) & 0xFFFF
+        slot = (e % 8) // 2
+        half = (word >> (16 * (e % 2))) & 0xFFFF
         mag_at = tl.where(slot == 0, 0, tl.where(slot == 1, 3, tl.where(slot == 2, 10, 13)))
         sign_at = tl.where(slot == 0, 6, tl.where(slot == 1, 9, tl.where(slot == 2, 7, 8)))
         mag = (half >> mag_at) & 7
@@ -614,10 +596,10 @@ def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, IS_MXFP4: tl.constexpr, BC: tl.con
         v = tl.where(ex == 0, 0.5 * frac, tl.math.exp2((ex - 1).to(tl.float32)) * (1.0 + 0.5 * frac))
         v = tl.where(((half >> sign_at) & 1) == 1, -v, v)
         v = v * _e8m0(tl.load(s_ptr + r * nblk + blk, mask=ok, other=0))
-    else:  # element 8t + i: byte t of word i
-        at = _row_words(r, nblk, 8, GROUP) + blk * (GROUP * 8) + e % 8
+    else:  # element 4i + Q8_0_BYTE_ELEMENT[b]: byte b of word i
+        at = _row_words(r, nblk, 8, GROUP) + blk * (GROUP * 8) + e // 4
         word = tl.load(w_ptr + at, mask=ok, other=0).to(tl.uint32, bitcast=True)
-        byte = ((word >> (8 * (e // 8))) & 0xFF).to(tl.int32)
+        byte = ((word >> (8 * (2 * (e % 2) + (e % 4) // 2))) & 0xFF).to(tl.int32)
         v = tl.where(byte >= 128, byte - 256, byte).to(tl.float32)
         v = v * tl.load(s_ptr + r * nblk + blk, mask=ok, other=0).to(tl.float32)
     tl.store(out_ptr + r * K + c, v.to(out_ptr.dtype.element_ty), mask=ok)

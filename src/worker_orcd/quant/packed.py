@@ -2,16 +2,19 @@
 torch only.
 
 Weights are repacked once from ggml blocks into 32-bit words plus a separate scale per 32-weight block,
-never expanded. Within a block the codes are permuted so that each way the kernel pulls values out of
-a word lines up with a contiguous run of x (one vector load per run, reused over the rows of a tile):
+never expanded. Each word holds a contiguous run of a block's elements, in an order within the word chosen
+so that the decode GEMMs' float16 tiles come out in element order (so x is read as it is, in vector loads):
 
-Q8_0: codes uint32 [N, K/4], scales f16 [N, K/32]. Word i (0..7) of a block holds elements i, 8+i, 16+i,
-      24+i in bytes 0..3. Byte -> float by bit-building: float(0x4B000000 | (b ^ 0x80)) - (2^23 + 128).
-MXFP4: codes uint32 [N, K/8], exponents uint8 [N, K/32]. Word i (0..3) of a block has 4 slots s in each
-      16-bit half h, holding element 8s + 4h + i: its 3 magnitude bits at MAG_BIT[s] and its sign at
-      SIGN_BIT[s]. One shift and mask (slots 0, 1; two shifts for 2, 3) puts a slot's two codes into the
-      sign, exponent-low and top-mantissa bits of an f16 pair: f16 value = E2M1 value * 2^-14 (subnormals
-      give 0 and 0.5 exactly), and w = f16 * 2^14 * 2^(e-127), ggml's doubled table times 2^(e-128).
+Q8_0: codes uint32 [N, K/4], scales f16 [N, K/32]. Word i (0..7) of a block holds elements 4i .. 4i+3, byte b
+      holding element 4i + Q8_0_BYTE_ELEMENT[b]: bytes t and t + 2 become one float16 pair by one mask,
+      elements 4i + 2t and 4i + 2t + 1. Byte -> float by bit-building: float(0x4B000000 | (b ^ 0x80))
+      - (2^23 + 128), or float16 0x6400 | (b ^ 0x80) less 1152.
+MXFP4: codes uint32 [N, K/8], exponents uint8 [N, K/32]. Word i (0..3) of a block holds elements 8i .. 8i+7:
+      slot s (0..3) of 16-bit half h holds element 8i + 2s + h, its 3 magnitude bits at MAG_BIT[s] and its sign
+      at SIGN_BIT[s]. One shift and mask (slots 0, 1; two shifts for 2, 3) puts a slot's two codes into the
+      sign, exponent-low and top-mantissa bits of an f16 pair, the pair of neighbouring elements one register
+      of a tensor-core operand holds: f16 value = E2M1 value * 2^-14 (subnormals give 0 and 0.5 exactly), and
+      w = f16 * 2^14 * 2^(e-127), ggml's doubled table times 2^(e-128).
       Two exponent bytes differ from ggml: 0 scales by 0 (ggml: 2^-127) and 255 by 2^127 (ggml: 2^128);
       real weights use neither (OCP MX reserves 255 for NaN).
 
@@ -48,6 +51,8 @@ from worker_orcd.quant._bytes import bits, f16
 # MXFP4 slot s: magnitude bits at MAG_BIT[s]..+2 and sign at SIGN_BIT[s] of each 16-bit half
 MXFP4_MAG_BIT = (0, 3, 10, 13)
 MXFP4_SIGN_BIT = (6, 9, 7, 8)
+# Q8_0 byte b of word i holds element 4i + Q8_0_BYTE_ELEMENT[b] (a permutation that is its own inverse)
+Q8_0_BYTE_ELEMENT = (0, 2, 1, 3)
 
 
 @dataclass(frozen=True)
@@ -162,8 +167,7 @@ def pack_q8_0(raw: torch.Tensor, n: int, k: int) -> PackedWeight:
     rows = raw.shape[0]
     b = raw.reshape(rows, k // 32, 34)
     d = f16(b[..., 0:2]).squeeze(-1).to(torch.float16)  # [rows, K/32]
-    q = b[..., 2:34].reshape(rows, k // 32, 4, 8)  # element 8t + i at [t, i]
-    q = q.transpose(-1, -2).reshape(rows, k)  # byte 4i + t = element 8t + i
+    q = b[..., 2:34].reshape(rows, k // 32, 8, 4)[..., list(Q8_0_BYTE_ELEMENT)].reshape(rows, k)
     group = _group_for(Q8_0_GROUP, n, rows)
     words = group_rows(_words(q), group, k // 32) if group > 1 else _words(q)
     return PackedWeight("q8_0", words, d.contiguous(), n, k, group=group, fold=fold_scales_fit("q8_0", d))
@@ -197,7 +201,8 @@ def unpack(p: PackedWeight, chunk_rows: int = 16384) -> torch.Tensor:
     if p.kind in FLOAT_DTYPES:
         return p.codes.contiguous().view(torch.uint8).reshape(rows, -1)
     if p.kind == "q8_0":
-        q = p.codes.contiguous().view(torch.uint8).reshape(rows, nb, 8, 4).transpose(-1, -2).reshape(rows, nb, 32)
+        q = p.codes.contiguous().view(torch.uint8).reshape(rows, nb, 8, 4)[..., list(Q8_0_BYTE_ELEMENT)]
+        q = q.reshape(rows, nb, 32)
         d = p.scales.contiguous().view(torch.uint8).reshape(rows, nb, 2)
         return torch.cat([d, q], dim=-1).reshape(rows, nb * 34)
     out = torch.empty(rows, nb, 17, dtype=torch.uint8, device=p.codes.device)
@@ -210,7 +215,7 @@ def unpack(p: PackedWeight, chunk_rows: int = 16384) -> torch.Tensor:
 def _mxfp4_layout(dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """elem [word i, slot s, half h] and the magnitude / sign bit positions [s, h] of the packed layout."""
     i, s, h = torch.arange(4, device=dev), torch.arange(4, device=dev), torch.arange(2, device=dev)
-    elem = 8 * s[None, :, None] + 4 * h[None, None, :] + i[:, None, None]
+    elem = 8 * i[:, None, None] + 2 * s[None, :, None] + h[None, None, :]
     mag_at = torch.tensor(MXFP4_MAG_BIT, device=dev)[:, None] + 16 * h[None, :]
     sign_at = torch.tensor(MXFP4_SIGN_BIT, device=dev)[:, None] + 16 * h[None, :]
     return elem, mag_at, sign_at
