@@ -162,6 +162,13 @@ def _words(codes: torch.Tensor) -> torch.Tensor:
     return codes.contiguous().view(torch.int32)
 
 
+def _q8_0_bytes(q: torch.Tensor) -> torch.Tensor:
+    """Q8_0 codes [..., 32] in element order <-> in packed byte order (Q8_0_BYTE_ELEMENT, its own inverse): byte
+    2a + c of each word is element 2c + a. Views and a copy only: no index tensor (this runs inside CUDA graph
+    captures, for embedding rows)."""
+    return q.reshape(*q.shape[:-1], 8, 2, 2).transpose(-1, -2).reshape(q.shape)
+
+
 def pack_q8_0(raw: torch.Tensor, n: int, k: int) -> PackedWeight:
     """Q8_0 blocks uint8 [rows, K/32*34] (rows = any multiple of n) -> PackedWeight on raw's device."""
     rows = raw.shape[0]
@@ -201,8 +208,7 @@ def unpack(p: PackedWeight, chunk_rows: int = 16384) -> torch.Tensor:
     if p.kind in FLOAT_DTYPES:
         return p.codes.contiguous().view(torch.uint8).reshape(rows, -1)
     if p.kind == "q8_0":
-        q = p.codes.contiguous().view(torch.uint8).reshape(rows, nb, 8, 4)[..., list(Q8_0_BYTE_ELEMENT)]
-        q = q.reshape(rows, nb, 32)
+        q = _q8_0_bytes(p.codes.contiguous().view(torch.uint8).reshape(rows, nb, 32))
         d = p.scales.contiguous().view(torch.uint8).reshape(rows, nb, 2)
         return torch.cat([d, q], dim=-1).reshape(rows, nb * 34)
     out = torch.empty(rows, nb, 17, dtype=torch.uint8, device=p.codes.device)
