@@ -517,7 +517,13 @@ def tiles_config() -> dict:
     # scales folded (FOLD, session 7), NB=2, 4 warps: T=1 79, T=4 184, T=16 409, T=64 478, T=128 700 (the same
     # run's unfolded default: 92, 195, 421, 503, 745); x converted with saturation (one instruction a pair), fewer
     # splits (UP_TARGET 64, TARGET 256): 81, 149, 336, 447, 694
+    # x read contiguous (session 9: the decoded tiles in element order), float16 x as GPT-OSS feeds it, 75 configs
+    # (bench/gpu_tune.py sweep_moe): BN=64, 8 warps, UP_TARGET=64, TARGET=64: T=1 67.9, T=16 259.5, T=64 295.2 us
+    # (the config before it: 73.6, 284.8, 339.2)
     fold = F16_TILES and FOLD
+    if fold and not W_LEFT:
+        return {"BM": 16, "BN": 64, "NB": 2, "UP_TARGET": 64, "TARGET": 64, "num_warps": 8, "num_stages": 3,
+                "F16": True, "W_LEFT": False, "FOLD": True}
     return {"BM": 16, "BN": 128, "NB": 2 if fold or not F16_TILES else 1, "UP_TARGET": 64 if fold else 256,
             "TARGET": 256 if fold else 1024,
             "num_warps": 4 if W_LEFT or fold else 2, "num_stages": 3, "F16": F16_TILES, "W_LEFT": W_LEFT, "FOLD": fold}
