@@ -261,6 +261,33 @@ def test_bucketed_static_decode_batch_of_8_equals_alone(net):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
+def test_prompt_chunks_ride_along_with_decode_rows(net):
+    """Graphed prompts (CUDA's default, here on CPU within 16 rows, where CPU rows are independent): prompt chunks
+    that join an overlapped decode step as rows of it give the tokens they give in a step of their own."""
+    reqs = [Request(f"r{i}", prompt(i, 3 + i), 8 + i, SamplingParams(temperature=0.8, seed=i) if i % 2 else
+                    SamplingParams(), logprobs=2 if i == 3 else None) for i in range(6)]  # fmt: skip
+
+    def run(overlap: bool) -> tuple[list, list[tuple[int, int]]]:
+        s = Scheduler(net, IdTokenizer(), max_batch=8, ctx=256, prefill_chunk=64, graphs=True, overlap=overlap)
+        s.pack_rows, s.graph_prompts, s.mix_rows = 16, True, 0  # as on CUDA: no eager mixed forward
+        rode: list[tuple[int, int]] = []
+        riders = s._riders
+        s._riders = lambda n: (r := riders(n)) and rode.append((n, len(r))) or r
+        s.start()
+        try:
+            first = [s.submit(r) for r in reqs[:2]]
+            wait_for(lambda: all(h.stats.completion_tokens >= 1 for h in first), "the first requests to decode")
+            rest = [s.submit(r) for r in reqs[2:]]
+            return [[(e.token, e.logprob) if isinstance(e, TokenEvent) else type(e).__name__ for e in h]
+                    for h in first + rest], rode
+        finally:
+            s.stop()
+
+    (serial, _), (overlapped, rode) = run(False), run(True)
+    assert overlapped == serial
+    assert any(n > 0 for n, _ in rode), f"no prompt chunk rode along with decode rows: {rode}"
+
+
 def test_overlapped_decode_gives_what_the_serial_loop_gives(net):
     """Decode step N + 1 launched before step N's tokens are handled (the default with CUDA graphs), run on
     CPU: the same tokens, logprobs and endings as the serial loop, for greedy, seeded, penalized and biased
@@ -277,9 +304,11 @@ def test_overlapped_decode_gives_what_the_serial_loop_gives(net):
     reqs = [Request(f"o{i}", prompt(i, 4 + 5 * i), 6 + 3 * i, replace(kinds[i % 4], seed=i),
                     logprobs=2 if i % 2 else None, logits_processor=ban_500 if i == 6 else None) for i in range(8)]
 
-    def run(overlap: bool) -> list:
+    def run(overlap: bool, graph_prompts: bool = False) -> list:
         s = Scheduler(net, IdTokenizer(), max_batch=8, ctx=256, prefill_chunk=64, graphs=True, overlap=overlap)
         assert s.overlap == overlap
+        if graph_prompts:  # CUDA's packed prompts as rows of the decode step; 16 rows keep CPU rows independent
+            s.pack_rows, s.graph_prompts, s.mix_rows = 16, True, 0
         s.start()
         try:
             first = [s.submit(r) for r in reqs[:5]]
@@ -300,3 +329,5 @@ def test_overlapped_decode_gives_what_the_serial_loop_gives(net):
     serial, overlapped = run(False), run(True)
     assert overlapped == serial
     assert len(serial[1]) <= 5 and len(serial[5]) <= 5 and serial[1][-1] == serial[5][-1] == "EndEvent"
+    # prompt chunks as decode rows: alone (serial) and riding along with the overlapped decode rows, the same
+    assert run(True, graph_prompts=True) == run(False, graph_prompts=True)

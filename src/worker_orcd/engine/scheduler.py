@@ -11,8 +11,9 @@ On CPU, rows of torch's packed kernels are bitwise independent of each other up 
 chunk joins the decode forward only while the rows stay within `mix_rows` (16). On CUDA every kernel has
 one shape per matrix whatever the row count up to 128 rows (fixed tiles, split-K by shape): decode steps run
 through a CUDA graph per batch size, and so do packed prompt chunks of up to 128 rows, each prompt token a row
-of the decode step at its own position; a longer chunk (other kernels) runs alone, eagerly. A request is admitted once the pool can hold
-its prompt plus max_tokens (capped at the context): no sequence ever waits for a block mid-stream.
+of the decode step at its own position (riding along with the decode rows when they fit); a longer chunk (other
+kernels) runs alone, eagerly. A request is admitted once the pool can hold its prompt plus max_tokens (capped at
+the context): no sequence ever waits for a block mid-stream.
 
 Prefix caching (engine/block_manager.py): an admitted prompt starts from the longest run of whole pages whose
 KV is cached (a finished or running sequence computed them) and prefills only the rest. It must not change
@@ -486,7 +487,8 @@ class Scheduler:
         (text, stop strings, events) runs while the GPU computes the new step, whose rows take their tokens
         from the previous picks on the device. A sequence that ends on a landed token wasted its new row (it is
         dropped when that step lands); one that must end there (max_tokens, a full context) gets no row. A
-        logits processor needs the tokens on the host: such steps land first and run as before."""
+        logits processor needs the tokens on the host: such steps land first and run as before. Prompt chunks ride
+        along in the same step while the rows stay within pack_rows (graphed prompts, `_riders`)."""
         last, self._inflight = self._inflight, None
         decoding = [s for s in self._running if s.decoding]
         if any(s.handle.request.logits_processor is not None for s in decoding):
@@ -497,9 +499,10 @@ class Scheduler:
                 self._forward(decoding, [])
             return bool(decoding)
         rows = [s for s in decoding if not (last is not None and last.has(s) and self._ends_on_next(s))]
-        if rows:
+        riders = self._riders(len(rows))
+        if rows or riders:
             try:
-                self._inflight = self._launch(rows, last)
+                self._inflight = self._launch(rows, last, riders)
             except Exception as e:  # an OOM, a bug: land what flies, then this step as an ordinary forward
                 log.warning("an overlapped decode launch failed (%s: %s); running the step alone", type(e).__name__, e)
                 if last is not None:
@@ -510,16 +513,35 @@ class Scheduler:
                     self._forward(rows, [])
         if last is not None:
             self._land(last)
-        return bool(rows)
+        return bool(rows or riders)
 
     def _ends_on_next(self, seq: _Seq) -> bool:
         """The token in flight is the sequence's last whatever it is (max_tokens or the context reached)."""
         return (seq.handle.stats.completion_tokens + 1 >= seq.handle.request.max_tokens
                 or len(seq.history) + 1 >= self.ctx)
 
-    def _launch(self, rows: list[_Seq], last: _InFlight | None) -> _InFlight:
+    def _riders(self, n_rows: int) -> list[_Seq]:
+        """Prompts whose next chunks join a decode step of n_rows rows (graphed prompts): in arrival order while
+        all rows stay within pack_rows; not those that want every prompt row's logits or a logits processor."""
+        group, rows = [], n_rows
+        if not self.graph_prompts:
+            return group
+        for seq in self._running:
+            req = seq.handle.request
+            if seq.decoding or req.prompt_logprobs is not None or req.logits_processor is not None:
+                continue
+            n = self._chunk_len(seq)
+            if rows + n > self.pack_rows:
+                break
+            group.append(seq)
+            rows += n
+        return group
+
+    def _launch(self, rows: list[_Seq], last: _InFlight | None, riders: list[_Seq] = ()) -> _InFlight:
         """One decode forward and its picks for `rows`, left running on the device. A row whose previous
-        token is still in flight reads it from `last`'s picks and sits one position further."""
+        token is still in flight reads it from `last`'s picks and sits one position further. Each rider's next
+        prompt chunk follows as rows at their own positions; a rider whose prompt that chunk ends picks its first
+        token with the decode rows."""
         dev = self.kv.device
         pending = [last is not None and last.has(s) for s in rows]
         positions = [len(s.history) if p else s.kv_len for s, p in zip(rows, pending)]
@@ -532,9 +554,31 @@ class Scheduler:
                 dst = [i for i, p in enumerate(pending) if p]
                 src = [last.row[id(rows[i])] for i in dst]
                 tokens[to_device(dst, dev, torch.long)] = last.picks[to_device(src, dev, torch.long)]
-        logits = self._decoder.step(tokens, positions, [s.slot for s in rows])
-        picks, asked, lp = self._pick_on_device(rows, logits)
-        return _InFlight(rows, picks, asked, lp)
+        slots = [s.slot for s in rows]
+        chunks = [(seq, seq.prefilled, seq.prefilled + self._chunk_len(seq)) for seq in riders]
+        for seq, start, end in chunks:
+            positions += range(start, end)
+            slots += [seq.slot] * (end - start)
+        if chunks:
+            prompt_rows = [t for seq, start, end in chunks for t in seq.handle.request.prompt_ids[start:end]]
+            tokens = torch.cat([tokens.reshape(-1), to_device(prompt_rows, dev, torch.long)])
+        logits = self._decoder.step(tokens, positions, slots)
+        picking, at, r = list(rows), list(range(len(rows))), len(rows)
+        for seq, start, end in chunks:  # the chunk's KV is written by the step just queued
+            r += end - start
+            seq.prefilled = end
+            self.kv.blocks.commit(seq.slot, seq.handle.request.prompt_ids[:end])
+            if seq.handle.stats.started_at is None:
+                seq.handle.stats.started_at = time.monotonic()
+            if seq.decoding:
+                picking.append(seq)
+                at.append(r - 1)
+        if not picking:  # only mid-prompt chunks rode along
+            return _InFlight([], torch.empty(0, dtype=torch.long, device=dev), [], None)
+        if at != list(range(logits.shape[0])):
+            logits = logits[to_device(at, dev, torch.long)]
+        picks, asked, lp = self._pick_on_device(picking, logits)
+        return _InFlight(picking, picks, asked, lp)
 
     def _land(self, step: _InFlight) -> None:
         """Handle a launched step's tokens on the host (waits for them); sequences that ended meanwhile skip."""
