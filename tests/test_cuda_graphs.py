@@ -264,7 +264,7 @@ def test_scheduler_on_cuda_texts_do_not_depend_on_company(tmp_path):
 def test_overlapped_decode_launches_without_a_sync_and_changes_nothing(tmp_path, monkeypatch):
     """The overlapped step queues decode N + 1 before it handles step N's tokens: its launch must not wait
     for the GPU (torch's sync debug mode turns any synchronizing call into an error there), and the tokens
-    are those of the serial loop, greedy and sampled with every option."""
+    are those of the serial loop, greedy and sampled with every option, prompt chunks riding along or not."""
     from dataclasses import replace
 
     from worker_orcd.engine.sampler import SamplingParams
@@ -272,11 +272,11 @@ def test_overlapped_decode_launches_without_a_sync_and_changes_nothing(tmp_path,
 
     launch, launches = Scheduler._launch, []
 
-    def strict_launch(self, rows, last):
+    def strict_launch(self, rows, last, riders=()):
         torch.cuda.set_sync_debug_mode("error")
         try:
-            launches.append(len(rows))
-            return launch(self, rows, last)
+            launches.append((len(rows), len(riders)))
+            return launch(self, rows, last, riders)
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
@@ -296,4 +296,5 @@ def test_overlapped_decode_launches_without_a_sync_and_changes_nothing(tmp_path,
         finally:
             s.stop()
     assert launches, "no overlapped launch ran"
+    assert any(n and r for n, r in launches), f"no prompt chunk rode along with decode rows: {launches}"
     assert runs[True] == runs[False]
