@@ -296,5 +296,5 @@ def test_overlapped_decode_launches_without_a_sync_and_changes_nothing(tmp_path,
         finally:
             s.stop()
     assert launches, "no overlapped launch ran"
-    assert any(n and r for n, r in launches), f"no prompt chunk rode along with decode rows: {launches}"
+    assert any(r for _, r in launches), f"no prompt chunk rode along: {launches}"
     assert runs[True] == runs[False]
