@@ -78,8 +78,8 @@ class TokenCounts:
     def __init__(self, prompt_ids: Sequence[int], vocab: int, device: torch.device):
         self.generated = torch.zeros(vocab, dtype=torch.int32, device=device)
         self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-        if prompt_ids:
-            self.seen[to_device(list(prompt_ids), device, torch.long)] = True
+        if prompt_ids:  # index_fill_: the value goes to the kernel as it is (assigning True copies it, a sync)
+            self.seen.index_fill_(0, to_device(list(prompt_ids), device, torch.long), True)
 
 
 class Sampler:
