@@ -118,15 +118,6 @@ def _q8_0_block_f16(w):
 
 
 @triton.jit
-def _x_block_f16(x_rows, ok_m, kb, kb_hi):
-    """Block kb of x rows (pointers [BM], masked by ok_m; zeros past kb_hi), clamped to float16's range, as float16
-    [BM, 32]."""
-    k = kb * 32 + tl.arange(0, 32)
-    x = tl.load(x_rows[:, None] + k[None, :], mask=ok_m[:, None] & (k < kb_hi * 32)[None, :], other=0.0)
-    return tl.minimum(tl.maximum(x.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
-
-
-@triton.jit
 def _row_words(rows, nblk, WPB: tl.constexpr, GROUP: tl.constexpr):
     """Offset of block 0's first word of each row (quant/packed.py's row groups); block kb's words start
     kb * GROUP * WPB words later."""
@@ -136,7 +127,7 @@ def _row_words(rows, nblk, WPB: tl.constexpr, GROUP: tl.constexpr):
 @triton.jit
 def _block_dot_f16(x, w_ptr, s_ptr, rows, nblk, kb, kb_hi, IS_MXFP4: tl.constexpr, DOT_F32: tl.constexpr,
                    GROUP: tl.constexpr, W_LEFT: tl.constexpr = False):
-    """x [BM, 32] float16 (from _x_block_f16) . block kb of W rows [BN] -> float32 [BM, BN], scaled; 0 past
+    """x [BM, 32] float16 (from _x_blocks_f16) . block kb of W rows [BN] -> float32 [BM, BN], scaled; 0 past
     kb_hi. W_LEFT: the weights as the dot's left operand instead, [BN, BM] (on Hopper wgmma reads its left operand
     from registers, so the decoded tile need not pass through shared memory: docs/research/mxfp4-decode.md)."""
     WPB: tl.constexpr = 4 if IS_MXFP4 else 8  # words per block
@@ -235,7 +226,7 @@ def _dot_f16_blocks(x_rows, ok_m, w_ptr, s_ptr, w2_ptr, s2_ptr, rows, nblk, kb_l
                                 DOT_F32, W_LEFT)  # fmt: skip
         else:
             for b in tl.static_range(NB):
-                x = _x_block_f16(x_rows, ok_m, kb + b, kb_hi)
+                x = _x_blocks_f16(x_rows, ok_m, kb + b, kb_hi, 1)
                 acc += _block_dot_f16(x, w_ptr, s_ptr, rows, nblk, kb + b, kb_hi, IS_MXFP4, DOT_F32, GROUP, W_LEFT)
                 if TWO:
                     acc2 += _block_dot_f16(x, w2_ptr, s2_ptr, rows, nblk, kb + b, kb_hi, IS_MXFP4, DOT_F32, GROUP,
