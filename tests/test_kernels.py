@@ -187,6 +187,33 @@ def test_rope_qkv_store_is_rope_then_the_kv_store(neox, n_rot, hd, dtype):
     assert torch.equal(got.k[0], want.k[0]) and torch.equal(got.v[0], want.v[0])
 
 
+@pytest.mark.parametrize("dtype,bias", [(torch.bfloat16, True), (torch.float32, False)])
+def test_rope_qkv_store_sums_split_k_partials_as_the_sum_kernel_does(dtype, bias):
+    """A q|k|v matmul's split-K Partials go into rope_qkv_store as they are: the same bits (q, and k and v in the
+    pools) as summing them with their own kernel (Partials.dense) first; rotate_qkv takes them either way."""
+    from worker_orcd.engine.kv_cache import KVCache
+    from worker_orcd.kernels.rope import RopeConfig, cos_sin, inv_freq, rotate_qkv
+    from worker_orcd.kernels.triton_quant import Partials
+    from worker_orcd.kernels.triton_rope import rope_qkv_store
+
+    H, Hkv, hd, T, R = 4, 2, 16, 3, 3
+    N = (H + 2 * Hkv) * hd
+    cfg = RopeConfig(n_rot=hd, base=10000.0, neox=True)
+    cos, sin = cos_sin(cfg, torch.tensor([0, 5, 17]), inv_freq(cfg))
+    part = torch.randn(R, T, N) * 3
+    b = torch.randn(N) if bias else None
+    p = Partials(part, T, N, R, N, T * N, b, dtype)
+    blocks, offsets = torch.tensor([3, 0, 3]), torch.tensor([1, 15, 2])
+    want, got = (KVCache(1, Hkv, hd, 64, 4, dtype, block_size=16) for _ in range(2))
+    q_want = rope_qkv_store(p.dense().reshape(T, -1, hd), cos, sin, hd, True, H, want.k[0], want.v[0], blocks,
+                            offsets)  # fmt: skip
+    q_got = rope_qkv_store(p, cos, sin, hd, True, H, got.k[0], got.v[0], blocks, offsets)
+    assert q_got.dtype == dtype and torch.equal(q_got, q_want)
+    assert torch.equal(got.k[0], want.k[0]) and torch.equal(got.v[0], want.v[0])
+    q, k, v = rotate_qkv(p, cos, sin, hd, True, H, head_dim=hd)  # no paged plan: summed, then rotated in torch
+    assert k is not None and torch.equal(v, p.dense().reshape(T, -1, hd)[:, H + Hkv:])
+
+
 def test_triton_rms_norm_and_fused_add():
     from worker_orcd.kernels.norm import rms_norm
     from worker_orcd.kernels.triton_norm import add_rms_norm_cuda, rms_norm_cuda

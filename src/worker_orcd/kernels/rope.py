@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from worker_orcd.kernels.triton_quant import Partials
 
 
 @dataclass(frozen=True)
@@ -106,16 +110,22 @@ def _per_head(cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> tuple[torch.T
     return memo[2], memo[3]
 
 
-def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int, neox: bool, n_heads: int,
-               kv=None, layer: int = 0, plan=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def rotate_qkv(qkv: torch.Tensor | Partials, cos: torch.Tensor, sin: torch.Tensor, n_rot: int, neox: bool, n_heads: int,
+               kv=None, layer: int = 0, plan=None, head_dim: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """q [T, H, hd], k and v [T, Hkv, hd] from q|k|v heads side by side [T, H + 2 Hkv, hd], q and k rotated. On
     CUDA, when the step attends through the paged kernel (plan.tiles), k and v go straight into the layer's KV
-    blocks in the same launch and come back as None (cached_attention then has nothing left to store)."""
-    n_kv = (qkv.shape[1] - n_heads) // 2
-    if qkv.is_cuda and plan is not None and plan.tiles is not None:
+    blocks in the same launch and come back as None (cached_attention then has nothing left to store). qkv may
+    be a matmul's split-K Partials (CUDA, models/weights.linear(..., partials=True); head_dim then says its
+    heads): that launch sums them, elsewhere they are summed first."""
+    summed = isinstance(qkv, torch.Tensor)
+    if (qkv.is_cuda if summed else qkv.part.is_cuda) and plan is not None and plan.tiles is not None:
         from worker_orcd.kernels.triton_rope import rope_qkv_store
 
         q = rope_qkv_store(qkv, cos, sin, n_rot, neox, n_heads, kv.k[layer], kv.v[layer], plan.blocks, plan.offsets)
         return q, None, None
+    if not summed:
+        qkv = qkv.dense().reshape(qkv.rows, -1, head_dim)
+    n_kv = (qkv.shape[1] - n_heads) // 2
     qk = apply_rope(qkv[:, : n_heads + n_kv], cos, sin, n_rot, neox)
     return qk[:, :n_heads], qk[:, n_heads:], qkv[:, n_heads + n_kv :]

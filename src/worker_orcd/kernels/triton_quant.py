@@ -473,9 +473,10 @@ class Partials:
     stride_t: int
     stride_r: int
     bias: torch.Tensor | None = None
+    dtype: torch.dtype = torch.float32  # what the matmul would have returned: its sums rounded to this
 
-    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        y = torch.empty(self.rows, self.cols, dtype=dtype, device=self.part.device)
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        y = torch.empty(self.rows, self.cols, dtype=dtype or self.dtype, device=self.part.device)
         sum_partials_kernel[(self.rows, triton.cdiv(self.cols, 1024))](
             self.part, y, self.cols, self.stride_t, self.stride_r, R=self.R, BJ=1024, b_ptr=self.bias, N=self.cols,
             HAS_BIAS=self.bias is not None,
@@ -747,7 +748,7 @@ def quant_matmul(
             DOT_F32=INTERPRET, F16=f16, GROUP=w.group, W_LEFT=w_left, FOLD=f16 and fold, M_FIRST=m_first, **c,
         )  # fmt: skip
     if splits > 1 and partials and len(lead) == 1:
-        return Partials(part, M, w.n, splits, w.n, M * w.n, bias)
+        return Partials(part, M, w.n, splits, w.n, M * w.n, bias, y.dtype)
     if splits > 1:
         sum_partials_kernel[(1, triton.cdiv(M * w.n, 1024))](part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024,
                                                               b_ptr=bias, N=w.n, HAS_BIAS=bias is not None)

@@ -175,9 +175,11 @@ class GptOssModel:
         (k and v None: already in layer i's KV blocks, see rope.rotate_qkv)."""
         c, T = self.cfg, h.shape[0]
         H, Hkv = c.n_heads, c.n_kv_heads
-        if layer.wqkv is not None:
-            qkv = linear(h, layer.wqkv, layer.bqkv).reshape(T, H + 2 * Hkv, c.head_dim)
-            return rotate_qkv(qkv, cos, sin, c.head_dim, True, H, kv, i, plan)
+        if layer.wqkv is not None:  # on CUDA the split-K sums are added inside the rope launch (rotate_qkv)
+            qkv = linear(h, layer.wqkv, layer.bqkv, partials=True)
+            if isinstance(qkv, torch.Tensor):
+                qkv = qkv.reshape(T, H + 2 * Hkv, c.head_dim)
+            return rotate_qkv(qkv, cos, sin, c.head_dim, True, H, kv, i, plan, c.head_dim)
         q = linear(h, layer.wq, layer.bq).reshape(T, H, c.head_dim)
         k = linear(h, layer.wk, layer.bk).reshape(T, Hkv, c.head_dim)
         v = linear(h, layer.wv, layer.bv).reshape(T, Hkv, c.head_dim)
