@@ -263,9 +263,10 @@ def test_bucketed_static_decode_batch_of_8_equals_alone(net):
 
 def test_prompt_chunks_ride_along_with_decode_rows(net):
     """Graphed prompts (CUDA's default, here on CPU within 16 rows, where CPU rows are independent): prompt chunks
-    that join an overlapped decode step as rows of it give the tokens they give in a step of their own."""
-    reqs = [Request(f"r{i}", prompt(i, 3 + i), 8 + i, SamplingParams(temperature=0.8, seed=i) if i % 2 else
-                    SamplingParams(), logprobs=2 if i == 3 else None) for i in range(6)]  # fmt: skip
+    that join an overlapped decode step as rows of it give the tokens they give in a step of their own (one of them
+    ends on its first token)."""
+    reqs = [Request(f"r{i}", prompt(i, 3 + i), 1 if i == 4 else 8 + i, SamplingParams(temperature=0.8, seed=i)
+                    if i % 2 else SamplingParams(), logprobs=2 if i == 3 else None) for i in range(6)]  # fmt: skip
 
     def run(overlap: bool) -> tuple[list, list[tuple[int, int]]]:
         s = Scheduler(net, IdTokenizer(), max_batch=8, ctx=256, prefill_chunk=64, graphs=True, overlap=overlap)
