@@ -12,6 +12,8 @@
 #           (gpu-tests-summary.txt) is NOTES.md's "GPU tests, last run".
 #   ncu     Nsight Compute sections for the decode GEMMs (bench/ncu_decode_kernels.py) at 1 and 64 tokens
 #   bench   the synthetic GPT-OSS-20B (built if missing, ~40 s), bench/gpu.py with CUDA graphs, then eager
+#   prompts the HTTP rows (16, 64 streams) with prompt chunks as graph rows (the default) and as eager forwards
+#           (WORKER_ORCD_GRAPHED_PROMPTS=0): session 9 saw 16 streams fall and 64 rise with graph rows
 # Logs go to $OUT (the device tool brings them back) or /tmp/gpu-session.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +52,14 @@ case "${1:-tests}" in
     # where each kernel's time goes at 1 and 64 rows
     timeout 120 python3 bench/gpu_step_profile.py --model "$model" --batches 1,64 --top 10 2>&1 \
       | tee "$out/step-profile.txt" | grep -v -i warn | tail -30
+    ;;
+  prompts)
+    synthetic
+    for g in 1 0; do
+      echo "WORKER_ORCD_GRAPHED_PROMPTS=$g"
+      WORKER_ORCD_GRAPHED_PROMPTS=$g timeout 280 python3 bench/gpu.py --model "$model" --streams 16,64 --long 0 \
+        --http 16,64 2>&1 | tee "$out/http-graphed-prompts-$g.txt" | grep -E "decode, (16|64)|HTTP"
+    done
     ;;
   http)
     # worker-orcd serve --device cuda on the synthetic 20B: N concurrent greedy streams over HTTP
