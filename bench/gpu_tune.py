@@ -73,6 +73,18 @@ def moe_inputs(dev: str) -> dict[int, tuple]:
     return inputs
 
 
+def moe_times(experts: tuple, inputs: dict, cfg: dict | None = None, iters: int = 20) -> dict[int, float] | None:
+    """us a layer of moe_tiles (cfg, default tiles_config()) at each token count of `inputs`; None (and a line
+    saying so) for a config the compiler refuses."""
+    gate, gb, up, ub, down, db = experts
+    try:
+        return {t: time_us(lambda a=a: triton_moe.moe_tiles(*a, gate, gb, up, ub, down, db, cfg=cfg), iters=iters)
+                for t, a in inputs.items()}
+    except Exception as e:  # shared memory, registers
+        print(f"  skip {cfg}: {type(e).__name__}")
+        return None
+
+
 def moe() -> None:
     dev = "cuda"
     gate, gb, up, ub, down, db = gpt_oss_experts(dev)
@@ -88,13 +100,9 @@ def moe() -> None:
     for f16, w_left, nb, bn, up_target, target, warps in sweep:
         cfg = {"BM": 16, "BN": bn, "NB": nb, "UP_TARGET": up_target, "TARGET": target, "num_warps": warps,
                "num_stages": 3, "F16": f16, "W_LEFT": w_left}
-        try:
-            tm = {t: time_us(lambda a=a, cfg=cfg: triton_moe.moe_tiles(*a, gate, gb, up, ub, down, db, cfg=cfg),
-                             iters=20) for t, a in inputs.items()}
-        except Exception as e:
-            print(f"  skip {cfg}: {type(e).__name__}")
-            continue
-        results.append((tm[1] + tm[16] / 2 + tm[64] / 4, cfg, tm))
+        tm = moe_times((gate, gb, up, ub, down, db), inputs, cfg)
+        if tm is not None:
+            results.append((tm[1] + tm[16] / 2 + tm[64] / 4, cfg, tm))
     results.sort(key=lambda r: r[0])
     print("MoE tiles: best configs (score = t1 + t16/2 + t64/4)")
     for _, cfg, tm in results[:10]:
@@ -131,11 +139,8 @@ def fold() -> None:
                      if (nb, up_t, tg) != (base["NB"], base["UP_TARGET"], base["TARGET"])]
     print(f"MoE tiles, us a layer; default {base}")
     for cfg in cfgs:
-        try:
-            tm = {t: time_us(lambda a=a, cfg=cfg: triton_moe.moe_tiles(*a, gate, gb, up, ub, down, db, cfg=cfg),
-                             iters=20) for t, a in inputs.items()}
-        except Exception as e:
-            print(f"  skip {cfg}: {type(e).__name__}")
+        tm = moe_times((gate, gb, up, ub, down, db), inputs, cfg)
+        if tm is None:
             continue
         print(f"  NB={cfg['NB']} UP_TARGET={cfg['UP_TARGET']} TARGET={cfg['TARGET']}  "
               + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()), flush=True)
@@ -216,8 +221,7 @@ def defaults() -> None:
     torch.manual_seed(1)
     gate, gb, up, ub, down, db = gpt_oss_experts(dev)
     inputs = {t: (x.half(), ids, w) for t, (x, ids, w) in moe_inputs(dev).items()}
-    tm = {t: time_us(lambda a=a: triton_moe.moe_tiles(*a, gate, gb, up, ub, down, db), iters=20)
-          for t, a in inputs.items()}
+    tm = moe_times((gate, gb, up, ub, down, db), inputs)
     y = triton_moe.moe_tiles(*inputs[128], gate, gb, up, ub, down, db)
     print("MoE tiles, us a layer  " + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()) + f"  hash {digest(y)}",
           flush=True)
@@ -256,11 +260,10 @@ def sweep_dense() -> None:
 
 def sweep_moe() -> None:
     dev = "cuda"
-    gate, gb, up, ub, down, db = gpt_oss_experts(dev)
+    experts = gpt_oss_experts(dev)
     inputs = {t: (x.half(), ids, w) for t, (x, ids, w) in moe_inputs(dev).items() if t in (1, 16, 64)}
     base = triton_moe.tiles_config()
-    tb = {t: time_us(lambda a=a: triton_moe.moe_tiles(*a, gate, gb, up, ub, down, db), iters=10)
-          for t, a in inputs.items()}
+    tb = moe_times(experts, inputs, iters=10)
     print(f"MoE tiles: default {base}  " + "  ".join(f"T={t} {us:.1f}" for t, us in tb.items()), flush=True)
     res = []
     grid = itertools.product((64, 128, 256), (4, 8), (2, 3, 4), ((64, 256), (32, 128), (1, 64), (64, 64), (1, 256)))
@@ -268,13 +271,9 @@ def sweep_moe() -> None:
         if bn == 256 and warps == 4:
             continue
         cfg = base | {"BN": bn, "num_warps": warps, "num_stages": stages, "UP_TARGET": up_t, "TARGET": tg}
-        try:
-            tm = {t: time_us(lambda a=a, cfg=cfg: triton_moe.moe_tiles(*a, gate, gb, up, ub, down, db, cfg=cfg),
-                             iters=10) for t, a in inputs.items()}
-        except Exception as e:
-            print(f"  skip {cfg}: {type(e).__name__}")
-            continue
-        res.append((tm[1] + tm[16] + tm[64] / 4, cfg, tm))
+        tm = moe_times(experts, inputs, cfg, iters=10)
+        if tm is not None:
+            res.append((tm[1] + tm[16] + tm[64] / 4, cfg, tm))
     res.sort(key=lambda r: r[0])
     for name, key in [("score t1 + t16 + t64/4", lambda r: r[0]), ("T=16", lambda r: r[2][16]),
                       ("T=64", lambda r: r[2][64]), ("T=1", lambda r: r[2][1])]:
