@@ -210,6 +210,8 @@ def test_rope_qkv_store_sums_split_k_partials_as_the_sum_kernel_does(dtype, bias
     q_got = rope_qkv_store(p, cos, sin, hd, True, H, got.k[0], got.v[0], blocks, offsets)
     assert q_got.dtype == dtype and torch.equal(q_got, q_want)
     assert torch.equal(got.k[0], want.k[0]) and torch.equal(got.v[0], want.v[0])
+    with pytest.raises(ValueError, match=r"q\|k\|v \[3, 7, 16\] with 4 q heads"):  # heads that do not fit
+        rope_qkv_store(p.dense().reshape(T, -1, hd)[:, 1:], cos, sin, hd, True, H, got.k[0], got.v[0], blocks, offsets)
     q, k, v = rotate_qkv(p, cos, sin, hd, True, H, head_dim=hd)  # no paged plan: summed, then rotated in torch
     assert k is not None and torch.equal(v, p.dense().reshape(T, -1, hd)[:, H + Hkv:])
 

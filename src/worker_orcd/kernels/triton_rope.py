@@ -123,8 +123,9 @@ def rope_qkv_store(qkv: torch.Tensor | Partials, cos: torch.Tensor, sin: torch.T
     n_kv = (heads - n_heads) // 2
     if (heads != n_heads + 2 * n_kv or k_pool.shape[1] != n_kv or v_pool.shape != k_pool.shape
             or (qkv.cols if split else qkv.shape[2] * heads) != heads * hd):
-        raise ValueError(f"rope_qkv_store: q|k|v {qkv.rows, qkv.cols if split else list(qkv.shape)} with {n_heads} q "
-                         f"heads, pools {list(k_pool.shape)} / {list(v_pool.shape)}")
+        shape = [qkv.rows, qkv.cols] if split else list(qkv.shape)
+        raise ValueError(f"rope_qkv_store: q|k|v {shape} with {n_heads} q heads, pools {list(k_pool.shape)} / "
+                         f"{list(v_pool.shape)}")
     q = torch.empty(T, n_heads, hd, dtype=qkv.dtype, device=k_pool.device)
     if T == 0:
         return q
