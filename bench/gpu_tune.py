@@ -283,7 +283,81 @@ def sweep_moe() -> None:
                   f"TARGET={cfg['TARGET']}  " + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()), flush=True)
 
 
+def small() -> None:
+    """Tiles for few rows with the splits of K held at the default's (SPLIT_BN): time at 1, 4 and 16 rows (MoE:
+    tokens) and whether the bits equal the default's (they must: only BN, warps and stages change). Then the
+    router's columns a program."""
+    dev = "cuda"
+    torch.manual_seed(0)
+    for n, k in [(5120, 2880), (2880, 4096)]:
+        p = pack_q8_0(random_blocks(T.Q8_0, n, k, dev), n, k)
+        xs = {m: torch.randn(m, k, device=dev, dtype=torch.float16) for m in (1, 4, 16)}
+        base = gemm_config(p, 1)
+        ref = quant_matmul(p, xs[16], base)
+        res = []
+        for bn, warps, stages in itertools.product((32, 64, 128), (1, 2, 4, 8), (2, 3, 4, 5)):
+            cfg = base | {"BN": bn, "num_warps": warps, "num_stages": stages, "SPLIT_BN": base["BN"]}
+            try:
+                t = {m: time_us(lambda x=x, cfg=cfg, p=p: quant_matmul(p, x, cfg), iters=20) for m, x in xs.items()}
+            except Exception as e:
+                print(f"  skip {bn} {warps} {stages}: {type(e).__name__}")
+                continue
+            res.append((t[1], cfg, t, torch.equal(quant_matmul(p, xs[16], cfg), ref)))
+        tb = {m: time_us(lambda x=x, p=p, c=base: quant_matmul(p, x, c), iters=20) for m, x in xs.items()}
+        print(f"Q8_0 {n}x{k}: default BN={base['BN']} warps={base['num_warps']} stages={base['num_stages']}  "
+              + "  ".join(f"M={m} {us:.1f}" for m, us in tb.items()), flush=True)
+        for _, cfg, t, same in sorted(res, key=lambda r: r[0])[:8]:
+            print(f"  BN={cfg['BN']} warps={cfg['num_warps']} stages={cfg['num_stages']}  "
+                  + "  ".join(f"M={m} {us:.1f}" for m, us in t.items()) + f"  same bits: {same}", flush=True)
+    experts = gpt_oss_experts(dev)
+    inputs = {t: (x.half(), ids, w) for t, (x, ids, w) in moe_inputs(dev).items() if t in (1, 4, 16)}
+    base = triton_moe.tiles_config()
+    ref = triton_moe.moe_tiles(*inputs[16], *experts, cfg=base)
+    tb = moe_times(experts, inputs, iters=20)
+    print(f"MoE tiles: default BN={base['BN']} warps={base['num_warps']} stages={base['num_stages']}  "
+          + "  ".join(f"T={t} {us:.1f}" for t, us in tb.items()), flush=True)
+    res = []
+    for bn, warps, stages in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (2, 3, 4, 5)):
+        if bn == 16 and warps == 8:
+            continue
+        cfg = base | {"BN": bn, "num_warps": warps, "num_stages": stages, "SPLIT_BN": base["BN"]}
+        tm = moe_times(experts, inputs, cfg, iters=20)
+        if tm is not None:
+            res.append((tm[1], cfg, tm, torch.equal(triton_moe.moe_tiles(*inputs[16], *experts, cfg=cfg), ref)))
+    for _, cfg, tm, same in sorted(res, key=lambda r: r[0])[:10]:
+        print(f"  BN={cfg['BN']} warps={cfg['num_warps']} stages={cfg['num_stages']}  "
+              + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()) + f"  same bits: {same}", flush=True)
+    from worker_orcd.kernels import triton_router
+
+    E, _, D = GPT_OSS_MOE
+    w, b = torch.randn(E, D, device=dev), torch.randn(E, device=dev)
+    for chunk in (384, 192, 128, 64):
+        triton_router.ROUTER_CHUNK = chunk
+        hs = {m: torch.randn(m, D, device=dev, dtype=torch.float16) for m in (1, 16, 64)}
+        t = {m: time_us(lambda h=h: triton_router.route(h, w, b, 4), iters=50) for m, h in hs.items()}
+        print(f"router, {chunk} columns a program  " + "  ".join(f"T={m} {us:.1f}" for m, us in t.items()), flush=True)
+
+
+def small_moe() -> None:
+    """The MoE tiles' splits of K (UP_TARGET, TARGET: programs a tile of pairs) with 16- and 32-row tiles: T=1/16/64."""
+    experts = gpt_oss_experts("cuda")
+    inputs = {t: (x.half(), ids, w) for t, (x, ids, w) in moe_inputs("cuda").items() if t in (1, 16, 64)}
+    base = triton_moe.tiles_config()
+    res = []
+    for bn, warps, up_t, tg in itertools.product((16, 32), (2, 4), (1, 64, 128), (32, 64, 128)):
+        cfg = base | {"BN": bn, "SPLIT_BN": bn, "num_warps": warps, "UP_TARGET": up_t, "TARGET": tg}
+        tm = moe_times(experts, inputs, cfg, iters=20)
+        if tm is not None:
+            res.append((tm[1] + tm[16] + tm[64] / 4, cfg, tm))
+    for name, key in [("score t1 + t16 + t64/4", lambda r: r[0]), ("T=1", lambda r: r[2][1])]:
+        print(f"MoE tiles, best by {name}:", flush=True)
+        for _, cfg, tm in sorted(res, key=key)[:8]:
+            print(f"  BN={cfg['BN']} warps={cfg['num_warps']} UP_TARGET={cfg['UP_TARGET']} TARGET={cfg['TARGET']}  "
+                  + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()), flush=True)
+
+
 if __name__ == "__main__":
     for what in sys.argv[1:] or ["moe", "dense"]:
         {"dense": dense, "moe": moe, "fold": fold, "kquant": kquant, "rows": rows, "defaults": defaults,
-         "sweep": sweep, "sweep_dense": sweep_dense, "sweep_moe": sweep_moe}[what]()
+         "sweep": sweep, "sweep_dense": sweep_dense, "sweep_moe": sweep_moe, "small": small,
+         "small_moe": small_moe}[what]()

@@ -520,10 +520,12 @@ def tiles_config() -> dict:
     # x read contiguous (session 9: the decoded tiles in element order), float16 x as GPT-OSS feeds it, 75 configs
     # (bench/gpu_tune.py sweep_moe): BN=64, 8 warps, UP_TARGET=64, TARGET=64: T=1 67.9, T=16 259.5, T=64 295.2 us
     # (the config before it: 73.6, 284.8, 339.2)
+    # the splits of K chosen for BN=64 tiles (SPLIT_BN), the tiles 32 rows wide in 4 warps (session 10,
+    # bench/gpu_tune.py small; bits do not depend on BN, warps or stages): T=1/4/16 66.8/139.7/234.7 -> 56.5/134.0/222.3
     fold = F16_TILES and FOLD
     if fold and not W_LEFT:
-        return {"BM": 16, "BN": 64, "NB": 2, "UP_TARGET": 64, "TARGET": 64, "num_warps": 8, "num_stages": 3,
-                "F16": True, "W_LEFT": False, "FOLD": True}
+        return {"BM": 16, "BN": 32, "SPLIT_BN": 64, "NB": 2, "UP_TARGET": 64, "TARGET": 64, "num_warps": 4,
+                "num_stages": 3, "F16": True, "W_LEFT": False, "FOLD": True}
     return {"BM": 16, "BN": 128, "NB": 2 if fold or not F16_TILES else 1, "UP_TARGET": 64 if fold else 256,
             "TARGET": 256 if fold else 1024,
             "num_warps": 4 if W_LEFT or fold else 2, "num_stages": 3, "F16": F16_TILES, "W_LEFT": W_LEFT, "FOLD": fold}
@@ -551,6 +553,7 @@ def moe_tiles(
     BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET")
     up_target = c.pop("UP_TARGET", 1)
     f16, w_left, fold = c.pop("F16", False), c.pop("W_LEFT", False), c.pop("FOLD", False)
+    split_bn = c.pop("SPLIT_BN", BN)  # the tile width the splits of K are chosen for (bits do not depend on BN)
     T, D = x.shape
     k = top_ids.shape[1]
     E, F, _ = gate.shape
@@ -563,7 +566,7 @@ def moe_tiles(
     # folded tiles read float16 x as it is: h in float16 (|h| <= (limit + 1) * limit, well inside its range)
     h = torch.empty(P, F, dtype=torch.float16 if fold else x.dtype, device=x.device)
     tiles = triton.cdiv(F, BN)
-    splits, chunk = split_k(D // 32, tiles, NB, up_target)  # by shape, never by the pair count
+    splits, chunk = split_k(D // 32, triton.cdiv(F, split_bn), NB, up_target)  # by shape, never by the pair count
     part = torch.empty(splits, 2, P, F, dtype=torch.float32, device=x.device) if splits > 1 else h
     _tiles_gate_up_kernel[(tiles, n_tiles, splits)](
         x, pairs, tile_expert, gp.codes, gp.scales, gb, upk.codes, upk.scales, ub, h, part, E, F, D, k, P, chunk,
@@ -574,7 +577,7 @@ def moe_tiles(
         _swiglu_sum_kernel[(P, triton.cdiv(F, 1024))](part, top_ids.reshape(-1), gb, ub, h, F, P, limit, alpha,
                                                       S=splits, BF=1024)  # fmt: skip
     tiles = triton.cdiv(D, BN)
-    splits, chunk = split_k(F // 32, tiles, NB, target)  # by shape: 4 tiles of pairs at T=1 multiply this
+    splits, chunk = split_k(F // 32, triton.cdiv(D, split_bn), NB, target)  # by shape, never by the pair count
     part = torch.empty(T * k, splits, D, dtype=torch.float32, device=x.device)
     _tiles_down_kernel[(tiles, n_tiles, splits)](
         h, pairs, tile_expert, top_w.reshape(-1).float().contiguous(), dp.codes, dp.scales,

@@ -740,7 +740,7 @@ def quant_matmul(
         f16, w_left, fold = c.pop("F16", False), c.pop("W_LEFT", False), c.pop("FOLD", False) and w.fold
         m_first = c.pop("M_FIRST", False)
         tiles = triton.cdiv(w.n, BN)
-        splits, chunk = split_k(nblk, tiles, NB, target)
+        splits, chunk = split_k(nblk, triton.cdiv(w.n, c.pop("SPLIT_BN", BN)), NB, target)
         part = y if splits == 1 else torch.empty(splits, M, w.n, dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(M, BM), tiles, splits) if m_first else (tiles, triton.cdiv(M, BM), splits)
         _gemm_kernel[grid](

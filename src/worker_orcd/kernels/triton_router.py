@@ -37,14 +37,14 @@ def _router_logits_kernel(h_ptr, w_ptr, part_ptr, D, stride_h, CHUNK, E: tl.cons
 
 @triton.jit
 def _router_top_kernel(part_ptr, b_ptr, ids_ptr, weights_ptr, S, E: tl.constexpr, K: tl.constexpr,
-                       BE: tl.constexpr, BK: tl.constexpr):
-    """logits = the S partial sums in order + b; the K largest (ties: the lower expert id) and their softmax."""
+                       BE: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr):
+    """logits = the S partial sums (one load, a fixed reduction tree) + b; the K largest (ties: the lower expert
+    id) and their softmax."""
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BE)
-    logits = tl.zeros([BE], dtype=tl.float32)
-    for s in range(S):
-        logits += tl.load(part_ptr + (t * S + s) * BE + e)
-    logits += tl.load(b_ptr + e, mask=e < E, other=0.0)
+    s = tl.arange(0, BS)
+    part = tl.load(part_ptr + (t * S + s[:, None]) * BE + e[None, :], mask=(s < S)[:, None], other=0.0)
+    logits = tl.sum(part, axis=0) + tl.load(b_ptr + e, mask=e < E, other=0.0)
     logits = tl.where(e < E, logits, float("-inf"))
     j = tl.arange(0, BK)
     top = tl.full([BK], float("-inf"), dtype=tl.float32)
@@ -61,9 +61,10 @@ def _router_top_kernel(part_ptr, b_ptr, ids_ptr, weights_ptr, S, E: tl.constexpr
     tl.store(weights_ptr + t * K + j, p, mask=j < K)
 
 
-# columns of D a logits program sums: the 20B's 2880 in 8 programs a token (one program a token took 22 us a
-# layer on an H200 at any batch, 12% of a 1-stream decode step)
-ROUTER_CHUNK = 384
+# columns of D a logits program sums: the 20B's 2880 in 45 programs a token (one program a token took 22 us a
+# layer on an H200 at any batch, 12% of a 1-stream decode step; H200, bench/gpu_tune.py small, both launches at
+# T=1/16/64: 384 columns 8.3/8.6/9.0 us, 128 6.8/6.3/9.7, 64 5.8/6.1/8.5)
+ROUTER_CHUNK = 64
 
 
 def route(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +83,8 @@ def route(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int) -> tuple[to
         BE, chunk = triton.next_power_of_2(E), 64 if INTERPRET else ROUTER_CHUNK
         S = triton.cdiv(D, chunk)
         part = torch.empty(T, S, BE, dtype=torch.float32, device=h.device)
-        _router_logits_kernel[(T, S)](h, w, part, D, h.stride(0), chunk, E=E, BE=BE, BD=64 if INTERPRET else 128,
-                                      num_warps=1 if INTERPRET else 4)  # fmt: skip
+        _router_logits_kernel[(T, S)](h, w, part, D, h.stride(0), chunk, E=E, BE=BE,
+                                      BD=64 if INTERPRET else min(128, chunk), num_warps=1 if INTERPRET else 4)
         _router_top_kernel[(T,)](part, b, ids, weights, S, E=E, K=k, BE=BE, BK=triton.next_power_of_2(k),
-                                 num_warps=1)  # fmt: skip
+                                 BS=triton.next_power_of_2(S), num_warps=1)  # fmt: skip
     return ids, weights
