@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from worker_orcd.kernels.pdl import LAUNCH, pdl_enter
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 
@@ -37,6 +39,7 @@ def _attn_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter()
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -120,6 +123,7 @@ def _merge_kernel(
     H: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, SPLITS: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
     """out[t, h] from the SPLITS partial (acc, m, l) of row t (one-row tile), head h, merged in split order."""
+    pdl_enter()
     t = tl.load(tile_row_ptr + tl.program_id(0))
     h = tl.program_id(1)
     dv = tl.arange(0, BLOCK_DV)
@@ -198,12 +202,12 @@ def paged_attention(
         H=H, G=G, D=D, DV=DV, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV), PAGE=page,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_K=block_k, SPLITS=n_splits,
         HAS_SINKS=sinks is not None and n_splits == 1, HAS_SOFTCAP=softcap is not None,
-        HAS_WINDOW=window is not None, DOT_F32=INTERPRET or q.dtype == torch.float32, num_warps=num_warps,
+        HAS_WINDOW=window is not None, DOT_F32=INTERPRET or q.dtype == torch.float32, num_warps=num_warps, **LAUNCH,
     )  # fmt: skip
     if n_splits > 1:
         _merge_kernel[(n_tiles, H)](
             part, ml, sink_arg, out, tile_row, T, out.stride(0), out.stride(1), H=H, DV=DV,
             BLOCK_DV=triton.next_power_of_2(DV), SPLITS=n_splits, HAS_SINKS=sinks is not None,
-            num_warps=1 if INTERPRET else 2,
+            num_warps=1 if INTERPRET else 2, **LAUNCH,
         )  # fmt: skip
     return out

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker_orcd.kernels.pdl import LAUNCH, pdl_enter
 from worker_orcd.kernels.triton_quant import (
     DECODE_MAX_M,
     INTERPRET,
@@ -136,6 +137,7 @@ def _gemm_kernel(
 ):
     """y[split] = x W^T over the split's CHUNK words of each row of W; per step of WS words, 8 dots
     [BM, WS] x [WS, BN], one per nibble position t, x read at the runs the words' nibbles t hold."""
+    pdl_enter()
     m = tl.program_id(1) * BM + tl.arange(0, BM)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     split = tl.program_id(2)
@@ -181,6 +183,7 @@ def _dequant_kernel(
 ):
     """out [N, K] (any float type) = the weight's values: a program decodes one step of WS words of BN rows
     with the GEMM's own decoder and stores each nibble position's runs of 4."""
+    pdl_enter()
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     n_in = tl.minimum(n, N - 1)
     w0 = tl.program_id(1) * WS
@@ -212,7 +215,7 @@ def dequantize_kquant(w: PackedWeight, dtype: torch.dtype = torch.bfloat16) -> t
     BN = 16 if INTERPRET else 32
     _dequant_kernel[(triton.cdiv(rows, BN), triton.cdiv(w.k // 8, WS))](
         w.codes, w.high if w.high is not None else w.codes, w.scales, out, rows, w.k, KIND=w.kind,
-        **FORMAT_ARGS[w.kind], BN=BN, WS=WS, num_warps=1 if INTERPRET else 4,
+        **FORMAT_ARGS[w.kind], BN=BN, WS=WS, num_warps=1 if INTERPRET else 4, **LAUNCH,
     )  # fmt: skip
     return out
 
@@ -246,8 +249,8 @@ def kquant_matmul(
     part = y if splits == 1 else torch.empty(splits, M, w.n, dtype=torch.float32, device=x.device)
     _gemm_kernel[(tiles, triton.cdiv(M, BM), splits)](
         x2, w.codes, w.high if w.high is not None else w.codes, w.scales, part, M, w.n, w.k, x2.stride(0), chunk,
-        KIND=w.kind, **FORMAT_ARGS[w.kind], BM=BM, BN=BN, WS=WS, DOT_F32=INTERPRET, **c,
+        KIND=w.kind, **FORMAT_ARGS[w.kind], BM=BM, BN=BN, WS=WS, DOT_F32=INTERPRET, **c, **LAUNCH,
     )  # fmt: skip
     if splits > 1:
-        sum_partials_kernel[(1, triton.cdiv(M * w.n, 1024))](part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024)
+        sum_partials_kernel[(1, triton.cdiv(M * w.n, 1024))](part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024, **LAUNCH)
     return y.reshape(*lead, w.n)

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from worker_orcd.kernels.activations import clamped_swiglu
+from worker_orcd.kernels.pdl import LAUNCH, pdl_enter
 from worker_orcd.kernels.triton_quant import (
     F16_TILES,
     FOLD,
@@ -66,6 +67,7 @@ def _gate_up_kernel(
     """h[p, f] for pair p = t * k + slot, rows f of expert ids[p]; gate and up read in the same loop.
     Programs take the pairs in `order` (sorted by expert: an expert's pairs run together and share its
     weights through L2)."""
+    pdl_enter()
     p = tl.load(order_ptr + tl.program_id(1))
     e = tl.load(ids_ptr + p).to(tl.int32)
     f = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -99,6 +101,7 @@ def _down_kernel(
     GROUP: tl.constexpr = 1,
 ):
     """out[p, split, d] = w[p] * (down_e[d] . h[p] over the split's blocks (+ bd_e[d] in split 0))."""
+    pdl_enter()
     p = tl.load(order_ptr + tl.program_id(1))
     split = tl.program_id(2)
     e = tl.load(ids_ptr + p).to(tl.int32)
@@ -176,7 +179,7 @@ def _token_sums(part: torch.Tensor, T: int, dtype: torch.dtype, out: torch.Tenso
     D = part.shape[-1]
     y = torch.empty(T, D, dtype=dtype, device=part.device) if out is None else out
     R = part.shape[0] // T * part.shape[1]
-    sum_partials_kernel[(T, triton.cdiv(D, 1024))](part, y, D, R * D, D, R=R, BJ=1024)
+    sum_partials_kernel[(T, triton.cdiv(D, 1024))](part, y, D, R * D, D, R=R, BJ=1024, **LAUNCH)
     return y
 
 
@@ -193,7 +196,7 @@ def moe_gate_up(x, ids, k, gate, gate_b, up, up_b, cfg=None, limit=SWIGLU_LIMIT,
     _gate_up_kernel[(triton.cdiv(F, BN), P)](
         x.contiguous(), ids, order, gp.codes, gp.scales, gate_b.float().contiguous(), upk.codes, upk.scales,
         up_b.float().contiguous(), h, F, D, k, limit, alpha, BN=BN, NB=NB, EVEN=(D // 32) % NB == 0, STAGES=stages,
-        GROUP=_group(gp, upk), **c,
+        GROUP=_group(gp, upk), **c, **LAUNCH,
     )  # fmt: skip
     return h
 
@@ -212,7 +215,7 @@ def moe_down(h, ids, w, down, down_b, cfg=None, order=None) -> torch.Tensor:
     order = torch.arange(P, dtype=torch.int32, device=h.device) if order is None else order
     _down_kernel[(tiles, P, splits)](
         h, ids, order, w, dp.codes, dp.scales, down_b.float().contiguous(), part, F, D, chunk, BN=BN, NB=NB,
-        EVEN=(F // 32) % chunk == 0, STAGES=stages, GROUP=dp.group, **c,
+        EVEN=(F // 32) % chunk == 0, STAGES=stages, GROUP=dp.group, **c, **LAUNCH,
     )  # fmt: skip
     return part
 
@@ -375,6 +378,7 @@ def _route_tiles_kernel(ids_ptr, pairs_ptr, tile_e_ptr, P, E: tl.constexpr, N_SL
                         BP: tl.constexpr, BE: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr):
     """group_pairs in one program: sort the P pairs by (expert, index), place each expert's run at the start of
     its tiles, -1 in the rest of its last tile, and name each tile's expert (E past the used tiles)."""
+    pdl_enter()
     i = tl.arange(0, BP)
     e = tl.load(ids_ptr + i, mask=i < P, other=E).to(tl.int32)
     key = tl.sort(e * BP + i)  # pads (expert E) sort last
@@ -420,7 +424,7 @@ def route_tiles(top_ids: torch.Tensor, n_experts: int, group: int) -> tuple[torc
     BT = triton.next_power_of_2(-(-BP // group) + min(n_experts, BP))  # the bucket's most tiles
     _route_tiles_kernel[(1,)](
         top_ids.reshape(-1), pairs, tile_expert, P, E=n_experts, N_SLOTS=n_tiles * group, BM=group, BP=BP,
-        BE=triton.next_power_of_2(n_experts + 1), BS=BT * group, BT=BT, num_warps=4,
+        BE=triton.next_power_of_2(n_experts + 1), BS=BT * group, BT=BT, num_warps=4, **LAUNCH,
     )  # fmt: skip
     return pairs, tile_expert
 
@@ -433,6 +437,7 @@ def _tiles_gate_up_kernel(x_ptr, pairs_ptr, tile_e_ptr, gw_ptr, ge_ptr, gb_ptr, 
                           W_LEFT: tl.constexpr = False, FOLD: tl.constexpr = False):
     """h[p, f] = clamped SwiGLU of gate and up rows f of the tile's expert on token p // K_SLOTS. SPLIT: over
     this program's blocks of D only, gate and up stored to part[split, 0 | 1, p, f] for _swiglu_sum_kernel."""
+    pdl_enter()
     tile = tl.program_id(1)
     split = tl.program_id(2)
     e = tl.load(tile_e_ptr + tile)
@@ -462,6 +467,7 @@ def _tiles_gate_up_kernel(x_ptr, pairs_ptr, tile_e_ptr, gw_ptr, ge_ptr, gb_ptr, 
 def _swiglu_sum_kernel(part_ptr, ids_ptr, gb_ptr, ub_ptr, h_ptr, F, N_PAIRS, limit, alpha, S: tl.constexpr,
                        BF: tl.constexpr):
     """h[p, f] = clamped SwiGLU of (sum over splits, in order, of part[s, 0 | 1, p, f]) + pair p's biases."""
+    pdl_enter()
     p = tl.program_id(0).to(tl.int64)
     f = tl.program_id(1) * BF + tl.arange(0, BF)
     ok = f < F
@@ -486,6 +492,7 @@ def _tiles_down_kernel(h_ptr, pairs_ptr, tile_e_ptr, w_ptr, dw_ptr, de_ptr, db_p
                        FOLD: tl.constexpr = False):
     """part[p, split, d] = w[p] * (down rows d of the tile's expert . h[p] over the split's blocks of F
     (+ the bias in split 0))."""
+    pdl_enter()
     tile = tl.program_id(1)
     split = tl.program_id(2)
     e = tl.load(tile_e_ptr + tile)
@@ -571,18 +578,18 @@ def moe_tiles(
     _tiles_gate_up_kernel[(tiles, n_tiles, splits)](
         x, pairs, tile_expert, gp.codes, gp.scales, gb, upk.codes, upk.scales, ub, h, part, E, F, D, k, P, chunk,
         limit, alpha, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, SPLIT=splits > 1, F16=f16, GROUP=_group(gp, upk),
-        W_LEFT=w_left, FOLD=fold, **c,
+        W_LEFT=w_left, FOLD=fold, **c, **LAUNCH,
     )  # fmt: skip
     if splits > 1:
         _swiglu_sum_kernel[(P, triton.cdiv(F, 1024))](part, top_ids.reshape(-1), gb, ub, h, F, P, limit, alpha,
-                                                      S=splits, BF=1024)  # fmt: skip
+                                                      S=splits, BF=1024, **LAUNCH)  # fmt: skip
     tiles = triton.cdiv(D, BN)
     splits, chunk = split_k(F // 32, triton.cdiv(D, split_bn), NB, target)  # by shape, never by the pair count
     part = torch.empty(T * k, splits, D, dtype=torch.float32, device=x.device)
     _tiles_down_kernel[(tiles, n_tiles, splits)](
         h, pairs, tile_expert, top_w.reshape(-1).float().contiguous(), dp.codes, dp.scales,
         down_b.float().contiguous(), part, E, F, D, chunk, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, F16=f16,
-        GROUP=dp.group, W_LEFT=w_left, FOLD=fold, **c,
+        GROUP=dp.group, W_LEFT=w_left, FOLD=fold, **c, **LAUNCH,
     )  # fmt: skip
     return _token_sums(part, T, x.dtype, out)
 
@@ -625,5 +632,5 @@ def moe_prefill(
     part = torch.zeros(T * k + 1, D, dtype=torch.float32, device=x.device)  # the last row takes the padding
     part.index_copy_(0, torch.where(valid, p, T * k), y)
     out = torch.empty(T, D, dtype=torch.float32, device=x.device)
-    sum_partials_kernel[(T, triton.cdiv(D, 1024))](part, out, D, k * D, D, R=k, BJ=1024)
+    sum_partials_kernel[(T, triton.cdiv(D, 1024))](part, out, D, k * D, D, R=k, BJ=1024, **LAUNCH)
     return out

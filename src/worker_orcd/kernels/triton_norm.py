@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker_orcd.kernels.pdl import LAUNCH, pdl_enter
 from worker_orcd.kernels.triton_attention import INTERPRET
 from worker_orcd.kernels.triton_quant import Partials
 
@@ -21,6 +22,7 @@ def _rms_norm_kernel(x_ptr, y_ptr, w_ptr, out_ptr, res_ptr, D, eps, stride_t, st
                      BD: tl.constexpr, R: tl.constexpr = 0, HAS_B: tl.constexpr = False):
     """out[t] = (x[t] (+ y[t])) / rms * w; with y, the sum is also stored to res[t] (the new residual). R > 0: y is
     R split-K partial sums (Partials), added in order in float32, then the bias."""
+    pdl_enter()
     t = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BD)
     ok = d < D
@@ -59,7 +61,7 @@ def _launch(x: torch.Tensor, y: torch.Tensor | Partials | None, weight: torch.Te
         _rms_norm_kernel[(x2.shape[0],)](
             x2, y2, weight, out, res, D, eps, y.stride_t if split else 0, y.stride_r if split else 0, bias,
             HAS_Y=y is not None, BD=triton.next_power_of_2(D), R=y.R if split else 0,
-            HAS_B=split and y.bias is not None, num_warps=1 if INTERPRET else 8 if split else 4,
+            HAS_B=split and y.bias is not None, num_warps=1 if INTERPRET else 8 if split else 4, **LAUNCH,
         )  # fmt: skip
     return out.reshape(x.shape), res.reshape(x.shape)
 

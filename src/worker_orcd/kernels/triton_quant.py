@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker_orcd.kernels.pdl import LAUNCH, pdl_enter
 from worker_orcd.quant.packed import (  # noqa: F401  (re-exported: the kernels' layouts)
     MXFP4_MAG_BIT,
     MXFP4_SIGN_BIT,
@@ -430,6 +431,7 @@ def _gemv_kernel(
 
     Rows m of x are the fastest grid axis, so their programs run together and share the tile through L2.
     """
+    pdl_enter()
     m = tl.program_id(0)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_in = tl.minimum(n, N - 1)  # clamped: loads need no mask, the store is masked
@@ -450,6 +452,7 @@ def sum_partials_kernel(part_ptr, y_ptr, J, stride_i, stride_r, R: tl.constexpr,
                         N=1, HAS_BIAS: tl.constexpr = False):
     """y[i, j] = sum over r < R, in order, of part[i * stride_i + r * stride_r + j] (+ b[j % N], the bias of
     column j of a flat [M, N] output, added once in float32); stored in y's dtype."""
+    pdl_enter()
     i = tl.program_id(0)
     j = tl.program_id(1) * BJ + tl.arange(0, BJ)
     acc = tl.zeros([BJ], dtype=tl.float32)
@@ -479,7 +482,7 @@ class Partials:
         y = torch.empty(self.rows, self.cols, dtype=dtype or self.dtype, device=self.part.device)
         sum_partials_kernel[(self.rows, triton.cdiv(self.cols, 1024))](
             self.part, y, self.cols, self.stride_t, self.stride_r, R=self.R, BJ=1024, b_ptr=self.bias, N=self.cols,
-            HAS_BIAS=self.bias is not None,
+            HAS_BIAS=self.bias is not None, **LAUNCH,
         )  # fmt: skip
         return y
 
@@ -521,6 +524,7 @@ def _gemm_kernel(
     """y[split] = x W^T over the split's CHUNK blocks of K (one split: the whole row); per step, one
     [BM, NB*words] x [NB*words, BN] dot for each value position in a word (F16: one float16 dot a block).
     M_FIRST: the grid's first axis is the row tiles, so the tiles reading one weight tile run side by side."""
+    pdl_enter()
     m = tl.program_id(0 if M_FIRST else 1) * BM + tl.arange(0, BM)
     n = tl.program_id(1 if M_FIRST else 0) * BN + tl.arange(0, BN)
     split = tl.program_id(2)
@@ -569,6 +573,7 @@ def _gemm_kernel(
 def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, IS_MXFP4: tl.constexpr, BC: tl.constexpr, GROUP: tl.constexpr = 1):
     """out[r, c] (any float type) = the packed weight's value at row r, column c: one element per lane,
     stores contiguous (the words are re-read from L1 by the lanes that share them)."""
+    pdl_enter()
     r = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     ok = c < K
@@ -604,7 +609,8 @@ def dequantize_packed(w: PackedWeight, dtype: torch.dtype = torch.bfloat16, out:
     out = torch.empty(rows, w.k, dtype=dtype, device=w.codes.device) if out is None else out
     BC = 128 if INTERPRET else 1024
     _dequant_kernel[(rows, triton.cdiv(w.k, BC))](
-        w.codes, w.scales, out, w.k, IS_MXFP4=_is_mxfp4(w), BC=BC, GROUP=w.group, num_warps=1 if INTERPRET else 4)
+        w.codes, w.scales, out, w.k, IS_MXFP4=_is_mxfp4(w), BC=BC, GROUP=w.group, num_warps=1 if INTERPRET else 4,
+        **LAUNCH)
     return out
 
 
@@ -732,7 +738,7 @@ def quant_matmul(
         part = y if splits == 1 else torch.empty(splits, M, w.n, dtype=torch.float32, device=x.device)
         _gemv_kernel[(M, tiles, splits)](
             x2, w.codes, w.scales, part, M, w.n, w.k, x2.stride(0), chunk, IS_MXFP4=mx, BN=BN, NB=NB,
-            EVEN=nblk % chunk == 0, STAGES=stages, GROUP=w.group, **c,
+            EVEN=nblk % chunk == 0, STAGES=stages, GROUP=w.group, **c, **LAUNCH,
         )  # fmt: skip
     else:
         c = dict(cfg or gemm_config(w, M))
@@ -746,12 +752,13 @@ def quant_matmul(
         _gemm_kernel[grid](
             x2, w.codes, w.scales, part, M, w.n, w.k, x2.stride(0), w.n, chunk, IS_MXFP4=mx, BM=BM, BN=BN, NB=NB,
             DOT_F32=INTERPRET, F16=f16, GROUP=w.group, W_LEFT=w_left, FOLD=f16 and fold, M_FIRST=m_first, **c,
+            **LAUNCH,
         )  # fmt: skip
     if splits > 1 and partials and len(lead) == 1:
         return Partials(part, M, w.n, splits, w.n, M * w.n, bias, y.dtype)
     if splits > 1:
         sum_partials_kernel[(1, triton.cdiv(M * w.n, 1024))](part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024,
-                                                              b_ptr=bias, N=w.n, HAS_BIAS=bias is not None)
+                                                              b_ptr=bias, N=w.n, HAS_BIAS=bias is not None, **LAUNCH)
         return y.reshape(*lead, w.n)
     return _add_bias(y, bias).reshape(*lead, w.n)
 

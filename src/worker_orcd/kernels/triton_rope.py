@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker_orcd.kernels.pdl import LAUNCH, pdl_enter
 from worker_orcd.kernels.triton_attention import INTERPRET
 from worker_orcd.kernels.triton_quant import Partials
 
@@ -30,6 +31,7 @@ def _pairs(j, n_rot, NEOX: tl.constexpr):
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, stride_xt, stride_xh, n_rot, HD: tl.constexpr,
                  NEOX: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
+    pdl_enter()
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BH + tl.arange(0, BH)
     j = tl.arange(0, BD)
@@ -58,7 +60,7 @@ def apply_rope_cuda(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot
     BH = 4 if INTERPRET else 16
     _rope_kernel[(T, triton.cdiv(heads, BH))](
         x, cos.contiguous(), sin.contiguous(), out, heads, x.stride(0), x.stride(1), n_rot, HD=hd, NEOX=neox,
-        BH=BH, BD=triton.next_power_of_2(hd), num_warps=1 if INTERPRET else 4,
+        BH=BH, BD=triton.next_power_of_2(hd), num_warps=1 if INTERPRET else 4, **LAUNCH,
     )  # fmt: skip
     return out
 
@@ -83,6 +85,7 @@ def _rope_store_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, blocks_ptr,
     are into the KV pools [blocks, HKV, block_size, HD] at (blocks[t], offsets[t]). R > 0: q|k|v is the matmul's
     R split-K partial sums (Partials: row t at x + t * stride_xt, split r stride_r further) and its bias, summed
     here as sum_partials_kernel would have (the same bits, one launch less)."""
+    pdl_enter()
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BH + tl.arange(0, BH)
     j = tl.arange(0, BD)
@@ -139,6 +142,6 @@ def rope_qkv_store(qkv: torch.Tensor | Partials, cos: torch.Tensor, sin: torch.T
         x, cos.contiguous(), sin.contiguous(), q, k_pool, v_pool, blocks, offsets, n_heads, n_kv, stride_xt,
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), n_rot, x if bias is None else bias, stride_r, HD=hd,
         NEOX=neox, BH=BH, BD=triton.next_power_of_2(hd), R=R, HAS_B=bias is not None,
-        num_warps=1 if INTERPRET else 4,
+        num_warps=1 if INTERPRET else 4, **LAUNCH,
     )  # fmt: skip
     return q

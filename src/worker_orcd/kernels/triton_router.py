@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker_orcd.kernels.pdl import LAUNCH, pdl_enter
 from worker_orcd.kernels.triton_attention import INTERPRET
 
 
@@ -21,6 +22,7 @@ from worker_orcd.kernels.triton_attention import INTERPRET
 def _router_logits_kernel(h_ptr, w_ptr, part_ptr, D, stride_h, CHUNK, E: tl.constexpr, BE: tl.constexpr,
                           BD: tl.constexpr):
     """part[t, s, e] = h[t] . W[e] over columns [s * CHUNK, (s + 1) * CHUNK) of D, summed in a fixed order."""
+    pdl_enter()
     t = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     e = tl.arange(0, BE)
@@ -40,6 +42,7 @@ def _router_top_kernel(part_ptr, b_ptr, ids_ptr, weights_ptr, S, E: tl.constexpr
                        BE: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr):
     """logits = the S partial sums (one load, a fixed reduction tree) + b; the K largest (ties: the lower expert
     id) and their softmax."""
+    pdl_enter()
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BE)
     s = tl.arange(0, BS)
@@ -84,7 +87,8 @@ def route(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int) -> tuple[to
         S = triton.cdiv(D, chunk)
         part = torch.empty(T, S, BE, dtype=torch.float32, device=h.device)
         _router_logits_kernel[(T, S)](h, w, part, D, h.stride(0), chunk, E=E, BE=BE,
-                                      BD=64 if INTERPRET else min(128, chunk), num_warps=1 if INTERPRET else 4)
+                                      BD=64 if INTERPRET else min(128, chunk), num_warps=1 if INTERPRET else 4,
+                                      **LAUNCH)
         _router_top_kernel[(T,)](part, b, ids, weights, S, E=E, K=k, BE=BE, BK=triton.next_power_of_2(k),
-                                 BS=triton.next_power_of_2(S), num_warps=1)  # fmt: skip
+                                 BS=triton.next_power_of_2(S), num_warps=1, **LAUNCH)  # fmt: skip
     return ids, weights
