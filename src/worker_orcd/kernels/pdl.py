@@ -35,9 +35,6 @@ def _supported() -> bool:
 
 PDL = tl.constexpr(_supported())
 LAUNCH = {"launch_pdl": True} if PDL else {}
-# the decode GEMMs ask for their weights in L2 before they wait (the weights never depend on the kernel before);
-# WORKER_ORCD_PREFETCH=0 turns it off
-PREFETCH = tl.constexpr(bool(PDL) and os.environ.get("WORKER_ORCD_PREFETCH", "1") == "1")
 
 
 @triton.jit
@@ -46,19 +43,3 @@ def pdl_enter():
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-
-
-@triton.jit
-def prefetch_l2(start, nbytes):
-    """Ask L2 for the bytes [start, start + nbytes) of each pointer: one bulk prefetch (16-byte aligned starts,
-    nbytes a multiple of 16; Hopper's cp.async.bulk.prefetch). A hint: nothing is read into registers."""
-    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n mov.u32 $0, 0;", "=r,l,r",
-                              [start, tl.zeros(start.shape, tl.int32) + nbytes], dtype=tl.int32, is_pure=False,
-                              pack=1)
-
-
-@triton.jit
-def prefetch_line_l2(ptr):
-    """Ask L2 for the cache line holding each pointer (a hint)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n mov.u32 $0, 0;", "=r,l", [ptr], dtype=tl.int32,
-                              is_pure=False, pack=1)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker_orcd.kernels.pdl import LAUNCH, PREFETCH, pdl_enter, prefetch_l2, prefetch_line_l2
+from worker_orcd.kernels.pdl import LAUNCH, pdl_enter
 from worker_orcd.quant.packed import (  # noqa: F401  (re-exported: the kernels' layouts)
     MXFP4_MAG_BIT,
     MXFP4_SIGN_BIT,
@@ -524,6 +524,7 @@ def _gemm_kernel(
     """y[split] = x W^T over the split's CHUNK blocks of K (one split: the whole row); per step, one
     [BM, NB*words] x [NB*words, BN] dot for each value position in a word (F16: one float16 dot a block).
     M_FIRST: the grid's first axis is the row tiles, so the tiles reading one weight tile run side by side."""
+    pdl_enter()
     m = tl.program_id(0 if M_FIRST else 1) * BM + tl.arange(0, BM)
     n = tl.program_id(1 if M_FIRST else 0) * BN + tl.arange(0, BN)
     split = tl.program_id(2)
@@ -532,12 +533,6 @@ def _gemm_kernel(
     nblk = K // 32
     kb_lo = split * CHUNK
     kb_hi = tl.minimum(kb_lo + CHUNK, nblk)
-    if PREFETCH and GROUP == 1:  # this program's weights into L2 while the kernel before still runs
-        WPB_: tl.constexpr = 4 if IS_MXFP4 else 8
-        prefetch_l2(w_ptr + (n_in.to(tl.int64) * nblk + kb_lo) * WPB_, (kb_hi - kb_lo) * (WPB_ * 4))
-        prefetch_line_l2(s_ptr + n_in.to(tl.int64) * nblk + kb_lo)
-        prefetch_line_l2(s_ptr + n_in.to(tl.int64) * nblk + kb_hi - 1)
-    pdl_enter()
     dot_t = tl.float32 if DOT_F32 else tl.bfloat16
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     if F16:
