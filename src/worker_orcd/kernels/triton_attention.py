@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker_orcd.kernels.pdl import LAUNCH, pdl_enter
+from worker_orcd.kernels.pdl import pdl_enter, pdl_launch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
@@ -202,12 +202,13 @@ def paged_attention(
         H=H, G=G, D=D, DV=DV, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV), PAGE=page,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_K=block_k, SPLITS=n_splits,
         HAS_SINKS=sinks is not None and n_splits == 1, HAS_SOFTCAP=softcap is not None,
-        HAS_WINDOW=window is not None, DOT_F32=INTERPRET or q.dtype == torch.float32, num_warps=num_warps, **LAUNCH,
+        HAS_WINDOW=window is not None, DOT_F32=INTERPRET or q.dtype == torch.float32, num_warps=num_warps,
+        **pdl_launch(),
     )  # fmt: skip
     if n_splits > 1:
         _merge_kernel[(n_tiles, H)](
             part, ml, sink_arg, out, tile_row, T, out.stride(0), out.stride(1), H=H, DV=DV,
             BLOCK_DV=triton.next_power_of_2(DV), SPLITS=n_splits, HAS_SINKS=sinks is not None,
-            num_warps=1 if INTERPRET else 2, **LAUNCH,
+            num_warps=1 if INTERPRET else 2, **pdl_launch(),
         )  # fmt: skip
     return out

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker_orcd.kernels.pdl import LAUNCH, pdl_enter
+from worker_orcd.kernels.pdl import pdl_enter, pdl_launch
 from worker_orcd.kernels.triton_quant import INTERPRET, matmul_operands, split_k, sum_partials_kernel
 from worker_orcd.quant.packed import FLOAT_DTYPES, PackedWeight
 
@@ -88,11 +88,12 @@ def float_matmul(
     part = y if splits == 1 else torch.empty(splits, M, w.n, dtype=torch.float32, device=x.device)
     _float_gemm_kernel[(tiles, triton.cdiv(M, BM), splits)](
         x2, w.codes, part, M, w.n, w.k, x2.stride(0), w.codes.stride(0), chunk * BK, BM=BM, BN=BN, BK=BK,
-        W_F32=w.kind == "f32", DOT_F32=INTERPRET, **c, **LAUNCH,
+        W_F32=w.kind == "f32", DOT_F32=INTERPRET, **c, **pdl_launch(),
     )  # fmt: skip
     if splits > 1:
         sum_partials_kernel[(1, triton.cdiv(M * w.n, 1024))](
-            part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024, b_ptr=bias, N=w.n, HAS_BIAS=bias is not None, **LAUNCH
+            part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024, b_ptr=bias, N=w.n, HAS_BIAS=bias is not None,
+            **pdl_launch()
         )
     elif bias is not None:
         y.add_(bias)

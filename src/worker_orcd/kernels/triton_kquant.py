@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker_orcd.kernels.pdl import LAUNCH, pdl_enter
+from worker_orcd.kernels.pdl import pdl_enter, pdl_launch
 from worker_orcd.kernels.triton_quant import (
     DECODE_MAX_M,
     INTERPRET,
@@ -215,7 +215,7 @@ def dequantize_kquant(w: PackedWeight, dtype: torch.dtype = torch.bfloat16) -> t
     BN = 16 if INTERPRET else 32
     _dequant_kernel[(triton.cdiv(rows, BN), triton.cdiv(w.k // 8, WS))](
         w.codes, w.high if w.high is not None else w.codes, w.scales, out, rows, w.k, KIND=w.kind,
-        **FORMAT_ARGS[w.kind], BN=BN, WS=WS, num_warps=1 if INTERPRET else 4, **LAUNCH,
+        **FORMAT_ARGS[w.kind], BN=BN, WS=WS, num_warps=1 if INTERPRET else 4, **pdl_launch(),
     )  # fmt: skip
     return out
 
@@ -249,8 +249,9 @@ def kquant_matmul(
     part = y if splits == 1 else torch.empty(splits, M, w.n, dtype=torch.float32, device=x.device)
     _gemm_kernel[(tiles, triton.cdiv(M, BM), splits)](
         x2, w.codes, w.high if w.high is not None else w.codes, w.scales, part, M, w.n, w.k, x2.stride(0), chunk,
-        KIND=w.kind, **FORMAT_ARGS[w.kind], BM=BM, BN=BN, WS=WS, DOT_F32=INTERPRET, **c, **LAUNCH,
+        KIND=w.kind, **FORMAT_ARGS[w.kind], BM=BM, BN=BN, WS=WS, DOT_F32=INTERPRET, **c, **pdl_launch(),
     )  # fmt: skip
     if splits > 1:
-        sum_partials_kernel[(1, triton.cdiv(M * w.n, 1024))](part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024, **LAUNCH)
+        sum_partials_kernel[(1, triton.cdiv(M * w.n, 1024))](part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024,
+                                                              **pdl_launch())
     return y.reshape(*lead, w.n)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from worker_orcd.kernels.activations import clamped_swiglu
-from worker_orcd.kernels.pdl import LAUNCH, pdl_enter
+from worker_orcd.kernels.pdl import pdl_enter, pdl_launch
 from worker_orcd.kernels.triton_quant import (
     F16_TILES,
     FOLD,
@@ -179,7 +179,7 @@ def _token_sums(part: torch.Tensor, T: int, dtype: torch.dtype, out: torch.Tenso
     D = part.shape[-1]
     y = torch.empty(T, D, dtype=dtype, device=part.device) if out is None else out
     R = part.shape[0] // T * part.shape[1]
-    sum_partials_kernel[(T, triton.cdiv(D, 1024))](part, y, D, R * D, D, R=R, BJ=1024, **LAUNCH)
+    sum_partials_kernel[(T, triton.cdiv(D, 1024))](part, y, D, R * D, D, R=R, BJ=1024, **pdl_launch())
     return y
 
 
@@ -196,7 +196,7 @@ def moe_gate_up(x, ids, k, gate, gate_b, up, up_b, cfg=None, limit=SWIGLU_LIMIT,
     _gate_up_kernel[(triton.cdiv(F, BN), P)](
         x.contiguous(), ids, order, gp.codes, gp.scales, gate_b.float().contiguous(), upk.codes, upk.scales,
         up_b.float().contiguous(), h, F, D, k, limit, alpha, BN=BN, NB=NB, EVEN=(D // 32) % NB == 0, STAGES=stages,
-        GROUP=_group(gp, upk), **c, **LAUNCH,
+        GROUP=_group(gp, upk), **c, **pdl_launch(),
     )  # fmt: skip
     return h
 
@@ -215,7 +215,7 @@ def moe_down(h, ids, w, down, down_b, cfg=None, order=None) -> torch.Tensor:
     order = torch.arange(P, dtype=torch.int32, device=h.device) if order is None else order
     _down_kernel[(tiles, P, splits)](
         h, ids, order, w, dp.codes, dp.scales, down_b.float().contiguous(), part, F, D, chunk, BN=BN, NB=NB,
-        EVEN=(F // 32) % chunk == 0, STAGES=stages, GROUP=dp.group, **c, **LAUNCH,
+        EVEN=(F // 32) % chunk == 0, STAGES=stages, GROUP=dp.group, **c, **pdl_launch(),
     )  # fmt: skip
     return part
 
@@ -424,7 +424,7 @@ def route_tiles(top_ids: torch.Tensor, n_experts: int, group: int) -> tuple[torc
     BT = triton.next_power_of_2(-(-BP // group) + min(n_experts, BP))  # the bucket's most tiles
     _route_tiles_kernel[(1,)](
         top_ids.reshape(-1), pairs, tile_expert, P, E=n_experts, N_SLOTS=n_tiles * group, BM=group, BP=BP,
-        BE=triton.next_power_of_2(n_experts + 1), BS=BT * group, BT=BT, num_warps=4, **LAUNCH,
+        BE=triton.next_power_of_2(n_experts + 1), BS=BT * group, BT=BT, num_warps=4, **pdl_launch(),
     )  # fmt: skip
     return pairs, tile_expert
 
@@ -578,18 +578,18 @@ def moe_tiles(
     _tiles_gate_up_kernel[(tiles, n_tiles, splits)](
         x, pairs, tile_expert, gp.codes, gp.scales, gb, upk.codes, upk.scales, ub, h, part, E, F, D, k, P, chunk,
         limit, alpha, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, SPLIT=splits > 1, F16=f16, GROUP=_group(gp, upk),
-        W_LEFT=w_left, FOLD=fold, **c, **LAUNCH,
+        W_LEFT=w_left, FOLD=fold, **c, **pdl_launch(),
     )  # fmt: skip
     if splits > 1:
         _swiglu_sum_kernel[(P, triton.cdiv(F, 1024))](part, top_ids.reshape(-1), gb, ub, h, F, P, limit, alpha,
-                                                      S=splits, BF=1024, **LAUNCH)  # fmt: skip
+                                                      S=splits, BF=1024, **pdl_launch())  # fmt: skip
     tiles = triton.cdiv(D, BN)
     splits, chunk = split_k(F // 32, triton.cdiv(D, split_bn), NB, target)  # by shape, never by the pair count
     part = torch.empty(T * k, splits, D, dtype=torch.float32, device=x.device)
     _tiles_down_kernel[(tiles, n_tiles, splits)](
         h, pairs, tile_expert, top_w.reshape(-1).float().contiguous(), dp.codes, dp.scales,
         down_b.float().contiguous(), part, E, F, D, chunk, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, F16=f16,
-        GROUP=dp.group, W_LEFT=w_left, FOLD=fold, **c, **LAUNCH,
+        GROUP=dp.group, W_LEFT=w_left, FOLD=fold, **c, **pdl_launch(),
     )  # fmt: skip
     return _token_sums(part, T, x.dtype, out)
 
@@ -632,5 +632,5 @@ def moe_prefill(
     part = torch.zeros(T * k + 1, D, dtype=torch.float32, device=x.device)  # the last row takes the padding
     part.index_copy_(0, torch.where(valid, p, T * k), y)
     out = torch.empty(T, D, dtype=torch.float32, device=x.device)
-    sum_partials_kernel[(T, triton.cdiv(D, 1024))](part, out, D, k * D, D, R=k, BJ=1024, **LAUNCH)
+    sum_partials_kernel[(T, triton.cdiv(D, 1024))](part, out, D, k * D, D, R=k, BJ=1024, **pdl_launch())
     return out

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker_orcd.kernels.pdl import LAUNCH, pdl_enter
+from worker_orcd.kernels.pdl import pdl_enter, pdl_launch
 from worker_orcd.kernels.triton_attention import INTERPRET
 from worker_orcd.kernels.triton_quant import Partials
 
@@ -61,7 +61,7 @@ def _launch(x: torch.Tensor, y: torch.Tensor | Partials | None, weight: torch.Te
         _rms_norm_kernel[(x2.shape[0],)](
             x2, y2, weight, out, res, D, eps, y.stride_t if split else 0, y.stride_r if split else 0, bias,
             HAS_Y=y is not None, BD=triton.next_power_of_2(D), R=y.R if split else 0,
-            HAS_B=split and y.bias is not None, num_warps=1 if INTERPRET else 8 if split else 4, **LAUNCH,
+            HAS_B=split and y.bias is not None, num_warps=1 if INTERPRET else 8 if split else 4, **pdl_launch(),
         )  # fmt: skip
     return out.reshape(x.shape), res.reshape(x.shape)
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker_orcd.kernels.pdl import LAUNCH, pdl_enter
+from worker_orcd.kernels.pdl import pdl_enter, pdl_launch
 from worker_orcd.quant.packed import (  # noqa: F401  (re-exported: the kernels' layouts)
     MXFP4_MAG_BIT,
     MXFP4_SIGN_BIT,
@@ -482,7 +482,7 @@ class Partials:
         y = torch.empty(self.rows, self.cols, dtype=dtype or self.dtype, device=self.part.device)
         sum_partials_kernel[(self.rows, triton.cdiv(self.cols, 1024))](
             self.part, y, self.cols, self.stride_t, self.stride_r, R=self.R, BJ=1024, b_ptr=self.bias, N=self.cols,
-            HAS_BIAS=self.bias is not None, **LAUNCH,
+            HAS_BIAS=self.bias is not None, **pdl_launch(),
         )  # fmt: skip
         return y
 
@@ -610,7 +610,7 @@ def dequantize_packed(w: PackedWeight, dtype: torch.dtype = torch.bfloat16, out:
     BC = 128 if INTERPRET else 1024
     _dequant_kernel[(rows, triton.cdiv(w.k, BC))](
         w.codes, w.scales, out, w.k, IS_MXFP4=_is_mxfp4(w), BC=BC, GROUP=w.group, num_warps=1 if INTERPRET else 4,
-        **LAUNCH)
+        **pdl_launch())
     return out
 
 
@@ -738,7 +738,7 @@ def quant_matmul(
         part = y if splits == 1 else torch.empty(splits, M, w.n, dtype=torch.float32, device=x.device)
         _gemv_kernel[(M, tiles, splits)](
             x2, w.codes, w.scales, part, M, w.n, w.k, x2.stride(0), chunk, IS_MXFP4=mx, BN=BN, NB=NB,
-            EVEN=nblk % chunk == 0, STAGES=stages, GROUP=w.group, **c, **LAUNCH,
+            EVEN=nblk % chunk == 0, STAGES=stages, GROUP=w.group, **c, **pdl_launch(),
         )  # fmt: skip
     else:
         c = dict(cfg or gemm_config(w, M))
@@ -752,13 +752,14 @@ def quant_matmul(
         _gemm_kernel[grid](
             x2, w.codes, w.scales, part, M, w.n, w.k, x2.stride(0), w.n, chunk, IS_MXFP4=mx, BM=BM, BN=BN, NB=NB,
             DOT_F32=INTERPRET, F16=f16, GROUP=w.group, W_LEFT=w_left, FOLD=f16 and fold, M_FIRST=m_first, **c,
-            **LAUNCH,
+            **pdl_launch(),
         )  # fmt: skip
     if splits > 1 and partials and len(lead) == 1:
         return Partials(part, M, w.n, splits, w.n, M * w.n, bias, y.dtype)
     if splits > 1:
         sum_partials_kernel[(1, triton.cdiv(M * w.n, 1024))](part, y, M * w.n, 0, M * w.n, R=splits, BJ=1024,
-                                                              b_ptr=bias, N=w.n, HAS_BIAS=bias is not None, **LAUNCH)
+                                                              b_ptr=bias, N=w.n, HAS_BIAS=bias is not None,
+                                                              **pdl_launch())
         return y.reshape(*lead, w.n)
     return _add_bias(y, bias).reshape(*lead, w.n)
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker_orcd.kernels.pdl import LAUNCH, pdl_enter
+from worker_orcd.kernels.pdl import pdl_enter, pdl_launch
 from worker_orcd.kernels.triton_attention import INTERPRET
 from worker_orcd.kernels.triton_quant import Partials
 
@@ -60,7 +60,7 @@ def apply_rope_cuda(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot
     BH = 4 if INTERPRET else 16
     _rope_kernel[(T, triton.cdiv(heads, BH))](
         x, cos.contiguous(), sin.contiguous(), out, heads, x.stride(0), x.stride(1), n_rot, HD=hd, NEOX=neox,
-        BH=BH, BD=triton.next_power_of_2(hd), num_warps=1 if INTERPRET else 4, **LAUNCH,
+        BH=BH, BD=triton.next_power_of_2(hd), num_warps=1 if INTERPRET else 4, **pdl_launch(),
     )  # fmt: skip
     return out
 
@@ -142,6 +142,6 @@ def rope_qkv_store(qkv: torch.Tensor | Partials, cos: torch.Tensor, sin: torch.T
         x, cos.contiguous(), sin.contiguous(), q, k_pool, v_pool, blocks, offsets, n_heads, n_kv, stride_xt,
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), n_rot, x if bias is None else bias, stride_r, HD=hd,
         NEOX=neox, BH=BH, BD=triton.next_power_of_2(hd), R=R, HAS_B=bias is not None,
-        num_warps=1 if INTERPRET else 4, **LAUNCH,
+        num_warps=1 if INTERPRET else 4, **pdl_launch(),
     )  # fmt: skip
     return q

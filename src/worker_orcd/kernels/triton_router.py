@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker_orcd.kernels.pdl import LAUNCH, pdl_enter
+from worker_orcd.kernels.pdl import pdl_enter, pdl_launch
 from worker_orcd.kernels.triton_attention import INTERPRET
 
 
@@ -88,7 +88,7 @@ def route(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int) -> tuple[to
         part = torch.empty(T, S, BE, dtype=torch.float32, device=h.device)
         _router_logits_kernel[(T, S)](h, w, part, D, h.stride(0), chunk, E=E, BE=BE,
                                       BD=64 if INTERPRET else min(128, chunk), num_warps=1 if INTERPRET else 4,
-                                      **LAUNCH)
+                                      **pdl_launch())
         _router_top_kernel[(T,)](part, b, ids, weights, S, E=E, K=k, BE=BE, BK=triton.next_power_of_2(k),
-                                 BS=triton.next_power_of_2(S), num_warps=1, **LAUNCH)  # fmt: skip
+                                 BS=triton.next_power_of_2(S), num_warps=1, **pdl_launch())  # fmt: skip
     return ids, weights
