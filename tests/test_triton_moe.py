@@ -171,3 +171,19 @@ def test_moe_prefill_grouped_mm_matches_reference():
     ids, w = routes(9, 4, 2, "cpu")
     got = moe_prefill(x, ids, w, _packed(g, "g"), gb, _packed(u, "u"), ub, _packed(d, "d"), db)
     assert rel_err(got, moe_reference(x, ids, w, g, gb, u, ub, d, db)) < 2e-2  # bf16 operands
+
+
+@pytest.mark.gpu
+def test_moe_tile_width_changes_no_bits():
+    """The splits of K follow SPLIT_BN, so tiles of another width, warps or pipeline depth give the same bits
+    (what lets tiles_config() pick its tile width for speed alone)."""
+    from worker_orcd.kernels.triton_moe import tiles_config
+
+    g, gb, u, ub, d, db = experts(32, 2880, 2880, "cuda")
+    x = (torch.randn(16, 2880, device="cuda") * 0.5).half()
+    ids, w = routes(16, 32, 4, "cuda")
+    base = tiles_config()
+    want = moe_tiles(x, ids, w, g, gb, u, ub, d, db, cfg=base)
+    for bn, warps, stages in [(64, 8, 3), (16, 2, 4), (128, 4, 2)]:
+        cfg = base | {"BN": bn, "num_warps": warps, "num_stages": stages, "SPLIT_BN": base.get("SPLIT_BN", base["BN"])}
+        assert torch.equal(moe_tiles(x, ids, w, g, gb, u, ub, d, db, cfg=cfg), want), (bn, warps, stages)

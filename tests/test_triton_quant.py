@@ -219,6 +219,18 @@ def test_gpu_decode_rows_do_not_depend_on_the_batch(kind, n, k):
         assert torch.equal(quant_matmul(p, x[r : r + 1])[0], many[r])
 
 
+@pytest.mark.gpu
+def test_gpu_tile_width_changes_no_bits():
+    """The splits of K follow SPLIT_BN: another tile width, warps or pipeline depth gives the same bits."""
+    n, k = 5120, 2880
+    p = pack_q8_0(random_blocks(T.Q8_0, n, k, "cuda"), n, k)
+    x = torch.randn(16, k, device="cuda").half()
+    base = gemm_config(p, 16)
+    want = quant_matmul(p, x, base)
+    for bn, warps, stages in [(64, 4, 2), (32, 2, 3)]:
+        cfg = base | {"BN": bn, "num_warps": warps, "num_stages": stages, "SPLIT_BN": base["BN"]}
+        assert torch.equal(quant_matmul(p, x, cfg), want), (bn, warps, stages)
+
 @pytest.mark.parametrize("kind", [T.MXFP4, T.Q8_0])
 def test_row_groups(kind, monkeypatch):
     """128 rows pack in groups of 64 (quant/packed.py; Q8_0 when switched on): every kernel reads them, and the
