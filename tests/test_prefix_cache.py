@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from worker_orcd.engine.block_manager import BlockManager, KVCacheFull
+from worker_orcd.engine.block_manager import BlockManager, KVCacheFull, chunk_tag
 from worker_orcd.engine.kv_cache import KVCache
 from worker_orcd.engine.scheduler import Request, Scheduler, TokenEvent
 
@@ -55,6 +55,22 @@ def test_whole_context_block_is_taken_over_when_free_else_copied():
     assert bm.share(2, a[:64] + [2] * 30, 4) is None and bm.table(2) == [copy]  # free: taken over in place
     assert bm.cached_pages(a + [3]) == 4  # its pages past the run were forgotten (they will be overwritten)
 
+
+def test_a_page_is_found_only_as_it_was_computed():
+    """Page tags: pages a long chunk computed are found only by a prompt whose own prefill computes that chunk
+    (its span and every id); a page of mixed computations and the pages after it are never registered."""
+    bm = BlockManager(8, 16, caching=True)
+    a = list(range(100, 180))  # 5 pages
+    tags = [chunk_tag(0, 32, a[:32])] * 2 + [b"", None, b""]
+    assert bm.share(0, a, 0, tags) is None
+    bm.ensure(0, len(a))
+    bm.commit(0, a)
+    assert bm.cached_pages(a + [1], tags) == 3  # the 4th page mixes computations: not registered, nor the 5th
+    assert bm.cached_pages(a + [1]) == 0  # as rows computed alone: another computation
+    assert bm.cached_pages(a + [1], [chunk_tag(0, 32, a[:31] + [5])] * 2) == 0  # the chunk held other ids
+    assert bm.cached_pages(a + [1], [chunk_tag(0, 48, a[:48])] * 2) == 0  # or another span
+    with pytest.raises(ValueError, match="mixes computations"):
+        bm.share(1, a, 4, tags)
 
 @pytest.mark.parametrize("block_size", [16, 64, 512])
 def test_random_interleavings_keep_references_and_contents(block_size):
@@ -231,6 +247,18 @@ def test_fifty_requests_on_cuda_equal_without_the_cache(tmp_path, arch, gtype, k
     assert off.cached == 0 and on == off and on.cached > 0
 
 
+@pytest.mark.gpu
+def test_long_prompt_chunks_on_cuda_equal_without_the_cache(tmp_path):
+    """Prompts of up to ~630 tokens with the default prefill_chunk (256): chunks of more than 128 rows meet
+    cuBLAS and the grouped MoE, whose rows depend on the chunk, so the page tags keep reuse to what each
+    prompt's own prefill computes (engine/block_manager.py): the cache still changes no bit."""
+    net = tiny_net(tmp_path, "gpt-oss", "MXFP4", "cuda", max_position_embeddings=1024)
+    prompts = shared_prompts(net.cfg.vocab_size, 24, 3, 600, seed=2)
+    kw = dict(max_batch=4, ctx=768, prefill_chunk=256)
+    off = Run(net, prompts, False, **kw)
+    on = Run(net, prompts, True, **kw)
+    assert off.cached == 0 and on == off and on.cached > 0
+
 class PagedNet:
     """A CPU model whose KV pool has CUDA's 16-position blocks, so runs are shared by reference as on a GPU."""
 
@@ -265,6 +293,32 @@ def test_blocks_shared_by_reference_under_memory_pressure(tmp_path):
     assert small == off and big == off
     assert 0 < small.cached < big.cached
 
+
+def test_long_chunks_are_reused_only_whole(tmp_path):
+    """CUDA's rule on the CPU scheduler (pack_rows 128: a chunk of more rows meets kernels whose rows depend on
+    the chunk): a cached prefix is reused only where this prompt's own prefill would compute the same long
+    chunk, and never up to a point inside one of its long chunks."""
+    net = PagedNet(tiny_net(tmp_path, "llama", max_position_embeddings=1024))
+    rng = random.Random(5)
+    a = [rng.randrange(net.cfg.vocab_size) for _ in range(600)]
+    s = Scheduler(net, Tok(), max_batch=1, ctx=1024, prefill_chunk=256, prefix_cache=True)
+    s.pack_rows = 128
+    assert s._long_chunks(600) == [(0, 256), (256, 512)] and s._long_chunks(250) == [(0, 250)]
+    tags = s._page_tags(a[:700 - 100] + [0] * 100)  # 700 tokens: [512, 700) is long and cuts page 43
+    assert tags[0] == tags[15] != tags[16] and tags[43] is None and len(tags) == 44
+    s.start()
+    try:
+        def cached(prompt: list[int]) -> int:
+            h = s.submit(Request(f"r{len(prompt)}", prompt, 9))
+            list(h)
+            return h.stats.cached_tokens
+
+        assert cached(a) == 0
+        assert cached(a[:300] + [1] * 100) == 256  # its chunk [256, 400) is not A's [256, 512): only [0, 256)
+        assert cached(a[:200] + [2] * 50) == 0  # one long chunk [0, 250): A never computed it
+        assert cached(a + [3]) == 576  # A's long chunks and its short one; the cap of the last small chunk
+    finally:
+        s.stop()
 
 def test_default_model_with_the_cache_equals_without(smollm2_path):
     """The default model (Q4_1: packed kernels for <= 16 rows, float32 above), 10 requests sharing prefixes of

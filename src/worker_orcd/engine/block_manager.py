@@ -11,11 +11,18 @@ longest run found:
   sequence holds that block, else a fresh block into which the caller copies the run's rows.
 A sequence only writes positions past its run, so a shared page is never written. Blocks no sequence holds
 wait on a free list in LRU order, their pages still registered until the block is handed out again.
+
+A page's key also names how its KV was computed (its tag), because a reused page must hold the bits the new
+prompt would have computed itself: b"" where every row met kernels whose rows do not depend on the others
+(decode kernels, CPU), `chunk_tag` where a long prompt chunk computed it whole with kernels whose rows do
+(CUDA's cuBLAS and grouped-GEMM chunks: the chunk's span and all its ids), None where a page mixes the two (it
+is never registered). The scheduler gives each sequence's prompt page tags (pages past them are b"").
 """
 
 from __future__ import annotations
 
 import hashlib
+import struct
 from array import array
 from collections import OrderedDict
 
@@ -41,6 +48,7 @@ class BlockManager:
         self._cached: dict[bytes, tuple[int, int]] = {}  # page hash -> (block, page within the block)
         self._pages: dict[int, dict[int, bytes]] = {}  # block -> {page within the block: hash} it registered
         self._chains: dict[int, list[bytes]] = {}  # seq -> hashes of its pages registered so far, in order
+        self._tags: dict[int, list[bytes | None]] = {}  # seq -> its prompt pages' tags (the module doc)
 
     @property
     def n_free(self) -> int:
@@ -82,6 +90,7 @@ class BlockManager:
         """The sequence's blocks lose a reference; those left unheld go free, tail first, so a prefix outlives
         its tail. Blocks holding no registered page go to the front: they are handed out before cached ones."""
         self._chains.pop(seq, None)
+        self._tags.pop(seq, None)
         for b in reversed(self._tables.pop(seq, [])):
             self.refs[b] -= 1
             if self.refs[b] == 0:
@@ -91,25 +100,29 @@ class BlockManager:
 
     # -- the prefix cache -------------------------------------------------------------------------
 
-    def cached_pages(self, tokens: list[int]) -> int:
-        """How many whole pages at the start of `tokens` are cached (never the page of the last token: its
-        logits must be computed)."""
+    def cached_pages(self, tokens: list[int], tags: list[bytes | None] = ()) -> int:
+        """How many whole pages at the start of `tokens`, computed as `tags` say, are cached (never the page of
+        the last token: its logits must be computed)."""
         if not self.caching:
             return 0
         n = 0
-        for h in self._hashes(tokens, self._max_pages(len(tokens) - 1)):
+        for h in self._hashes(tokens, self._max_pages(len(tokens) - 1), tags):
             if h not in self._cached:
                 break
             n += 1
         return n
 
-    def share(self, seq: int, tokens: list[int], n_pages: int) -> tuple[int, int, int] | None:
-        """Start seq's table with the first n_pages cached pages of `tokens` (cached_pages said so). Returns
-        (source block, destination block, positions) when the caller must copy those rows, else None."""
+    def share(self, seq: int, tokens: list[int], n_pages: int, tags: list[bytes | None] = ()
+              ) -> tuple[int, int, int] | None:
+        """Start seq's table with the first n_pages cached pages of `tokens` (cached_pages said so, with the same
+        tags: they stay seq's for commit). Returns (source block, destination block, positions) when the caller
+        must copy those rows, else None."""
         if seq in self._tables:
             raise ValueError(f"sequence {seq} already holds blocks")
-        hashes = self._hashes(tokens, n_pages)
-        self._tables[seq], self._chains[seq] = [], hashes
+        hashes = self._hashes(tokens, n_pages, tags)
+        if len(hashes) < n_pages:
+            raise ValueError(f"page {len(hashes)} of sequence {seq} mixes computations: it cannot be shared")
+        self._tables[seq], self._chains[seq], self._tags[seq] = [], hashes, list(tags)
         if not hashes:
             return None
         found = [self._cached[h] for h in hashes]
@@ -138,9 +151,13 @@ class BlockManager:
         chain = self._chains.setdefault(seq, [])
         table = self._tables.get(seq, [])
         per_block = self.block_size // self.page
+        tags = self._tags.get(seq, ())
         n = min(self._max_pages(len(tokens)), len(table) * per_block)
         for i in range(len(chain), n):
-            h = _page_hash(chain[-1] if chain else b"", tokens[i * self.page : (i + 1) * self.page])
+            tag = tags[i] if i < len(tags) else b""
+            if tag is None:  # a page of mixed computations: it and the pages after it stay unregistered
+                return
+            h = _page_hash(chain[-1] if chain else b"", tokens[i * self.page : (i + 1) * self.page], tag)
             self._register(h, table[i // per_block], i % per_block)
             chain.append(h)
 
@@ -149,10 +166,14 @@ class BlockManager:
         n = n_tokens // self.page
         return n if self.by_reference else min(n, self.block_size // self.page)
 
-    def _hashes(self, tokens: list[int], n_pages: int) -> list[bytes]:
+    def _hashes(self, tokens: list[int], n_pages: int, tags: list[bytes | None] = ()) -> list[bytes]:
+        """The keys of the first n_pages pages (fewer: up to the first page of mixed computations)."""
         out, prev = [], b""
         for i in range(n_pages):
-            prev = _page_hash(prev, tokens[i * self.page : (i + 1) * self.page])
+            tag = tags[i] if i < len(tags) else b""
+            if tag is None:
+                break
+            prev = _page_hash(prev, tokens[i * self.page : (i + 1) * self.page], tag)
             out.append(prev)
         return out
 
@@ -183,6 +204,11 @@ class BlockManager:
             self._pages.pop(block, None)
 
 
-def _page_hash(prev: bytes, ids: list[int]) -> bytes:
-    """A page's key: its ids chained to the previous page's key (so it names the whole prefix)."""
-    return hashlib.blake2b(prev + array("q", ids).tobytes(), digest_size=16).digest()
+def _page_hash(prev: bytes, ids: list[int], tag: bytes = b"") -> bytes:
+    """A page's key: its ids and tag chained to the previous page's key (so it names the whole prefix)."""
+    return hashlib.blake2b(prev + array("q", ids).tobytes() + tag, digest_size=16).digest()
+
+
+def chunk_tag(start: int, end: int, ids: list[int]) -> bytes:
+    """The tag of a page that the prompt chunk [start, end) computed whole, `ids` the chunk's ids."""
+    return b"c" + struct.pack("<qq", start, end) + hashlib.blake2b(array("q", ids).tobytes(), digest_size=16).digest()

@@ -76,10 +76,10 @@ class KVCache:
         if new:
             self.tables[slot, have : have + len(new)] = to_device(new, self.device, torch.int32)
 
-    def reuse_prefix(self, slot: int, tokens: list[int], n_pages: int) -> int:
+    def reuse_prefix(self, slot: int, tokens: list[int], n_pages: int, tags: list[bytes | None] = ()) -> int:
         """Start slot's table with the first n_pages cached pages of `tokens` (blocks.cached_pages said they
-        are); returns how many positions that covers."""
-        copy = self.blocks.share(slot, tokens, n_pages)
+        are, with the same page tags); returns how many positions that covers."""
+        copy = self.blocks.share(slot, tokens, n_pages, tags)
         table = self.blocks.table(slot)
         if table:
             self.tables[slot, : len(table)] = to_device(table, self.device, torch.int32)

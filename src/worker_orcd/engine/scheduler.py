@@ -21,6 +21,9 @@ the result either, so every prompt row meets the same kernels whether its prefix
 end on multiples of prefill_chunk, no chunk is "small" (CPU: <= 16 rows, torch's packed kernels; CUDA: one
 row, a decode tile) unless the whole prompt is, a run stops short of the prompt's last small_chunk + 1
 tokens; CPU prompt attention does not depend on where a chunk ends (kernels/attention.py, blocked_attention).
+On CUDA a chunk of more than pack_rows rows meets kernels whose rows depend on the whole chunk (cuBLAS, the
+grouped MoE), so its pages are reused only by a prompt whose own prefill computes that same chunk (page tags,
+engine/block_manager.py), and a run never stops inside one of the prompt's long chunks.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from worker_orcd.engine.block_manager import chunk_tag
 from worker_orcd.engine.cuda_graphs import BucketedDecoder
 from worker_orcd.engine.kv_cache import KVCache, SeqSpan
 from worker_orcd.engine.sampler import Logprob, Sampler, SamplingParams, logprob_entries, pick_rows, token_logprobs
@@ -422,14 +426,42 @@ class Scheduler:
             self._reuse_prefix(seq)
 
     def _reuse_prefix(self, seq: _Seq) -> None:
-        """Start the sequence from the longest cached run of whole pages of its prompt. Its reservation stays
-        whole: blocks it shares count for it too, so the pool never runs short of what was promised."""
+        """Start the sequence from the longest cached run of whole pages of its prompt that holds the bits its
+        own prefill would compute (page tags), never stopping inside a long chunk. Its reservation stays whole:
+        blocks it shares count for it too, so the pool never runs short of what was promised."""
         prompt = seq.handle.request.prompt_ids
         blocks = self.kv.blocks
-        if seq.handle.request.prompt_logprobs is not None:  # every prompt row's logits are asked for
-            return
-        pages = min(blocks.cached_pages(prompt), max(0, (len(prompt) - self.small_chunk - 1) // blocks.page))
-        seq.prefilled = seq.handle.stats.cached_tokens = self.kv.reuse_prefix(seq.slot, prompt, pages)
+        tags = self._page_tags(prompt)
+        pages = 0
+        if seq.handle.request.prompt_logprobs is None:  # else every prompt row's logits are asked for
+            pages = min(blocks.cached_pages(prompt, tags), max(0, (len(prompt) - self.small_chunk - 1) // blocks.page))
+            for start, end in self._long_chunks(len(prompt)):
+                if start < pages * blocks.page < end:  # the rest of a long chunk would meet other kernels
+                    pages = start // blocks.page
+        seq.prefilled = seq.handle.stats.cached_tokens = self.kv.reuse_prefix(seq.slot, prompt, pages, tags)
+
+    def _long_chunks(self, n: int) -> list[tuple[int, int]]:
+        """The chunks [start, end) of an n-token prompt prefilled from its start that are longer than pack_rows
+        (CUDA): they run through kernels whose rows depend on the chunk (cuBLAS, grouped GEMMs)."""
+        spans, start = [], 0
+        while start < n and self.pack_rows:
+            end = self._chunk_end(n, start)
+            if end - start > self.pack_rows:
+                spans.append((start, end))
+            start = end
+        return spans
+
+    def _page_tags(self, prompt: list[int]) -> list[bytes | None]:
+        """The prefix-cache tag of each page of the prompt (engine/block_manager.py): a long chunk's pages carry
+        its span and ids (chunks start on page boundaries); the page its end cuts, when that is the prompt's
+        end, mixes it with decode rows (None)."""
+        page = self.kv.blocks.page
+        tags: list[bytes | None] = [b""] * (len(prompt) // page + 1)
+        for start, end in self._long_chunks(len(prompt)):
+            tag = chunk_tag(start, end, prompt[start:end])
+            for i in range(start // page, -(-end // page)):
+                tags[i] = tag if (i + 1) * page <= end else None
+        return tags
 
     def _reap(self) -> None:
         """Cancelled and timed-out requests leave now, waiting or running."""
@@ -607,15 +639,19 @@ class Scheduler:
         return group
 
     def _chunk_len(self, seq: _Seq) -> int:
-        """Up to the next multiple of prefill_chunk, so a prompt splits alike with or without a cached prefix;
-        longer where that chunk, or what it leaves, would be small (see the module's docstring)."""
-        n, start, small = len(seq.handle.request.prompt_ids), seq.prefilled, self.small_chunk
+        return self._chunk_end(len(seq.handle.request.prompt_ids), seq.prefilled) - seq.prefilled
+
+    def _chunk_end(self, n: int, start: int) -> int:
+        """Where the chunk of an n-token prompt from `start` ends: the next multiple of prefill_chunk, so a prompt
+        splits alike with or without a cached prefix; later where that chunk, or what it leaves, would be small
+        (see the module's docstring)."""
+        small = self.small_chunk
         end = start - start % self.prefill_chunk + self.prefill_chunk
         while end - start <= small:
             end += self.prefill_chunk
         if n - end <= small:
             end = n
-        return min(end, n) - start
+        return min(end, n)
 
     def _forward(self, decoding: list[_Seq], prefills: list[_Seq]) -> None:
         """One forward over the group; if it fails, find out which sequences fail on their own."""
