@@ -26,4 +26,5 @@ def test_captured_launches_ask_for_it_on_hopper():
         got = pdl.pdl_launch()
     want = {"launch_pdl": True} if pdl.PDL else {}
     assert got == want
-    assert bool(pdl.PDL) == (torch.cuda.get_device_capability() >= (9, 0) and pdl.gdc_wait is not None)
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    assert bool(pdl.PDL) == (hopper and pdl.gdc_wait is not None and pdl._launch_option())

@@ -16,6 +16,7 @@ WORKER_ORCD_PDL=0 turns it off (and the interpreter never uses it).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -28,10 +29,19 @@ except ImportError:  # an older Triton: no PDL
     gdc_launch_dependents = gdc_wait = None
 
 
+def _launch_option() -> bool:
+    """Whether this Triton's CUDA launcher takes `launch_pdl`."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in {f.name for f in dataclasses.fields(CUDAOptions)}
+
+
 def _supported() -> bool:
     if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("WORKER_ORCD_PDL", "1") == "0":
         return False
-    if gdc_wait is None or not torch.cuda.is_available():
+    if gdc_wait is None or not _launch_option() or not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability() >= (9, 0)
 
