@@ -1,11 +1,11 @@
 """The MoE router on CUDA (Triton): logits, top-k and the softmax over the chosen k in two launches a step.
 
 For token t: logits[e] = h[t] . W[e] + b[e] over all E experts (float32), then the k largest (ties: the lower
-expert id) and weights = softmax of those k logits. First launch: partial logits over slices of D (8 programs a
-token for the 20B); second: per token, their sum in slice order, the top-k and the softmax. The order is fixed,
-so a token's experts and weights never depend on the other tokens of the step. It replaces a float32 GEMM, a
-bias add, a top-k and a softmax (four to six launches a layer). The reference is models/gpt_oss.py's torch
-path: `linear` + `torch.topk` + `torch.softmax`.
+expert id) and weights = softmax of those k logits. First launch: partial logits over slices of D (45 programs
+a token for the 20B); second: per token, their sum (one load, one reduction tree of a fixed shape), the top-k and
+the softmax. The order is fixed, so a token's experts and weights never depend on the other tokens of the step.
+It replaces a float32 GEMM, a bias add, a top-k and a softmax (four to six launches a layer). The reference is
+models/gpt_oss.py's torch path: `linear` + `torch.topk` + `torch.softmax`.
 """
 
 from __future__ import annotations
