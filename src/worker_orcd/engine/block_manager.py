@@ -154,7 +154,7 @@ class BlockManager:
         tags = self._tags.get(seq, ())
         n = min(self._max_pages(len(tokens)), len(table) * per_block)
         for i in range(len(chain), n):
-            tag = tags[i] if i < len(tags) else b""
+            tag = _tag(tags, i)
             if tag is None:  # a page of mixed computations: it and the pages after it stay unregistered
                 return
             h = _page_hash(chain[-1] if chain else b"", tokens[i * self.page : (i + 1) * self.page], tag)
@@ -170,7 +170,7 @@ class BlockManager:
         """The keys of the first n_pages pages (fewer: up to the first page of mixed computations)."""
         out, prev = [], b""
         for i in range(n_pages):
-            tag = tags[i] if i < len(tags) else b""
+            tag = _tag(tags, i)
             if tag is None:
                 break
             prev = _page_hash(prev, tokens[i * self.page : (i + 1) * self.page], tag)
@@ -202,6 +202,11 @@ class BlockManager:
                 del self._cached[h]
         if not pages:
             self._pages.pop(block, None)
+
+
+def _tag(tags: list[bytes | None], i: int) -> bytes | None:
+    """Page i's tag: b"" past the prompt's pages (decode rows)."""
+    return tags[i] if i < len(tags) else b""
 
 
 def _page_hash(prev: bytes, ids: list[int], tag: bytes = b"") -> bytes:

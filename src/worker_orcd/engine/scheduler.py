@@ -431,7 +431,7 @@ class Scheduler:
         blocks it shares count for it too, so the pool never runs short of what was promised."""
         prompt = seq.handle.request.prompt_ids
         blocks = self.kv.blocks
-        tags = self._page_tags(prompt)
+        tags = self._page_tags(prompt) if blocks.caching else []
         pages = 0
         if seq.handle.request.prompt_logprobs is None:  # else every prompt row's logits are asked for
             pages = min(blocks.cached_pages(prompt, tags), max(0, (len(prompt) - self.small_chunk - 1) // blocks.page))
