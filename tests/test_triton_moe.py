@@ -162,6 +162,26 @@ def test_moe_tiles_with_gate_up_split(f16, w_left, fold):
     assert torch.equal(moe_tiles(x[2:3], ids[2:3], w[2:3], g, gb, u, ub, d, db, cfg=cfg)[0], out[2])
 
 
+def test_moe_tiles_partials_summed_in_the_norm_give_the_same_bits():
+    """The expert tiles' k x splits partial rows a token (Partials), summed inside add_rms_norm, give the bits of
+    the summed MoE added after it; Partials.dense() gives the summed MoE."""
+    from worker_orcd.kernels.triton_norm import add_rms_norm_cuda
+    from worker_orcd.kernels.triton_quant import Partials
+
+    cfg = {"BM": 16, "BN": 16, "NB": 1, "UP_TARGET": 1, "TARGET": 64, "num_warps": 1, "num_stages": 1}
+    g, gb, u, ub, d, db = experts(5, 192, 64, "cpu")
+    x, res = torch.randn(4, 64) * 0.5, torch.randn(4, 64)
+    ids, w = routes(4, 5, 3, "cpu")
+    parts = moe_tiles(x, ids, w, g, gb, u, ub, d, db, cfg=cfg, partials=True)
+    assert isinstance(parts, Partials) and parts.R == 3 * 3  # k experts x 3 splits of F
+    y = moe_tiles(x, ids, w, g, gb, u, ub, d, db, cfg=cfg)
+    assert torch.equal(parts.dense(), y)
+    norm_w = torch.randn(64)
+    fused, want = add_rms_norm_cuda(res, parts, norm_w, 1e-5, torch.float32), add_rms_norm_cuda(res, y, norm_w, 1e-5,
+                                                                                               torch.float32)
+    assert torch.equal(fused[0], want[0]) and torch.equal(fused[1], want[1])
+
+
 def test_moe_prefill_grouped_mm_matches_reference():
     """The prompt-chunk path (experts dequantized, torch._grouped_mm over pairs sorted by expert)."""
     from worker_orcd.kernels.triton_moe import _packed, moe_prefill

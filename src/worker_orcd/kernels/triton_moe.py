@@ -26,6 +26,7 @@ from worker_orcd.kernels.triton_quant import (
     INTERPRET,
     W_LEFT,
     PackedWeight,
+    Partials,
     _dot_f16_blocks,
     _e8m0,
     _mx_pair,
@@ -299,10 +300,12 @@ def moe_grouped(
     limit: float = SWIGLU_LIMIT,
     alpha: float = SWIGLU_ALPHA,
     cfg: dict | None = None,
-) -> torch.Tensor:
+    partials: bool = False,
+) -> torch.Tensor | Partials:
     """The MoE of moe_reference for any number of tokens: x [T, D], top_ids/top_w [T, k] -> y [T, D] float32.
     Up to PREFILL_ABOVE tokens (every decode step) the expert tiles (moe_tiles); more (prompt chunks):
-    moe_prefill."""
+    moe_prefill. partials: the expert tiles may return their k x splits partial rows unsummed (Partials), for
+    the next add_rms_norm to add in its own launch."""
     T = x.shape[0]
     if T > PREFILL_ABOVE and not INTERPRET and hasattr(torch, "_grouped_mm"):
         gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
@@ -310,6 +313,8 @@ def moe_grouped(
     out = torch.empty(T, x.shape[1], dtype=torch.float32, device=x.device)
     if T <= PAIR_ROWS:  # --nondeterministic: the per-pair kernels where they are faster (not batch-invariant)
         return moe_mxfp4(x, top_ids, top_w, gate, gate_b, up, up_b, down, down_b, None, limit, alpha, out=out)
+    if partials:
+        return moe_tiles(x, top_ids, top_w, gate, gate_b, up, up_b, down, down_b, cfg, limit, alpha, partials=True)
     return moe_tiles(x, top_ids, top_w, gate, gate_b, up, up_b, down, down_b, cfg, limit, alpha, out=out)
 
 
@@ -553,8 +558,11 @@ def moe_tiles(
     limit: float = SWIGLU_LIMIT,
     alpha: float = SWIGLU_ALPHA,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """moe_reference's function on tensor cores, for any number of tokens: x [T, D] -> y [T, D] (into `out`)."""
+    partials: bool = False,
+) -> torch.Tensor | Partials:
+    """moe_reference's function on tensor cores, for any number of tokens: x [T, D] -> y [T, D] (into `out`).
+    partials: y as its k x splits partial rows a token (Partials, float32), summed by the consumer in the same
+    order as _token_sums."""
     gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
     c = dict(cfg or tiles_config())
     BM, BN, NB, target = c.pop("BM"), c.pop("BN"), c.pop("NB"), c.pop("TARGET")
@@ -591,6 +599,9 @@ def moe_tiles(
         down_b.float().contiguous(), part, E, F, D, chunk, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, F16=f16,
         GROUP=dp.group, W_LEFT=w_left, FOLD=fold, **c, **pdl_launch(),
     )  # fmt: skip
+    if partials:
+        R = k * splits
+        return Partials(part, T, D, R, R * D, D, dtype=torch.float32)
     return _token_sums(part, T, x.dtype, out)
 
 

@@ -9,6 +9,7 @@ over those k logits only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from worker_orcd.models.common import batch_inputs, static_plans, window_plans
 from worker_orcd.models.hparams import HParams
 from worker_orcd.models.weights import Weights, fuse_bias, fuse_rows, linear
 from worker_orcd.quant import GGMLType, QuantTensor
+
+if TYPE_CHECKING:
+    from worker_orcd.kernels.triton_quant import Partials
 
 ARCHITECTURES = ("gpt-oss",)
 SWIGLU_LIMIT = 7.0
@@ -185,7 +189,7 @@ class GptOssModel:
         v = linear(h, layer.wv, layer.bv).reshape(T, Hkv, c.head_dim)
         return apply_rope(q, cos, sin, c.head_dim, True), apply_rope(k, cos, sin, c.head_dim, True), v
 
-    def moe(self, layer: GptOssLayer, h: torch.Tensor, static: bool = False) -> torch.Tensor:
+    def moe(self, layer: GptOssLayer, h: torch.Tensor, static: bool = False) -> torch.Tensor | Partials:
         """Route each token to its top-k experts; softmax over the k chosen logits; weighted sum. [T, D]
 
         static: no host sync (CUDA graphs); without the grouped kernel every expert then runs on every token."""
@@ -203,8 +207,9 @@ class GptOssModel:
             from worker_orcd.kernels.triton_moe import moe_grouped
 
             # routing stays on the device: tokens sorted by expert, one grouped launch per matrix
+            # (decode-sized batches: the k x splits partial rows a token, summed inside the next norm's launch)
             return moe_grouped(h, top_ids, weights, layer.gate, layer.gate_b, layer.up, layer.up_b, layer.down,
-                               layer.down_b, limit=SWIGLU_LIMIT, alpha=SWIGLU_ALPHA)
+                               layer.down_b, limit=SWIGLU_LIMIT, alpha=SWIGLU_ALPHA, partials=True)
         if static:
             return self._moe_every_expert(layer, h, top_ids, weights)
         out = torch.zeros_like(h, dtype=torch.float32)
@@ -262,8 +267,8 @@ class GptOssModel:
             plan = plans[c.sliding_window if c.is_sliding(i) else None]
             q, k, v = self._rotated_qkv(layer, h, cos, sin, kv, i, plan)
             out = cached_attention(q, k, v, kv, i, plan, self.scale, sinks=layer.sinks)
-            # on CUDA the o projection's split-K sums are added inside the norm launch after it (the MoE's k * splits
-            # partial rows stay with their own sum kernel: one norm program a row reading them all was slower)
+            # on CUDA the o projection's split-K sums are added inside the norm launch after it, and so are the MoE's
+            # k x splits partial rows (4 x 2 since session 11; session 7's 4 x 8 made that norm slower than a launch)
             y = linear(out.reshape(T, -1), layer.wo, layer.bo, partials=True)
             x, h = add_rms_norm(x, y, layer.ffn_norm, c.norm_eps, f16)
             y = self.moe(layer, h, static)
