@@ -356,8 +356,74 @@ def small_moe() -> None:
                   + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()), flush=True)
 
 
+def nb_moe() -> None:
+    """The MoE tiles with more work a loop step (NB blocks, BN rows) and deeper pipelines, the splits of K held
+    (SPLIT_BN): T=1/16/64 and whether the bits equal the default's."""
+    experts = gpt_oss_experts("cuda")
+    inputs = {t: (x.half(), ids, w) for t, (x, ids, w) in moe_inputs("cuda").items() if t in (1, 16, 64)}
+    base = triton_moe.tiles_config()
+    ref = triton_moe.moe_tiles(*inputs[16], *experts, cfg=base)
+    tb = moe_times(experts, inputs, base, iters=20)
+    print("MoE tiles, default: " + "  ".join(f"T={t} {us:.1f}" for t, us in tb.items()), flush=True)
+    res = []
+    for nb, bn, warps, stages in itertools.product((2, 4), (32, 64), (4, 8), (3, 4, 5)):
+        cfg = base | {"NB": nb, "BN": bn, "num_warps": warps, "num_stages": stages}
+        tm = moe_times(experts, inputs, cfg, iters=20)
+        if tm is not None:
+            res.append((tm[1], cfg, tm, torch.equal(triton_moe.moe_tiles(*inputs[16], *experts, cfg=cfg), ref)))
+    for _, cfg, tm, same in sorted(res, key=lambda r: r[0])[:12]:
+        print(f"  NB={cfg['NB']} BN={cfg['BN']} warps={cfg['num_warps']} stages={cfg['num_stages']}  "
+              + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()) + f"  same bits: {same}", flush=True)
+
+
+def down_moe() -> None:
+    """The MoE down kernel's own tile width, warps and stages (tiles_config's DOWN; gate/up as the default, the
+    splits of K held by SPLIT_BN): T=1/16/64 and whether the bits equal the default's."""
+    experts = gpt_oss_experts("cuda")
+    inputs = {t: (x.half(), ids, w) for t, (x, ids, w) in moe_inputs("cuda").items() if t in (1, 16, 64)}
+    base = triton_moe.tiles_config()
+    ref = triton_moe.moe_tiles(*inputs[16], *experts, cfg=base)
+    tb = moe_times(experts, inputs, base, iters=20)
+    print("MoE tiles, default: " + "  ".join(f"T={t} {us:.1f}" for t, us in tb.items()), flush=True)
+    res = []
+    for bn, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (3, 4, 5)):
+        cfg = base | {"DOWN": {"BN": bn, "num_warps": warps, "num_stages": stages}}
+        tm = moe_times(experts, inputs, cfg, iters=20)
+        if tm is not None:
+            res.append((tm[1], cfg, tm, torch.equal(triton_moe.moe_tiles(*inputs[16], *experts, cfg=cfg), ref)))
+    for _, cfg, tm, same in sorted(res, key=lambda r: r[0])[:10]:
+        print(f"  down {cfg['DOWN']}  " + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items())
+              + f"  same bits: {same}", flush=True)
+
+
+def head() -> None:
+    """The 20B's output head (201088 x 2880 Q8_0: 615 MB, 8% of a one-stream step) at 1/16/64 rows: tile width,
+    warps, stages and blocks a step, and whether the bits equal the default's (one split of K: they should)."""
+    n, k = 201088, 2880
+    p = pack_q8_0(random_blocks(T.Q8_0, n, k, "cuda"), n, k)
+    xs = {m: torch.randn(m, k, device="cuda", dtype=torch.float16) for m in (1, 16, 64)}
+    base = gemm_config(p, 1)
+    ref = quant_matmul(p, xs[16], base)
+    tb = {m: time_us(lambda x=x: quant_matmul(p, x, base), iters=10) for m, x in xs.items()}
+    print(f"head: default BN={base['BN']} NB={base['NB']} warps={base['num_warps']} stages={base['num_stages']}  "
+          + "  ".join(f"M={m} {us:.1f}" for m, us in tb.items())
+          + f"  ({n * k * 1.0625 / tb[1] / 1e6:.2f} TB/s at M=1)", flush=True)
+    res = []
+    for bn, nb, warps, stages in itertools.product((64, 128, 256), (2, 4), (4, 8), (3, 4, 5)):
+        cfg = base | {"BN": bn, "NB": nb, "num_warps": warps, "num_stages": stages}
+        try:
+            t = {m: time_us(lambda x=x, cfg=cfg: quant_matmul(p, x, cfg), iters=10) for m, x in xs.items()}
+        except Exception as e:
+            print(f"  skip {bn} {nb} {warps} {stages}: {type(e).__name__}")
+            continue
+        res.append((t[1], cfg, t, torch.equal(quant_matmul(p, xs[16], cfg), ref)))
+    for _, cfg, t, same in sorted(res, key=lambda r: r[0])[:8]:
+        print(f"  BN={cfg['BN']} NB={cfg['NB']} warps={cfg['num_warps']} stages={cfg['num_stages']}  "
+              + "  ".join(f"M={m} {us:.1f}" for m, us in t.items()) + f"  same bits: {same}", flush=True)
+
+
 if __name__ == "__main__":
     for what in sys.argv[1:] or ["moe", "dense"]:
         {"dense": dense, "moe": moe, "fold": fold, "kquant": kquant, "rows": rows, "defaults": defaults,
          "sweep": sweep, "sweep_dense": sweep_dense, "sweep_moe": sweep_moe, "small": small,
-         "small_moe": small_moe}[what]()
+         "small_moe": small_moe, "nb_moe": nb_moe, "head": head, "down_moe": down_moe}[what]()
