@@ -130,6 +130,8 @@ def _merge_kernel(
     t = tl.load(tile_row_ptr + tl.program_id(0))
     h = tl.program_id(1)
     dv = tl.arange(0, BLOCK_DV)
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
     m_i = float("-inf")
     l_i = 0.0
     acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
@@ -146,7 +148,6 @@ def _merge_kernel(
         acc = acc * w_old + a_s * w_s
         m_i = m_new
     if HAS_SINKS:
-        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
         m_fin = tl.maximum(m_i, sink)
         l_i = l_i * tl.math.exp2(m_i - m_fin) + tl.math.exp2(sink - m_fin)
         acc = acc * tl.math.exp2(m_i - m_fin)

@@ -516,10 +516,12 @@ def _tiles_down_kernel(h_ptr, pairs_ptr, tile_e_ptr, w_ptr, dw_ptr, de_ptr, db_p
         rows = e * D + tl.minimum(d, D - 1)
         kb_lo = split * CHUNK
         kb_hi = tl.minimum(kb_lo + CHUNK, F // 32)
+        bias = tl.load(db_ptr + rows)  # the epilogue's loads first: their latency hides behind the loop
+        weight = tl.load(w_ptr + p, mask=ok_m, other=0.0).to(tl.float32)
         y, _ = _expert_dot(h_ptr + p.to(tl.int64) * F, ok_m, dw_ptr, de_ptr, dw_ptr, de_ptr, rows, F, kb_lo, kb_hi,
                            BM, BN, NB, False, DOT_F32, F16, GROUP, W_LEFT, FOLD)  # fmt: skip
-        y += tl.load(db_ptr + rows)[None, :] * (split == 0)
-        y *= tl.load(w_ptr + p, mask=ok_m, other=0.0).to(tl.float32)[:, None]
+        y += bias[None, :] * (split == 0)
+        y *= weight[:, None]
         out = part_ptr + (p.to(tl.int64) * tl.num_programs(2) + split)[:, None] * D + d[None, :]
         tl.store(out, y, mask=ok_m[:, None] & (d < D)[None, :])
 

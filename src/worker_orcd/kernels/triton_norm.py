@@ -26,6 +26,7 @@ def _rms_norm_kernel(x_ptr, y_ptr, w_ptr, out_ptr, res_ptr, D, eps, stride_t, st
     t = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BD)
     ok = d < D
+    w = tl.load(w_ptr + d, mask=ok, other=0.0).to(tl.float32)  # first: its latency hides behind the row's loads
     x = tl.load(x_ptr + t * D + d, mask=ok, other=0.0).to(tl.float32)
     if HAS_Y:
         if R > 0:
@@ -39,7 +40,6 @@ def _rms_norm_kernel(x_ptr, y_ptr, w_ptr, out_ptr, res_ptr, D, eps, stride_t, st
             x += tl.load(y_ptr + t * D + d, mask=ok, other=0.0).to(tl.float32)
         tl.store(res_ptr + t * D + d, x, mask=ok)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-    w = tl.load(w_ptr + d, mask=ok, other=0.0).to(tl.float32)
     v = x * inv * w
     if out_ptr.dtype.element_ty == tl.float16:  # saturated: float16 has no room above 65504
         v = tl.minimum(tl.maximum(v, -65504.0), 65504.0)

@@ -92,6 +92,7 @@ def _rope_store_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, blocks_ptr,
     ok = (h < H + 2 * HKV)[:, None] & (j < HD)[None, :]
     rot = (j < n_rot)[None, :] & (h < H + HKV)[:, None]  # v heads pass through
     first, partner = _pairs(j, n_rot, NEOX)
+    slot = tl.load(blocks_ptr + t) * stride_b + tl.load(offsets_ptr + t) * stride_o  # loaded before any store
     row = x_ptr + t * stride_xt
     if R > 0:
         x = _summed(row, h[:, None] * HD + j[None, :], ok, b_ptr, stride_r, R, HAS_B, q_ptr.dtype.element_ty)
@@ -105,7 +106,6 @@ def _rope_store_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, blocks_ptr,
     y = tl.where(rot, x * c[None, :] + turned * s[None, :], x)
     tl.store(q_ptr + t * H * HD + h[:, None] * HD + j[None, :], y.to(q_ptr.dtype.element_ty),
              mask=ok & (h < H)[:, None])
-    slot = tl.load(blocks_ptr + t) * stride_b + tl.load(offsets_ptr + t) * stride_o
     kh = h - H
     tl.store(k_ptr + slot + kh[:, None] * stride_h + j[None, :], y.to(k_ptr.dtype.element_ty),
              mask=ok & ((h >= H) & (h < H + HKV))[:, None])
