@@ -57,22 +57,19 @@ def test_paged_attention_matches_torch(H, Hkv, hd, window, sinks, softcap):
     assert rel_err(out, reference(q, kv, spans, positions, 0.3, sink, softcap, window)) < 1e-5
 
 
-@pytest.mark.parametrize("window", [None, 20])
-def test_decode_rows_split_into_segments(window):
-    """Flash-decoding runs of key blocks merged in order give the one-pass result (sinks applied after the merge),
-    empty runs included (a row with fewer blocks than splits, or a window)."""
+def test_decode_rows_split_into_segments():
+    """Flash-decoding segments merged in order give the one-pass result (sinks applied after the merge)."""
     torch.manual_seed(1)
     kv = random_cache(2, 32, n_slots=3, max_len=64, page=8)
     spans = [SeqSpan(s, s, s + 1) for s in range(3)]
     positions = torch.tensor([63, 9, 40])
     q, sink = torch.randn(3, 4, 32), torch.randn(4)
-    t = plan_attention(positions, spans, window, kv, kernel=True).tiles
+    t = plan_attention(positions, spans, None, kv, kernel=True).tiles
     rows, lens, bq = t.groups[0]
-    one = paged_attention(q, kv.k[0], kv.v[0], kv.tables, t.row_slot, t.positions, rows, lens, bq, 0.2, sinks=sink,
-                          window=window)
+    one = paged_attention(q, kv.k[0], kv.v[0], kv.tables, t.row_slot, t.positions, rows, lens, bq, 0.2, sinks=sink)
     split = paged_attention(q, kv.k[0], kv.v[0], kv.tables, t.row_slot, t.positions, rows, lens, bq, 0.2, sinks=sink,
-                            window=window, splits=3)  # 16-key blocks: row 63 in runs of 2, 2, 0 blocks
-    assert rel_err(split, reference(q, kv, spans, positions, 0.2, sink, None, window)) < 1e-5
+                            splits=(4, 16))
+    assert rel_err(split, reference(q, kv, spans, positions, 0.2, sink, None, None)) < 1e-5
     assert rel_err(split, one) < 1e-6
 
 

@@ -173,7 +173,7 @@ class KernelTiles:
     row_slot: torch.Tensor  # [T] int32
     positions: torch.Tensor  # [T] int32
     groups: list[tuple[torch.Tensor, torch.Tensor, int]]  # (tile_row, tile_len, block_q) per launch
-    splits: int  # runs of key blocks a decode tile's keys are split into (triton_attention.decode_splits)
+    splits: tuple[int, int]  # decode tiles' key segments (triton_attention.decode_splits)
 
 
 @dataclass

@@ -5,9 +5,8 @@ query heads that share the KV head ride along as extra rows: [BLOCK_Q * G, head_
 Keys are visited in absolute blocks of BLOCK_K positions from the start of the sequence (or of the sliding
 window), with an online softmax; a block a row cannot see changes nothing, so a row's result depends only
 on its own sequence, never on the tile or the batch around it. Decode tiles (one row) may split the keys
-into SPLITS runs of whole key blocks (flash-decoding) that a second kernel merges in order; the runs divide the
-row's own keys (its window) as evenly as whole blocks go, so where they fall depends only on the row's position
-and a split changes nothing about batch invariance either.
+into fixed segments of `seg_len` positions (flash-decoding) that a second kernel merges in order; where the
+segments fall depends only on the cache, so a split changes nothing about batch invariance either.
 Sinks (GPT-OSS) join the softmax denominator at the end: l += exp(sink - m).
 
 The torch reference is kernels/attention.py's `attention` over the gathered K/V of each sequence.
@@ -32,7 +31,7 @@ LOG2E = 1.4426950408889634
 def _attn_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr,
     tile_row_ptr, tile_len_ptr, row_slot_ptr, pos_ptr, tables_ptr, sinks_ptr,
-    scale, softcap, window, T,
+    scale, softcap, window, seg_len, T,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kh, stride_vb, stride_vh, stride_table,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
@@ -63,11 +62,9 @@ def _attn_kernel(
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(tl.min(tl.where(valid, pos, 2**30)) - window + 1, 0)
-    if SPLITS > 1:  # one-row tiles: this split's run of the row's key blocks (at most ceil(blocks / SPLITS))
-        b_lo = lo // BLOCK_K
-        per = tl.cdiv(tl.cdiv(hi, BLOCK_K) - b_lo, SPLITS)
-        lo = tl.maximum(lo, (b_lo + split * per) * BLOCK_K)
-        hi = tl.minimum(hi, (b_lo + (split + 1) * per) * BLOCK_K)
+    if SPLITS > 1:
+        lo = tl.maximum(lo, split * seg_len)
+        hi = tl.minimum(hi, (split + 1) * seg_len)
     qk_scale = scale * 1.4426950408889634  # exp2 domain
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -104,9 +101,9 @@ def _attn_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out_mask = valid[:, None] & (dv[None, :] < DV)
-    if SPLITS > 1:  # partial results: acc unnormalized, (m, l) in the exp2 domain; an empty run stores only (m, l)
+    if SPLITS > 1:  # partial results: acc unnormalized, (m, l) in the exp2 domain
         base = (split * T + row) * H + head
-        tl.store(o_ptr + base[:, None] * DV + dv[None, :], acc, mask=out_mask & (dv * 0 + hi > lo)[None, :])
+        tl.store(o_ptr + base[:, None] * DV + dv[None, :], acc, mask=out_mask)
         tl.store(ml_ptr + base * 2, m_i, mask=valid)
         tl.store(ml_ptr + base * 2 + 1, l_i, mask=valid)
     else:
@@ -130,8 +127,6 @@ def _merge_kernel(
     t = tl.load(tile_row_ptr + tl.program_id(0))
     h = tl.program_id(1)
     dv = tl.arange(0, BLOCK_DV)
-    if HAS_SINKS:
-        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
     m_i = float("-inf")
     l_i = 0.0
     acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
@@ -139,7 +134,7 @@ def _merge_kernel(
         base = (s * T + t) * H + h
         m_s = tl.load(ml_ptr + base * 2)
         l_s = tl.load(ml_ptr + base * 2 + 1)
-        a_s = tl.load(part_ptr + base * DV + dv, mask=(dv < DV) & (dv * 0 + l_s > 0.0), other=0.0)  # empty run: l 0
+        a_s = tl.load(part_ptr + base * DV + dv, mask=dv < DV, other=0.0)
         m_new = tl.maximum(m_i, m_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         w_old = tl.math.exp2(m_i - m_safe)
@@ -148,6 +143,7 @@ def _merge_kernel(
         acc = acc * w_old + a_s * w_s
         m_i = m_new
     if HAS_SINKS:
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
         m_fin = tl.maximum(m_i, sink)
         l_i = l_i * tl.math.exp2(m_i - m_fin) + tl.math.exp2(sink - m_fin)
         acc = acc * tl.math.exp2(m_i - m_fin)
@@ -155,10 +151,13 @@ def _merge_kernel(
     tl.store(o_ptr + t * stride_ot + h * stride_oh + dv, out.to(o_ptr.dtype.element_ty), mask=dv < DV)
 
 
-def decode_splits(max_len: int, block_k: int = 64) -> int:
-    """Runs of key blocks a one-row tile's keys are split into: 16, or a run a block where the cache holds fewer
-    (fixed by the cache, never by the batch). One in the interpreter."""
-    return 1 if INTERPRET else min(16, -(-max_len // block_k))
+def decode_splits(max_len: int, block_k: int = 64) -> tuple[int, int]:
+    """(splits, seg_len) for one-row tiles: at most 16 segments of whole key blocks, fixed by the cache length."""
+    if INTERPRET:
+        return 1, max_len
+    seg = max(4 * block_k, -(-max_len // 16))
+    seg = -(-seg // block_k) * block_k
+    return -(-max_len // seg), seg
 
 
 def paged_attention(
@@ -175,7 +174,7 @@ def paged_attention(
     sinks: torch.Tensor | None = None,  # [H]
     softcap: float | None = None,
     window: int | None = None,
-    splits: int = 1,  # runs of key blocks a one-row tile's keys are split into (decode_splits)
+    splits: tuple[int, int] = (1, 0),  # (splits, seg_len) for one-row tiles (decode_splits)
     out: torch.Tensor | None = None,  # [T, H, DV], rows outside the tiles are left as they are
 ) -> torch.Tensor:
     T, H, D = q.shape
@@ -186,7 +185,7 @@ def paged_attention(
     n_tiles = tile_row.shape[0]
     if n_tiles == 0:
         return out
-    n_splits = splits if block_q == 1 else 1
+    n_splits, seg_len = splits if block_q == 1 else (1, 0)
     block_k = 16 if INTERPRET else (64 if max(D, DV) <= 128 else 32)
     block_m = max(16, triton.next_power_of_2(block_q * G))
     part = ml = out
@@ -197,7 +196,7 @@ def paged_attention(
     num_warps = 1 if INTERPRET else (4 if block_m <= 64 else 8)
     _attn_kernel[(n_tiles, Hkv, n_splits)](
         q, k_pool, v_pool, part if n_splits > 1 else out, ml, tile_row, tile_len, row_slot, positions, tables,
-        sink_arg, scale, softcap or 0.0, window or 0, T,
+        sink_arg, scale, softcap or 0.0, window or 0, seg_len, T,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1), tables.stride(0),
         H=H, G=G, D=D, DV=DV, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV), PAGE=page,

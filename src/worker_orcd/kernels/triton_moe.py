@@ -381,19 +381,13 @@ def _expert_dot(x_rows, ok_m, w_ptr, e_ptr, w2_ptr, e2_ptr, rows, K, kb_lo, kb_h
 @triton.jit(do_not_specialize=["P", "N_SLOTS"])
 def _route_tiles_kernel(ids_ptr, pairs_ptr, tile_e_ptr, P, E: tl.constexpr, N_SLOTS, BM: tl.constexpr,
                         BP: tl.constexpr, BE: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr):
-    """group_pairs in one program: put the P pairs in (expert, index) order (up to 128 by counting each one's rank,
-    more by a sort network), place each expert's run at the start of its tiles, -1 in the rest of its last tile,
-    and name each tile's expert (E past the used tiles)."""
+    """group_pairs in one program: sort the P pairs by (expert, index), place each expert's run at the start of
+    its tiles, -1 in the rest of its last tile, and name each tile's expert (E past the used tiles)."""
     pdl_enter()
     i = tl.arange(0, BP)
     e = tl.load(ids_ptr + i, mask=i < P, other=E).to(tl.int32)
-    if BP <= 128:  # few pairs: each pair's place in (expert, index) order by counting, no sort network
-        key = e * BP + i
-        rank = tl.sum((key[None, :] < key[:, None]).to(tl.int32), axis=1)
-        se, pair = e, i
-    else:
-        key = tl.sort(e * BP + i)  # pads (expert E) sort last
-        rank, se, pair = i, key // BP, key % BP
+    key = tl.sort(e * BP + i)  # pads (expert E) sort last
+    se = key // BP
     ee = tl.arange(0, BE)
     counts = tl.sum((e[None, :] == ee[:, None]).to(tl.int32), axis=1)  # [BE]; pads and ee >= E count 0
     start = tl.cumsum(counts, 0) - counts
@@ -405,7 +399,7 @@ def _route_tiles_kernel(ids_ptr, pairs_ptr, tile_e_ptr, P, E: tl.constexpr, N_SL
     slot = tl.arange(0, BS)
     tl.store(pairs_ptr + slot, tl.full([BS], -1, tl.int32), mask=slot < N_SLOTS)
     tl.debug_barrier()  # the pads are written before any pair lands
-    tl.store(pairs_ptr + ts * BM + (rank - st), pair, mask=se < E)
+    tl.store(pairs_ptr + ts * BM + (i - st), key % BP, mask=se < E)
     t = tl.arange(0, BT)
     te = tl.sum(((tile_end[None, :] <= t[:, None]) & (ee < E)[None, :]).to(tl.int32), axis=1)
     tl.store(tile_e_ptr + t, te, mask=t < N_SLOTS // BM)
@@ -435,8 +429,7 @@ def route_tiles(top_ids: torch.Tensor, n_experts: int, group: int) -> tuple[torc
     BT = triton.next_power_of_2(-(-BP // group) + min(n_experts, BP))  # the bucket's most tiles
     _route_tiles_kernel[(1,)](
         top_ids.reshape(-1), pairs, tile_expert, P, E=n_experts, N_SLOTS=n_tiles * group, BM=group, BP=BP,
-        BE=triton.next_power_of_2(n_experts + 1), BS=BT * group, BT=BT, num_warps=1 if BP <= 128 else 4,
-        **pdl_launch(),
+        BE=triton.next_power_of_2(n_experts + 1), BS=BT * group, BT=BT, num_warps=4, **pdl_launch(),
     )  # fmt: skip
     return pairs, tile_expert
 
@@ -578,8 +571,6 @@ def moe_tiles(
     up_target = c.pop("UP_TARGET", 1)
     f16, w_left, fold = c.pop("F16", False), c.pop("W_LEFT", False), c.pop("FOLD", False)
     split_bn = c.pop("SPLIT_BN", BN)  # the tile width the splits of K are chosen for (bits do not depend on BN)
-    down_c = c | c.pop("DOWN", {})  # down's own tile width, warps and stages, where given (its splits: SPLIT_BN's)
-    BN_down = down_c.pop("BN", BN)
     T, D = x.shape
     k = top_ids.shape[1]
     E, F, _ = gate.shape
@@ -602,13 +593,13 @@ def moe_tiles(
     if splits > 1:
         _swiglu_sum_kernel[(P, triton.cdiv(F, 1024))](part, top_ids.reshape(-1), gb, ub, h, F, P, limit, alpha,
                                                       S=splits, BF=1024, **pdl_launch())  # fmt: skip
-    tiles = triton.cdiv(D, BN_down)
+    tiles = triton.cdiv(D, BN)
     splits, chunk = split_k(F // 32, triton.cdiv(D, split_bn), NB, target)  # by shape, never by the pair count
     part = torch.empty(T * k, splits, D, dtype=torch.float32, device=x.device)
     _tiles_down_kernel[(tiles, n_tiles, splits)](
         h, pairs, tile_expert, top_w.reshape(-1).float().contiguous(), dp.codes, dp.scales,
-        down_b.float().contiguous(), part, E, F, D, chunk, BM=BM, BN=BN_down, NB=NB, DOT_F32=INTERPRET, F16=f16,
-        GROUP=dp.group, W_LEFT=w_left, FOLD=fold, **down_c, **pdl_launch(),
+        down_b.float().contiguous(), part, E, F, D, chunk, BM=BM, BN=BN, NB=NB, DOT_F32=INTERPRET, F16=f16,
+        GROUP=dp.group, W_LEFT=w_left, FOLD=fold, **c, **pdl_launch(),
     )  # fmt: skip
     if partials:
         R = k * splits
