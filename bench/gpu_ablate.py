@@ -1,7 +1,7 @@
 """What each group of a decode step's kernels costs inside the graphed step: the step's wall time with the group
 left out (its launches skipped, a fixed result in its place), against the whole step.
 
-Usage: python bench/gpu_ablate.py [--model PATH] [--batches 1,64] [--split-cap 16] [--attn-splits 8] [--up-target 1]
+Usage: python bench/gpu_ablate.py [--model PATH] [--batches 1,64] [--split-cap 16] [--up-target 1] [--moe-cfg JSON]
 
 The synthetic 20B, 512-token prompts, the static decode step captured in a CUDA graph as the engine runs it.
 A kernel's time in a profile is not what it costs the step: under PDL the next launch overlaps it, and a
@@ -9,14 +9,14 @@ latency-bound kernel leaves the GPU idle. Leaving a group out measures its margi
 ablated step are garbage (routing included); only its time means something. At more than one row, leaving out
 the attention or the norms makes every row the same, so the MoE then reads only 4 experts: those two rows mislead
 there (the router's fixed routing spreads the rows over every expert). --split-cap: the dense decode
-GEMMs' most splits of K (triton_quant.split_k); --attn-splits: the decode attention's most splits of a row's keys
-(triton_attention.decode_splits); --up-target: the MoE gate/up's split-K target (tiles_config's UP_TARGET); each
-value timed as the whole step.
+GEMMs' most splits of K (triton_quant.split_k); --up-target: the MoE gate/up's split-K target (tiles_config's
+UP_TARGET); --moe-cfg: other tiles_config changes; each value timed as the whole step.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +28,7 @@ from gpu import prefill, synthetic_path, timed  # noqa: E402
 
 from worker_orcd.engine.cuda_graphs import GraphedDecoder  # noqa: E402
 from worker_orcd.gguf import open_gguf  # noqa: E402
-from worker_orcd.kernels import triton_attention, triton_moe, triton_quant, triton_router  # noqa: E402
+from worker_orcd.kernels import triton_moe, triton_quant, triton_router  # noqa: E402
 from worker_orcd.models import gpt_oss  # noqa: E402
 from worker_orcd.models.registry import build_model  # noqa: E402
 
@@ -93,11 +93,6 @@ def split_cap(cap: int):
     return patched(triton_quant, "split_k", split_k)
 
 
-def attn_splits(most: int):
-    base = triton_attention.decode_splits
-    return patched(triton_attention, "decode_splits", lambda max_len, block_k=64: min(most, base(max_len, block_k)))
-
-
 def moe_config(**changes):
     base = triton_moe.tiles_config
     return patched(triton_moe, "tiles_config", lambda: base() | changes)
@@ -122,19 +117,20 @@ def main() -> None:
     ap.add_argument("--model", type=Path)
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--split-cap", default="")
-    ap.add_argument("--attn-splits", default="", help="decode attention's most splits of a row's keys, e.g. 4,8")
+    ap.add_argument("--no-ablate", action="store_true", help="only the variants, no group left out")
     ap.add_argument("--up-target", default="", help="MoE gate/up's split-K target (programs a tile), e.g. 1,128")
+    ap.add_argument("--moe-cfg", default="", help='MoE tiles_config changes, JSON objects split by ";"')
     a = ap.parse_args()
     with open_gguf(a.model or synthetic_path("q8_0")) as f:
         net = build_model(f, torch.device("cuda"))
-    groups = {"attention (+ merge)": no_attention, "router (logits + top-k)": no_router,
-              "MoE (route, tiles, sums)": no_moe, "add + norm (x2 a layer)": no_norms}
+    groups = {} if a.no_ablate else {"attention (+ merge)": no_attention, "router (logits + top-k)": no_router,
+                                     "MoE (route, tiles, sums)": no_moe, "add + norm (x2 a layer)": no_norms}
     caps = [int(c) for c in a.split_cap.split(",") if c]
     groups |= {f"dense split cap {c}": (lambda c=c: split_cap(c)) for c in caps}
-    for n in (int(c) for c in a.attn_splits.split(",") if c):
-        groups[f"attention splits {n}"] = lambda n=n: attn_splits(n)
     for n in (int(c) for c in a.up_target.split(",") if c):
         groups[f"MoE UP_TARGET {n}"] = lambda n=n: moe_config(UP_TARGET=n)
+    for changes in (json.loads(c) for c in a.moe_cfg.split(";") if c.strip()):
+        groups[f"MoE {changes}"] = lambda changes=changes: moe_config(**changes)
     lines = []
     for batch in map(int, a.batches.split(",")):
         kv = net.new_kv_cache(1024, n_slots=batch)
@@ -148,7 +144,8 @@ def main() -> None:
                 us = step_us(net, kv, batch)
             torch.cuda.empty_cache()
             what = "without it" if name.endswith(")") else "step"
-            lines.append(f"  {name:28s} {what} {us:8,.0f} us  ({whole - us:+,.0f} us, {batch / us * 1e6:,.0f} tok/s)")
+            rate = batch / us * 1e6
+            lines.append(f"  {name[:60]:28s} {what} {us:8,.0f} us  ({whole - us:+,.0f} us, {rate:,.0f} tok/s)")
         print("\n".join(lines[-len(groups) - 1:]), flush=True)
         del kv
         torch.cuda.empty_cache()

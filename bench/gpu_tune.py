@@ -376,24 +376,27 @@ def nb_moe() -> None:
               + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()) + f"  same bits: {same}", flush=True)
 
 
-def down_moe() -> None:
-    """The MoE down kernel's own tile width, warps and stages (tiles_config's DOWN; gate/up as the default, the
-    splits of K held by SPLIT_BN): T=1/16/64 and whether the bits equal the default's."""
+def wleft_moe() -> None:
+    """The MoE tiles with the weights as the dot's left operand and 8 pairs a tile (tl.dot's N = 8, mma.sync for
+    1-2 warps: the decoded weights are the A fragments; sm_90 SASS: ~3.5-4 instructions a weight against 5.4).
+    T=1/4/16/64/128, and whether a token alone gives the bits it gets among 16 (batch invariance)."""
     experts = gpt_oss_experts("cuda")
-    inputs = {t: (x.half(), ids, w) for t, (x, ids, w) in moe_inputs("cuda").items() if t in (1, 16, 64)}
+    inputs = {t: (x.half(), ids, w) for t, (x, ids, w) in moe_inputs("cuda").items()}
     base = triton_moe.tiles_config()
-    ref = triton_moe.moe_tiles(*inputs[16], *experts, cfg=base)
     tb = moe_times(experts, inputs, base, iters=20)
     print("MoE tiles, default: " + "  ".join(f"T={t} {us:.1f}" for t, us in tb.items()), flush=True)
-    res = []
-    for bn, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (3, 4, 5)):
-        cfg = base | {"DOWN": {"BN": bn, "num_warps": warps, "num_stages": stages}}
+    x, ids, w = inputs[16]
+    for bm, bn, warps, stages in [(8, 32, 2, 3), (8, 32, 2, 4), (8, 64, 2, 3), (8, 16, 1, 3), (8, 32, 1, 3),
+                                  (8, 64, 4, 3), (16, 32, 2, 3)]:
+        cfg = base | {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages, "W_LEFT": True}
         tm = moe_times(experts, inputs, cfg, iters=20)
-        if tm is not None:
-            res.append((tm[1], cfg, tm, torch.equal(triton_moe.moe_tiles(*inputs[16], *experts, cfg=cfg), ref)))
-    for _, cfg, tm, same in sorted(res, key=lambda r: r[0])[:10]:
-        print(f"  down {cfg['DOWN']}  " + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items())
-              + f"  same bits: {same}", flush=True)
+        if tm is None:
+            continue
+        many = triton_moe.moe_tiles(x, ids, w, *experts, cfg=cfg)
+        alone = triton_moe.moe_tiles(x[5:6], ids[5:6], w[5:6], *experts, cfg=cfg)
+        print(f"  BM={bm} BN={bn} warps={warps} stages={stages} W_LEFT  "
+              + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items())
+              + f"  alone == among 16: {torch.equal(alone[0], many[5])}", flush=True)
 
 
 def head() -> None:
@@ -426,4 +429,4 @@ if __name__ == "__main__":
     for what in sys.argv[1:] or ["moe", "dense"]:
         {"dense": dense, "moe": moe, "fold": fold, "kquant": kquant, "rows": rows, "defaults": defaults,
          "sweep": sweep, "sweep_dense": sweep_dense, "sweep_moe": sweep_moe, "small": small,
-         "small_moe": small_moe, "nb_moe": nb_moe, "head": head, "down_moe": down_moe}[what]()
+         "small_moe": small_moe, "nb_moe": nb_moe, "head": head, "wleft_moe": wleft_moe}[what]()
