@@ -313,9 +313,8 @@ def moe_grouped(
     out = torch.empty(T, x.shape[1], dtype=torch.float32, device=x.device)
     if T <= PAIR_ROWS:  # --nondeterministic: the per-pair kernels where they are faster (not batch-invariant)
         return moe_mxfp4(x, top_ids, top_w, gate, gate_b, up, up_b, down, down_b, None, limit, alpha, out=out)
-    if partials:
-        return moe_tiles(x, top_ids, top_w, gate, gate_b, up, up_b, down, down_b, cfg, limit, alpha, partials=True)
-    return moe_tiles(x, top_ids, top_w, gate, gate_b, up, up_b, down, down_b, cfg, limit, alpha, out=out)
+    return moe_tiles(x, top_ids, top_w, gate, gate_b, up, up_b, down, down_b, cfg, limit, alpha, out=out,
+                     partials=partials)
 
 
 # ---------------------------------------------------------------- expert tiles on tensor cores
