@@ -85,6 +85,19 @@ def moe_times(experts: tuple, inputs: dict, cfg: dict | None = None, iters: int 
         return None
 
 
+def moe_sweep(experts: tuple, inputs: dict, ref: torch.Tensor, cfgs: list[dict], keys: tuple, top: int) -> None:
+    """Time moe_tiles at each config, then print the `top` fastest at one token with the `keys` that vary and
+    whether the bits at 16 tokens equal `ref` (the default's)."""
+    res = []
+    for cfg in cfgs:
+        tm = moe_times(experts, inputs, cfg, iters=20)
+        if tm is not None:
+            res.append((tm[1], cfg, tm, torch.equal(triton_moe.moe_tiles(*inputs[16], *experts, cfg=cfg), ref)))
+    for _, cfg, tm, same in sorted(res, key=lambda r: r[0])[:top]:
+        print("  " + " ".join(f"{k}={cfg[k]}" for k in keys) + "  "
+              + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()) + f"  same bits: {same}", flush=True)
+
+
 def moe() -> None:
     dev = "cuda"
     gate, gb, up, ub, down, db = gpt_oss_experts(dev)
@@ -316,17 +329,10 @@ def small() -> None:
     tb = moe_times(experts, inputs, iters=20)
     print(f"MoE tiles: default BN={base['BN']} warps={base['num_warps']} stages={base['num_stages']}  "
           + "  ".join(f"T={t} {us:.1f}" for t, us in tb.items()), flush=True)
-    res = []
-    for bn, warps, stages in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (2, 3, 4, 5)):
-        if bn == 16 and warps == 8:
-            continue
-        cfg = base | {"BN": bn, "num_warps": warps, "num_stages": stages, "SPLIT_BN": base["BN"]}
-        tm = moe_times(experts, inputs, cfg, iters=20)
-        if tm is not None:
-            res.append((tm[1], cfg, tm, torch.equal(triton_moe.moe_tiles(*inputs[16], *experts, cfg=cfg), ref)))
-    for _, cfg, tm, same in sorted(res, key=lambda r: r[0])[:10]:
-        print(f"  BN={cfg['BN']} warps={cfg['num_warps']} stages={cfg['num_stages']}  "
-              + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()) + f"  same bits: {same}", flush=True)
+    cfgs = [base | {"BN": bn, "num_warps": warps, "num_stages": stages, "SPLIT_BN": base["BN"]}
+            for bn, warps, stages in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (2, 3, 4, 5))
+            if not (bn == 16 and warps == 8)]
+    moe_sweep(experts, inputs, ref, cfgs, ("BN", "num_warps", "num_stages"), top=10)
     from worker_orcd.kernels import triton_router
 
     E, _, D = GPT_OSS_MOE
@@ -365,15 +371,9 @@ def nb_moe() -> None:
     ref = triton_moe.moe_tiles(*inputs[16], *experts, cfg=base)
     tb = moe_times(experts, inputs, base, iters=20)
     print("MoE tiles, default: " + "  ".join(f"T={t} {us:.1f}" for t, us in tb.items()), flush=True)
-    res = []
-    for nb, bn, warps, stages in itertools.product((2, 4), (32, 64), (4, 8), (3, 4, 5)):
-        cfg = base | {"NB": nb, "BN": bn, "num_warps": warps, "num_stages": stages}
-        tm = moe_times(experts, inputs, cfg, iters=20)
-        if tm is not None:
-            res.append((tm[1], cfg, tm, torch.equal(triton_moe.moe_tiles(*inputs[16], *experts, cfg=cfg), ref)))
-    for _, cfg, tm, same in sorted(res, key=lambda r: r[0])[:12]:
-        print(f"  NB={cfg['NB']} BN={cfg['BN']} warps={cfg['num_warps']} stages={cfg['num_stages']}  "
-              + "  ".join(f"T={t} {us:.1f}" for t, us in tm.items()) + f"  same bits: {same}", flush=True)
+    cfgs = [base | {"NB": nb, "BN": bn, "num_warps": warps, "num_stages": stages}
+            for nb, bn, warps, stages in itertools.product((2, 4), (32, 64), (4, 8), (3, 4, 5))]
+    moe_sweep(experts, inputs, ref, cfgs, ("NB", "BN", "num_warps", "num_stages"), top=12)
 
 
 def wleft_moe() -> None:
