@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker_orcd.kernels import cuda_moe
 from worker_orcd.kernels.activations import clamped_swiglu
 from worker_orcd.kernels.pdl import pdl_enter, pdl_launch
 from worker_orcd.kernels.triton_quant import (
@@ -303,13 +304,21 @@ def moe_grouped(
     partials: bool = False,
 ) -> torch.Tensor | Partials:
     """The MoE of moe_reference for any number of tokens: x [T, D], top_ids/top_w [T, k] -> y [T, D] float32.
-    Up to PREFILL_ABOVE tokens (every decode step) the expert tiles (moe_tiles); more (prompt chunks):
+    Up to PREFILL_ABOVE tokens (every decode step) the mma kernels of cuda_moe where they run, else the expert
+    tiles (moe_tiles); more (prompt chunks):
     moe_prefill. partials: the expert tiles may return their k x splits partial rows unsummed (Partials), for
     the next add_rms_norm to add in its own launch."""
     T = x.shape[0]
+    gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
     if T > PREFILL_ABOVE and not INTERPRET and hasattr(torch, "_grouped_mm"):
-        gp, upk, dp = _packed(gate, "gate"), _packed(up, "up"), _packed(down, "down")
         return moe_prefill(x, top_ids, top_w, gp, gate_b, upk, up_b, dp, down_b, limit, alpha)
+    if cuda_moe.usable(x, gp, upk, dp):  # CUDA: the mma kernels, batch-invariant as the tiles
+        E, k = gate_b.shape[0], top_ids.shape[1]
+        tiles = None if T <= cuda_moe.DIRECT_MAX else route_tiles(top_ids, E, cuda_moe.PAIRS)
+        part = cuda_moe.moe_mma(x, top_ids, top_w, tiles, gp, gate_b, upk, up_b, dp, down_b, limit, alpha)
+        if partials:
+            return Partials(part, T, x.shape[1], k, k * x.shape[1], x.shape[1], dtype=torch.float32)
+        return _token_sums(part, T, torch.float32, None)
     out = torch.empty(T, x.shape[1], dtype=torch.float32, device=x.device)
     if T <= PAIR_ROWS:  # --nondeterministic: the per-pair kernels where they are faster (not batch-invariant)
         return moe_mxfp4(x, top_ids, top_w, gate, gate_b, up, up_b, down, down_b, None, limit, alpha, out=out)
