@@ -1,34 +1,29 @@
-"""GPT-OSS MoE decode on mma.sync: the CUDA kernels of moe_mma.cu, compiled at run time by NVRTC and launched
-through the driver API (ctypes), beside the Triton expert tiles (triton_moe.moe_tiles) they replace on CUDA.
+"""GPT-OSS MoE decode on mma.sync: the CUDA kernels moe_gate_up and moe_down of mma_decode.cu (kernels/nvrtc.py
+compiles and launches them), beside the Triton expert tiles (triton_moe.moe_tiles) they replace on CUDA.
 
 Why not Triton: at one token the Triton tiles ran at ~1.3 TB/s, latency-bound (0.85 waves, 28% occupancy) and
 issuing ~5.4 instructions a weight, with no config near the ~23 us a layer one stream's 600 tok/s needs (NOTES,
 sessions 10-11). Here a warp decodes its words straight into mma A fragments (~2 instructions a weight), keeps
 two stages of loads in flight, and each CTA adds its warps' runs of K in shared memory, so gate/up needs no
-split-K launch. Batch-invariant like the tiles: a pair's columns never meet the other pairs' (moe_mma.cu).
+split-K launch. Batch-invariant like the tiles: a pair's columns never meet the other pairs' (mma_decode.cu).
 
-NVRTC ships with PyTorch's CUDA wheels (libnvrtc); no CUDA toolkit is needed. Where it is missing, the GPU is
-older than sm_80, the weights are not row-grouped MXFP4 with foldable scales, or WORKER_ORCD_CUDA_MOE=0, the
-Triton tiles run instead (`usable` says which, once, in the log).
+Where NVRTC is missing (kernels/nvrtc.py), the GPU is older than sm_80, the weights are not row-grouped MXFP4
+with foldable scales, or WORKER_ORCD_CUDA_MOE=0, the Triton tiles run instead (`usable` says which, once, in
+the log).
 """
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import logging
 import os
-import sys
-from pathlib import Path
 
 import torch
 
-from worker_orcd.kernels.pdl import pdl_launch
+from worker_orcd.kernels import nvrtc
 from worker_orcd.quant.packed import PackedWeight
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("moe_mma.cu")
 PAIRS = 16  # pairs a tile of route_tiles: the kernels' two mma columns of 8
 ROWS_GROUP = 64  # the packed codes' row groups the kernels index (quant/packed.py)
 # H200 sweep (bench/gpu_mma_moe.py): m16 row tiles a CTA (RT), warps a tile over runs of K (KS), blocks a
@@ -43,125 +38,6 @@ CONFIG = {
 }
 
 
-# ---------------------------------------------------------------- NVRTC and the driver, through ctypes
-def _load_nvrtc() -> ctypes.CDLL:
-    names = [f"libnvrtc.so.{v}" for v in (13, 12)] + ["libnvrtc.so"]
-    if sys.platform == "win32":
-        names = [f"nvrtc64_{v}0_0.dll" for v in (130, 120)]
-    site = Path(torch.__file__).resolve().parent.parent
-    names += sorted(glob.glob(str(site / "nvidia" / "**" / "libnvrtc.so*"), recursive=True))
-    names += sorted(glob.glob("/usr/local/cuda*/lib64/libnvrtc.so*"))
-    for name in names:
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    raise OSError("no NVRTC library (libnvrtc) found")
-
-
-def _check_nvrtc(lib: ctypes.CDLL, rc: int, what: str) -> None:
-    if rc != 0:
-        lib.nvrtcGetErrorString.restype = ctypes.c_char_p
-        raise RuntimeError(f"NVRTC {what}: {lib.nvrtcGetErrorString(rc).decode()}")
-
-
-def compile_cubin(source: str, names: list[str], arch: str) -> tuple[bytes, dict[str, str]]:
-    """NVRTC: `source` -> (cubin for `arch`, e.g. "sm_90", {name expression: lowered symbol})."""
-    lib = _load_nvrtc()
-    prog = ctypes.c_void_p()
-    _check_nvrtc(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"moe_mma.cu", 0, None, None),
-                 "create")  # fmt: skip
-    try:
-        for n in names:
-            _check_nvrtc(lib, lib.nvrtcAddNameExpression(prog, n.encode()), "name " + n)
-        opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17", b"--fmad=true"]
-        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-        if rc != 0:
-            size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            buf = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(prog, buf)
-            raise RuntimeError(f"NVRTC could not compile moe_mma.cu:\n{buf.value.decode(errors='replace')}")
-        size = ctypes.c_size_t()
-        _check_nvrtc(lib, lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
-        cubin = ctypes.create_string_buffer(size.value)
-        _check_nvrtc(lib, lib.nvrtcGetCUBIN(prog, cubin), "cubin")
-        lowered = {}
-        for n in names:
-            sym = ctypes.c_char_p()
-            _check_nvrtc(lib, lib.nvrtcGetLoweredName(prog, n.encode(), ctypes.byref(sym)), "lowered name " + n)
-            lowered[n] = sym.value.decode()
-        return cubin.raw, lowered
-    finally:
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
-
-
-class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: id, pad to 8, a 64-byte value union
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
-
-
-class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
-    _fields_ = [
-        ("grid", ctypes.c_uint * 3),
-        ("block", ctypes.c_uint * 3),
-        ("smem", ctypes.c_uint),
-        ("stream", ctypes.c_void_p),
-        ("attrs", ctypes.POINTER(_LaunchAttr)),
-        ("n_attrs", ctypes.c_uint),
-    ]
-
-
-PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-_cuda: ctypes.CDLL | None = None
-
-
-def _driver() -> ctypes.CDLL:
-    global _cuda
-    if _cuda is None:
-        _cuda = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
-    return _cuda
-
-
-def _check_cu(rc: int, what: str) -> None:
-    if rc != 0:
-        s = ctypes.c_char_p()
-        _driver().cuGetErrorString(rc, ctypes.byref(s))
-        raise RuntimeError(f"CUDA driver {what}: {s.value.decode() if s.value else rc}")
-
-
-class Kernel:
-    """One kernel of a loaded module, launched on the current torch stream (with the early launch of
-    kernels/pdl.py while a graph is captured)."""
-
-    def __init__(self, module: ctypes.c_void_p, symbol: str):
-        self.func = ctypes.c_void_p()
-        _check_cu(_driver().cuModuleGetFunction(ctypes.byref(self.func), module, symbol.encode()), symbol)
-        self.symbol = symbol
-
-    def __call__(self, grid: tuple[int, int, int], threads: int, *args) -> None:
-        vals = []
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                vals.append(ctypes.c_void_p(a.data_ptr()))
-            elif isinstance(a, float):
-                vals.append(ctypes.c_float(a))
-            else:
-                vals.append(ctypes.c_int(int(a)))
-        params = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
-        attr = _LaunchAttr(id=PROGRAMMATIC_STREAM_SERIALIZATION)
-        attr.value[0] = 1
-        early = bool(pdl_launch())
-        cfg = _LaunchConfig(
-            grid=(ctypes.c_uint * 3)(*grid),
-            block=(ctypes.c_uint * 3)(threads, 1, 1),
-            smem=0,
-            stream=ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
-            attrs=ctypes.pointer(attr) if early else None,
-            n_attrs=1 if early else 0,
-        )
-        _check_cu(_driver().cuLaunchKernelEx(ctypes.byref(cfg), self.func, params, None), self.symbol)
-
-
 # Each kind in three variants: (columns of 8 pairs, DIRECT). DIRECT: a CTA per pair, no routing launch (up to
 # DIRECT_MAX tokens); else route_tiles' tiles of 16 pairs, one column when no tile can hold more than 8 pairs.
 VARIANTS = ((1, True), (1, False), (2, False))
@@ -172,29 +48,17 @@ def _name(kind: str, cfg: tuple[int, ...], nt: int, direct: bool) -> str:
     return f"moe_{kind}<{', '.join(map(str, cfg))}, {nt}, {str(direct).lower()}>"
 
 
-_modules: dict[tuple, dict[tuple, Kernel]] = {}
-
-
-def kernels(device: torch.device, configs: dict[tuple, tuple[int, ...]] | None = None) -> dict[tuple, Kernel]:
+def kernels(device: torch.device, configs: dict[tuple, tuple[int, ...]] | None = None) -> dict[tuple, nvrtc.Kernel]:
     """{(kind, nt, direct)}: every variant of both kernels for `configs` ({(kind, nt): (RT, KS, PD, MINB)}, default
     CONFIG), compiled and loaded once per device."""
     configs = configs or CONFIG
     for kind in ("gate_up", "down"):
         if configs[(kind, 1)][1] != configs[(kind, 2)][1]:
             raise ValueError(f"moe_mma: {kind}'s KS differs between 1 and 2 columns (a pair's bits would too)")
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    key = (idx, tuple(sorted(configs.items())))
-    if key not in _modules:
-        major, minor = torch.cuda.get_device_capability(idx)
-        names = {(kind, nt, direct): _name(kind, configs[(kind, nt)], nt, direct)
-                 for kind in ("gate_up", "down") for nt, direct in VARIANTS}  # fmt: skip
-        cubin, lowered = compile_cubin(SOURCE.read_text(), list(names.values()), f"sm_{major}{minor}")
-        with torch.cuda.device(idx):
-            torch.cuda.current_stream()  # the primary context is current on this thread
-            module = ctypes.c_void_p()
-            _check_cu(_driver().cuModuleLoadData(ctypes.byref(module), cubin), "module load")
-            _modules[key] = {v: Kernel(module, lowered[n]) for v, n in names.items()}
-    return _modules[key]
+    names = {(kind, nt, direct): _name(kind, configs[(kind, nt)], nt, direct)
+             for kind in ("gate_up", "down") for nt, direct in VARIANTS}  # fmt: skip
+    loaded = nvrtc.load(device, list(names.values()))
+    return {v: loaded[n] for v, n in names.items()}
 
 
 _usable: dict[int, bool] = {}

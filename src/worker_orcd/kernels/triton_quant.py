@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker_orcd.kernels import cuda_dense
 from worker_orcd.kernels.pdl import pdl_enter, pdl_launch
 from worker_orcd.quant.packed import (  # noqa: F401  (re-exported: the kernels' layouts)
     MXFP4_MAG_BIT,
@@ -728,6 +729,8 @@ def quant_matmul(
     mx = _is_mxfp4(w)
     if cfg is None and M > DECODE_MAX_M and not INTERPRET:
         return _add_bias(cublas_into(x2, dequantize_packed(w, torch.bfloat16), y), bias).reshape(*lead, w.n)
+    if cfg is None and cuda_dense.usable(w, x2, y):  # CUDA: the mma kernel, batch-invariant as the tiles
+        return cuda_dense.q8_matmul(w, x2, y, bias).reshape(*lead, w.n)
     kind = "gemv" if (cfg is None and M <= GEMV_ROWS) or (cfg is not None and "BM" not in cfg) else "gemm"
     nblk = w.k // 32
     if kind == "gemv":

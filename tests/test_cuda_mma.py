@@ -1,6 +1,6 @@
-"""The MoE mma kernels (kernels/cuda_moe.py, moe_mma.cu): their decode's bit arithmetic on CPU against the
-packed layout, and on CUDA the kernels against the float64 reference, batch invariance, and the switch that
-falls back to the Triton tiles."""
+"""The mma decode kernels (mma_decode.cu; kernels/cuda_moe.py, cuda_dense.py): the MoE decode's bit arithmetic
+on CPU against the packed layout, and on CUDA the kernels against the float64 reference, batch invariance, and
+the switch that falls back to the Triton tiles."""
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ from worker_orcd.quant.gpu_matmul import packed
 
 
 def decode_like_the_kernel(words: torch.Tensor) -> torch.Tensor:
-    """moe_mma.cu's decode() on int64 words -> float [..., 4 slots, 2 halves]: the f16 pairs it builds, as
+    """mma_decode.cu's decode() on int64 words -> float [..., 4 slots, 2 halves]: the f16 pairs it builds, as
     values (E2M1 value * 2^-14)."""
     w = words & 0xFFFFFFFF
     pairs = [
@@ -87,4 +87,30 @@ def test_switch_falls_back_to_the_triton_tiles(monkeypatch):
     ids, w = routes(2, 32, 4, "cuda")
     monkeypatch.setenv("WORKER_ORCD_CUDA_MOE", "0")
     y = triton_moe.moe_grouped(x, ids, w, *ex)
-    assert torch.equal(y, triton_moe.moe_tiles(x, ids, w, *ex))
+    assert torch.equal(y, triton_moe.moe_tiles(x, ids, w, *ex, out=torch.empty(2, 2880, device="cuda")))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 9, 128])
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16])
+def test_dense_q8_matches_reference_and_the_batch(M, x_dtype):
+    """q8_gemm on GPT-OSS's q|k|v shape: float64 from the dequantized weight and x rounded to float16 (what the
+    kernel multiplies); a row alone = among M; the bias added; quant_matmul takes it."""
+    from worker_orcd.kernels import cuda_dense
+    from worker_orcd.kernels.triton_quant import quant_matmul
+    from worker_orcd.quant import dequantize
+    from worker_orcd.quant.packed import pack_q8_0
+
+    n, k = 5120, 2880
+    raw = random_blocks(T.Q8_0, n, k, "cuda")
+    p = pack_q8_0(raw, n, k)
+    x = torch.randn(M, k, device="cuda").to(x_dtype)
+    bias = torch.randn(n, device="cuda")
+    y = torch.full((M, n), float("nan"), device="cuda")
+    assert cuda_dense.usable(p, x, y)
+    got = cuda_dense.q8_matmul(p, x, y, bias)
+    want = x.half().double() @ dequantize(raw, T.Q8_0, (n, k)).double().T + bias.double()
+    assert rel_err(got, want) < 1e-5
+    alone = cuda_dense.q8_matmul(p, x[-1:], torch.empty(1, n, device="cuda"), bias)
+    assert torch.equal(alone[0], got[-1])
+    assert torch.equal(quant_matmul(p, x, bias=bias, out_dtype=torch.float32), got)

@@ -325,3 +325,173 @@ __global__ void __launch_bounds__(RT * KS * 32, MINB) moe_down(
       part[(long long)p * D + d0 + g + 8 * hr] = (acc[0][q][c] * DECODED + bias[hr]) * rw[q][c & 1];
     }
 }
+
+// ---------------------------------------------------------------- dense Q8_0 (decode-sized batches)
+// quant/packed.py's Q8_0: codes u32 [N, K/4] row by row (word i of a block holds elements 4i..4i+3, byte b element
+// 4i + (0, 2, 1, 3)[b]), scales f16 [N, K/32]. Thread (g, t) reads words 2t and 2t + 1 of a block (elements
+// 8t..8t+7) of rows g and g + 8: bytes 0 and 2 of a word, then 1 and 3, are an f16 pair by one mask (value + 1152),
+// exactly the pairs of an A fragment, and x is read as for the MoE: 16 bytes a thread, elements 8t..8t+7.
+
+DEV u32 ld_u16(const u16* p) {
+  u32 v;
+  asm("ld.global.nc.u16 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+DEV void ld_w2(u32& a, u32& b, const u32* p) {
+  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(a), "=r"(b) : "l"(p));
+}
+
+DEV u32 q8_pair(u32 w) {  // bytes 0 and 2 of w (int8) -> an f16 pair of their values
+  u32 h = (w & 0x00FF00FFu) ^ 0x64806480u, r;
+  asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(h), "r"(0x64806480u));
+  return r;
+}
+
+DEV float f16_to_float(u32 h) {
+  float f;
+  asm("{ .reg .f16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"((u16)h));
+  return f;
+}
+
+DEV u32 bf16x2_to_f16x2(u32 v) {  // saturated to f16's finite range, as the Triton tiles read bf16 x
+  u32 r;
+  asm("{ .reg .f32 lo, hi; mov.b32 lo, %2; mov.b32 hi, %3; cvt.rn.satfinite.f16x2.f32 %0, hi, lo; }"
+      : "=r"(r)
+      : "r"(v), "r"(v << 16), "r"(v & 0xFFFF0000u));
+  return r;
+}
+
+template <int PD, int NT>
+struct Q8Stage {
+  u32 w[PD][4], s[PD][2], xv[PD][NT][4];  // w: row g's words 2t, 2t + 1, then row g + 8's
+};
+
+template <int PD, int NT>
+DEV void q8_load(Q8Stage<PD, NT>& st, const u32* (&w)[2], const u16* (&s)[2], const u16* (&x)[NT], int n) {
+#pragma unroll
+  for (int i = 0; i < PD; i++) {
+    if (i < n) {
+      ld_w2(st.w[i][0], st.w[i][1], w[0] + i * 8);
+      ld_w2(st.w[i][2], st.w[i][3], w[1] + i * 8);
+      st.s[i][0] = ld_u16(s[0] + i);
+      st.s[i][1] = ld_u16(s[1] + i);
+#pragma unroll
+      for (int q = 0; q < NT; q++) ld_x(st.xv[i][q], x[q] + i * 32);
+    }
+  }
+  w[0] += PD * 8;
+  w[1] += PD * 8;
+  s[0] += PD;
+  s[1] += PD;
+#pragma unroll
+  for (int q = 0; q < NT; q++) x[q] += PD * 32;
+}
+
+template <int PD, int NT, bool XBF>
+DEV void q8_mma(float (&acc)[NT][4], const Q8Stage<PD, NT>& st, int n) {
+#pragma unroll
+  for (int i = 0; i < PD; i++) {
+    if (i < n) {
+      u32 a[4], b[4];
+#pragma unroll
+      for (int v = 0; v < 4; v++) {
+        a[v] = q8_pair(st.w[i][v]);
+        b[v] = q8_pair(st.w[i][v] >> 8);
+      }
+      const u32 lo1[4] = {a[0], b[0], a[1], b[1]}, hi1[4] = {a[2], b[2], a[3], b[3]};
+      const float fl = f16_to_float(st.s[i][0]), fh = f16_to_float(st.s[i][1]);
+#pragma unroll
+      for (int q = 0; q < NT; q++) {
+        u32 xv[4];
+#pragma unroll
+        for (int c = 0; c < 4; c++) xv[c] = XBF ? bf16x2_to_f16x2(st.xv[i][q][c]) : st.xv[i][q][c];
+        float d[4];
+        block_mma(d, lo1, hi1, xv);
+        acc[q][0] += fl * d[0];
+        acc[q][1] += fl * d[1];
+        acc[q][2] += fh * d[2];
+        acc[q][3] += fh * d[3];
+      }
+    }
+  }
+}
+
+DEV void store_out(float* y, float v) { *y = v; }
+DEV void store_out(u16* y, float v) { *y = to_half(v); }
+DEV void store_bf16(u16* y, float v) {
+  u16 h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+  *y = h;
+}
+
+// y[m, n] = x[m] . W[n] (+ bias[n]) for the CTA's 8 NT rows of x (blockIdx.y) and 16 RT rows of W (blockIdx.x):
+// RT * KS warps, m16 tile j = warp % RT over run ks = warp / RT of K's blocks, the runs added in order.
+// XBF: x is bf16 (rounded to f16, saturated). OUT: 0 float32, 1 float16, 2 bfloat16.
+template <int RT, int KS, int PD, int MINB, int NT, bool XBF, int OUT>
+__global__ void __launch_bounds__(RT * KS * 32, MINB) q8_gemm(
+    const u16* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ s, const float* __restrict__ bias,
+    void* __restrict__ y, int M, int N, int K, int ldx, int ldy) {
+  __shared__ float red[(KS > 1 ? KS - 1 : 1) * RT * 32 * 8];
+  pdl_enter();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, j = warp % RT, ks = warp / RT;
+  const int g = lane >> 2, t = lane & 3;
+  const int nblk = K / 32;
+  const int n0 = blockIdx.x * 16 * RT + 16 * j, m0 = blockIdx.y * 8 * NT;
+  const float b_lo = bias ? bias[n0 + g] : 0.0f, b_hi = bias ? bias[n0 + g + 8] : 0.0f;
+  const int per = (nblk + KS - 1) / KS;
+  const int kb_lo = ks * per, kb_hi = min(nblk, kb_lo + per);
+  const u32* wp[2] = {w + (long long)(n0 + g) * (K / 4) + kb_lo * 8 + 2 * t,
+                      w + (long long)(n0 + g + 8) * (K / 4) + kb_lo * 8 + 2 * t};
+  const u16* sp[2] = {s + (long long)(n0 + g) * nblk + kb_lo, s + (long long)(n0 + g + 8) * nblk + kb_lo};
+  const u16* xp[NT];
+#pragma unroll
+  for (int q = 0; q < NT; q++) {
+    const int m = m0 + 8 * q + g;
+    xp[q] = x + (long long)(m < M ? m : m0) * ldx + kb_lo * 32 + 8 * t;  // a padding column reads a valid row
+  }
+  float acc[NT][4];
+#pragma unroll
+  for (int q = 0; q < NT; q++)
+#pragma unroll
+    for (int c = 0; c < 4; c++) acc[q][c] = 0.0f;
+  Q8Stage<PD, NT> a, b;
+  q8_load(a, wp, sp, xp, kb_hi - kb_lo);
+  for (int k = kb_lo; k < kb_hi; k += 2 * PD) {
+    q8_load(b, wp, sp, xp, kb_hi - k - PD);
+    q8_mma<PD, NT, XBF>(acc, a, kb_hi - k);
+    q8_load(a, wp, sp, xp, kb_hi - k - 2 * PD);
+    q8_mma<PD, NT, XBF>(acc, b, kb_hi - k - PD);
+  }
+  if (KS > 1) {
+    if (ks > 0) {
+      float* r = red + (((ks - 1) * RT + j) * 32 + lane) * 8;
+#pragma unroll
+      for (int q = 0; q < NT; q++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) r[q * 4 + c] = acc[q][c];
+    }
+    __syncthreads();
+    if (ks != 0) return;
+#pragma unroll
+    for (int k = 1; k < KS; k++) {
+      const float* r = red + (((k - 1) * RT + j) * 32 + lane) * 8;
+#pragma unroll
+      for (int q = 0; q < NT; q++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) acc[q][c] += r[q * 4 + c];
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < NT; q++)
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+      const int m = m0 + 8 * q + 2 * t + (c & 1), n = n0 + g + 8 * (c >> 1);
+      if (m >= M) continue;
+      const float v = acc[q][c] + (c >> 1 ? b_hi : b_lo);
+      const long long at = (long long)m * ldy + n;
+      if (OUT == 0) store_out((float*)y + at, v);
+      if (OUT == 1) store_out((u16*)y + at, v);
+      if (OUT == 2) store_bf16((u16*)y + at, v);
+    }
+}
