@@ -33,7 +33,8 @@ def trace_steps() -> None:
 
     Scheduler._forward = timed("forward", Scheduler._forward, lambda self, decoding, prefills: (
         f"decode={len(decoding)} prefill={len(prefills)}/{sum(self._chunk_len(p) for p in prefills)}"))
-    Scheduler._launch = timed("launch", Scheduler._launch, lambda self, rows, last: f"decode={len(rows)}")
+    Scheduler._launch = timed("launch", Scheduler._launch,  # (the riders too: a TypeError here turned the overlap off)
+                              lambda self, rows, last, riders=(): f"decode={len(rows)} riders={len(riders)}")
     Scheduler._land = timed("land", Scheduler._land, lambda self, step: f"rows={len(step.seqs)}")
     Scheduler.submit = timed("submit", Scheduler.submit, lambda self, *a: "")
 

@@ -6,7 +6,8 @@ Starts `worker-orcd serve` (CPU unless --device) on a free loopback port in its 
 --url), sends greedy /execute requests (--openai: streaming /v1/completions) with asyncio + httpx, and reports
 generated tokens per second of wall time for one stream alone and for N at once, with each stream's text
 checked against its text alone. Tokens/s counts generated tokens over the whole request (prefill included), as
-a client sees it. bench/gpu.py --http runs it beside the engine's own figures.
+a client sees it. A burst of more than CLIENT_STREAMS streams is sent from several client processes started
+together. bench/gpu.py --http runs it beside the engine's own figures.
 """
 
 from __future__ import annotations
@@ -132,6 +133,47 @@ async def one_completion(client: httpx.AsyncClient, job_id: str, prompt: str, n_
     return "".join(text), tokens
 
 
+# Streams a client process drives in a burst. One asyncio process opening 64 connections and reading their
+# events was the slower side of a 64-stream round on the H200 (session 12: the server took the requests over 167
+# ms and finished each within 0.56 s of the first; the client measured 0.77 s), so a burst of more streams runs
+# in processes of this many, started together; the round lasts from the first's start to the last's end.
+CLIENT_STREAMS = 16
+
+
+async def _burst_in_processes(url: str, n_streams: int, n_tokens: int, r: int, openai: bool
+                              ) -> tuple[list[tuple[str, int]], list[float], float]:
+    """One round of n_streams at once from ceil(n_streams / CLIENT_STREAMS) client processes (this script with
+    --part): (each stream's (text, tokens) in order, the TTFTs, the round's wall time)."""
+    start_at = time.time() + 3.0  # every process imported and waiting
+    procs = []
+    for lo in range(0, n_streams, CLIENT_STREAMS):
+        hi = min(n_streams, lo + CLIENT_STREAMS)
+        cmd = [sys.executable, __file__, "--url", url, "--part", f"{lo}:{hi}", "--start-at", repr(start_at),
+               "--round", str(r), "--tokens", str(n_tokens), *(["--openai"] if openai else [])]
+        procs.append(await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE))
+    parts = []
+    for proc in procs:
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"a client process failed ({proc.returncode})")
+        parts.append(json.loads(out))
+    together = [(t, n) for part in parts for t, n in part["streams"]]
+    ttft = [v for part in parts for v in part["ttft"]]
+    return together, ttft, max(p["end"] for p in parts) - min(p["start"] for p in parts)
+
+
+async def _part(url: str, lo: int, hi: int, start_at: float, r: int, n_tokens: int, openai: bool) -> dict:
+    """A client process's share of a burst: streams lo..hi-1, started at start_at (wall clock)."""
+    stream = one_completion if openai else one_stream
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        start, ttft = time.time(), []
+        out = await asyncio.gather(*(stream(client, f"b{r}-{i}", PROMPTS[i % len(PROMPTS)], n_tokens, ttft)
+                                     for i in range(lo, hi)))
+        return {"streams": out, "ttft": ttft, "start": start, "end": time.time()}
+
+
 async def measure(url: str, n_streams: int, n_tokens: int, rounds: int = 1, alone_too: bool = True,
                   openai: bool = False, warm_connections: bool = False) -> dict:
     """Each prompt alone (unless not alone_too), then all at once `rounds` times (the last round reported).
@@ -152,8 +194,11 @@ async def measure(url: str, n_streams: int, n_tokens: int, rounds: int = 1, alon
             alone.append(await stream(client, f"a{i}", p, n_tokens))
             t_alone += time.perf_counter() - t0
         for r in range(rounds):
+            if n_streams > CLIENT_STREAMS and not warm_connections:
+                together, ttft, t_together = await _burst_in_processes(url, n_streams, n_tokens, r, openai)
+                continue
             t0 = time.perf_counter()
-            ttft: list[float] = []
+            ttft = []
             together = await asyncio.gather(*(stream(client, f"b{r}-{i}", p, n_tokens, ttft)
                                               for i, p in enumerate(prompts)))
             t_together = time.perf_counter() - t0
@@ -179,8 +224,16 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, help="the server's --max-batch (default: max(8, streams))")
     ap.add_argument("--openai", action="store_true", help="streaming /v1/completions instead of /execute")
     ap.add_argument("--warm-connections", action="store_true",
-                    help="open the N connections before the timed burst (default: the burst opens them)")
+                    help="open the N connections before the timed burst (default: the burst opens them); "
+                         "one client process")
+    ap.add_argument("--part", help=argparse.SUPPRESS)  # lo:hi, a client process of a burst (_burst_in_processes)
+    ap.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.part:
+        lo, hi = map(int, args.part.split(":"))
+        print(json.dumps(asyncio.run(_part(args.url, lo, hi, args.start_at, args.round, args.tokens, args.openai))))
+        return
     proc = None
     url = args.url
     if url is None:
