@@ -3,7 +3,7 @@ compiles and launches them), beside the Triton expert tiles (triton_moe.moe_tile
 
 Why not Triton: at one token the Triton tiles ran at ~1.3 TB/s, latency-bound (0.85 waves, 28% occupancy) and
 issuing ~5.4 instructions a weight, with no config near the ~23 us a layer one stream's 600 tok/s needs (NOTES,
-sessions 10-11). Here a warp decodes its words straight into mma A fragments (~2 instructions a weight), keeps
+sessions 10-11). Here a warp decodes its words straight into mma A fragments (~2.5 instructions a weight), keeps
 two stages of loads in flight, and each CTA adds its warps' runs of K in shared memory, so gate/up needs no
 split-K launch. Batch-invariant like the tiles: a pair's columns never meet the other pairs' (mma_decode.cu).
 
@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 
 PAIRS = 16  # pairs a tile of route_tiles: the kernels' two mma columns of 8
 ROWS_GROUP = 64  # the packed codes' row groups the kernels index (quant/packed.py)
-# H200 sweep (bench/gpu_mma_moe.py): m16 row tiles a CTA (RT), warps a tile over runs of K (KS), blocks a
-# register stage (PD; two stages alternate), CTAs an SM the registers are capped for (MINB)
-# by the columns of 8 pairs a CTA holds; a kind's KS must be the same in both (where a warp's run of K ends sets the
-# bits; RT, PD and MINB do not). T=1, cold L2, us a layer: 30.9 (Triton tiles 50.1); T=64: 223 (269).
+# H200 sweep (bench/gpu_mma_moe.py), by the columns of 8 pairs a CTA holds: m16 row tiles a CTA (RT), warps a tile
+# over runs of K (KS), blocks a register stage (PD; two stages alternate), CTAs an SM the registers are capped for
+# (MINB). A kind's KS must be the same for 1 and 2 columns (where a warp's run of K ends sets the bits; RT, PD and
+# MINB do not). T=1, L2 flushed, us a layer: 30.9 (Triton tiles 50.1); T=64: 223 (269).
 CONFIG = {
     ("gate_up", 1): (1, 2, 3, 1),
     ("gate_up", 2): (1, 2, 2, 1),

@@ -1,5 +1,6 @@
-// GPT-OSS MoE decode on mma.sync (sm_80+): MXFP4 expert rows decoded straight into tensor-core A fragments.
-// Compiled at run time by NVRTC (kernels/cuda_moe.py); no headers.
+// Decode-sized GEMMs on mma.sync (sm_80+), the weights decoded straight into tensor-core A fragments: GPT-OSS's MoE
+// (MXFP4 experts: moe_gate_up, moe_down; kernels/cuda_moe.py) and dense Q8_0 matrices (q8_gemm; kernels/
+// cuda_dense.py). Compiled at run time by NVRTC (kernels/nvrtc.py); no headers.
 //
 // The layout read is quant/packed.py's MXFP4 with row groups of 64: codes u32 [rows/64, K/32, 64, 4] (word i of
 // a block holds elements 8i..8i+7; slot s of half h holds element 8i + 2s + h), exponents u8 [rows, K/32].
