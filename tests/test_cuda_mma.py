@@ -46,6 +46,26 @@ def test_decode_gives_each_word_its_elements_in_pairs():
     assert torch.equal(vals.reshape(64, 256), want)
 
 
+def test_q8_decode_gives_each_word_its_elements_in_pairs():
+    """q8_gemm's q8_pair() on a word and on the word >> 8: bytes 0 and 2, then 1 and 3, as f16 values less 1152 =
+    elements 4i, 4i + 1, then 4i + 2, 4i + 3 of word i (the pairs an A fragment register holds)."""
+    from worker_orcd.quant import dequantize
+    from worker_orcd.quant.packed import pack_q8_0
+
+    raw = random_blocks(T.Q8_0, 16, 128)
+    p = pack_q8_0(raw, 16, 128)
+    w = p.codes.to(torch.int64) & 0xFFFFFFFF  # [rows, K/4]
+    pairs = []
+    for v in (w, w >> 8):
+        h = ((v & 0x00FF00FF) ^ 0x64806480).to(torch.int64)
+        halves = torch.stack([h & 0xFFFF, h >> 16], -1).to(torch.int16).view(torch.float16).float() - 1152.0
+        pairs.append(halves)  # [rows, K/4, 2]
+    got = torch.stack(pairs, -2).reshape(16, 128)  # word i: (4i, 4i + 1), (4i + 2, 4i + 3)
+    want = dequantize(raw, T.Q8_0, (16, 128)) / p.scales.float().repeat_interleave(32, 1)
+    assert torch.equal(got, want.round())
+    assert torch.allclose(got, want, atol=1e-3)
+
+
 def test_not_usable_off_cuda_or_switched_off(monkeypatch):
     g, gb, u, ub, d, db = experts(2, 64, 64, "cpu")
     ws = [packed(w) for w in (g, u, d)]
