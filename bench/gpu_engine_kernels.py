@@ -47,6 +47,26 @@ def gpt_oss_experts(dev: str) -> tuple:
     return q(F, D), gb, q(F, D), ub, q(D, F), db
 
 
+def graph_us(fn, iters: int = 20, replays: int = 3) -> float:
+    """us a call of fn: `iters` calls captured in a CUDA graph (after a warm-up call and a warm replay), the mean
+    over `replays` replays."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(iters):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (replays * iters)
+
+
 def time_us(fn, iters: int = 50) -> float:
     for _ in range(3):
         fn()

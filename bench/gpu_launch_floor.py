@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from gpu_engine_kernels import graph_us  # bench/ is on sys.path when this runs as a script
 
 from worker_orcd.kernels import pdl
 from worker_orcd.kernels.pdl import pdl_enter, pdl_launch
@@ -54,20 +55,7 @@ def chain_us(programs: int, block: int, n_launch: int = 200, arrive: bool = Fals
             else:
                 _step_kernel[(programs,)](src, dst, N, BLOCK=block, num_warps=4, **pdl_launch())
 
-    run()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (20 * n_launch)
+    return graph_us(run, iters=1, replays=20) / n_launch
 
 
 def main() -> None:

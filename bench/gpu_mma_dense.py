@@ -13,7 +13,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.gpu_mma_moe import graph_us  # noqa: E402
+from bench.gpu_engine_kernels import graph_us  # noqa: E402
 from tests.test_triton_quant import random_blocks  # noqa: E402
 from worker_orcd.kernels import cuda_dense, triton_quant  # noqa: E402
 from worker_orcd.quant import dequantize  # noqa: E402

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.gpu_engine_kernels import gpt_oss_experts  # noqa: E402
+from bench.gpu_engine_kernels import gpt_oss_experts, graph_us  # noqa: E402
 from bench.gpu_tune import moe_inputs  # noqa: E402
 from worker_orcd.kernels import cuda_moe, triton_moe  # noqa: E402
 from worker_orcd.quant.gpu_matmul import packed  # noqa: E402
@@ -59,25 +59,6 @@ def check() -> None:
             f"finite: {bool(torch.isfinite(got).all())}",
             flush=True,
         )
-
-
-def graph_us(fn, iters: int = 20) -> float:
-    """us a call of fn replayed from a CUDA graph (after warm-up)."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(iters):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (3 * iters)
 
 
 def cold() -> None:

@@ -15,15 +15,12 @@ not float16/bfloat16, or with WORKER_ORCD_CUDA_DENSE=0.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 
 from worker_orcd.kernels import nvrtc
 from worker_orcd.quant.packed import PackedWeight
-
-log = logging.getLogger(__name__)
 
 OUT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -44,9 +41,6 @@ def _name(cfg: tuple[int, ...], nt: int, xbf: bool, out: int) -> str:
     return f"q8_gemm<{', '.join(map(str, cfg))}, {nt}, {str(xbf).lower()}, {out}>"
 
 
-_usable: dict[int, bool] = {}
-
-
 def usable(w: PackedWeight, x: torch.Tensor, y: torch.Tensor) -> bool:
     """Whether q8_gemm takes y = x W^T: CUDA sm_80+, NVRTC present (the first call compiles), Q8_0 row by row
     with N % 16 == 0 and N <= MAX_N, x float16/bfloat16 rows aligned to 16 bytes, y float32/16 or bfloat16."""
@@ -58,17 +52,7 @@ def usable(w: PackedWeight, x: torch.Tensor, y: torch.Tensor) -> bool:
         return False
     if y.dtype not in OUT or x.data_ptr() % 16 or (x.stride(0) * 2) % 16 or w.codes.data_ptr() % 8:
         return False
-    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if idx not in _usable:
-        ok = torch.cuda.get_device_capability(idx) >= (8, 0)
-        if ok:
-            try:
-                nvrtc.load(x.device, [_name(config(w.n, w.k), 1, False, 0)])
-            except (OSError, RuntimeError, AttributeError) as err:  # no NVRTC, a driver without cuLaunchKernelEx
-                log.warning("dense mma kernels unavailable (%s): the Triton tiles run instead", err)
-                ok = False
-        _usable[idx] = ok
-    return _usable[idx]
+    return nvrtc.probe(x.device, [_name(config(w.n, w.k), 1, False, 0)], "dense mma kernels", "the Triton tiles")
 
 
 def q8_matmul(

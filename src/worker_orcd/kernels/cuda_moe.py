@@ -14,15 +14,12 @@ the log).
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 
 from worker_orcd.kernels import nvrtc
 from worker_orcd.quant.packed import PackedWeight
-
-log = logging.getLogger(__name__)
 
 PAIRS = 16  # pairs a tile of route_tiles: the kernels' two mma columns of 8
 ROWS_GROUP = 64  # the packed codes' row groups the kernels index (quant/packed.py)
@@ -61,9 +58,6 @@ def kernels(device: torch.device, configs: dict[tuple, tuple[int, ...]] | None =
     return {v: loaded[n] for v, n in names.items()}
 
 
-_usable: dict[int, bool] = {}
-
-
 def usable(x: torch.Tensor, *weights: PackedWeight) -> bool:
     """Whether the mma kernels take this MoE: CUDA sm_80+, NVRTC present (first call compiles), MXFP4 codes in
     row groups of 64 with foldable scales (real checkpoints), shapes in whole groups; WORKER_ORCD_CUDA_MOE=0 off."""
@@ -71,17 +65,8 @@ def usable(x: torch.Tensor, *weights: PackedWeight) -> bool:
         return False
     if any(w.kind != "mxfp4" or w.group != ROWS_GROUP or not w.fold or w.k % 32 for w in weights):
         return False
-    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if idx not in _usable:
-        ok = torch.cuda.get_device_capability(idx) >= (8, 0)
-        if ok:
-            try:
-                kernels(x.device)
-            except (OSError, RuntimeError, AttributeError) as err:  # no NVRTC, a driver without cuLaunchKernelEx
-                log.warning("MoE mma kernels unavailable (%s): the Triton expert tiles run instead", err)
-                ok = False
-        _usable[idx] = ok
-    return _usable[idx]
+    names = [_name(kind, CONFIG[(kind, nt)], nt, direct) for kind in ("gate_up", "down") for nt, direct in VARIANTS]
+    return nvrtc.probe(x.device, names, "MoE mma kernels", "the Triton expert tiles")
 
 
 def moe_mma(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import logging
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from worker_orcd.kernels.pdl import pdl_launch
 
 SOURCE = Path(__file__).with_name("mma_decode.cu")
+log = logging.getLogger(__name__)
 
 
 def _load_nvrtc() -> ctypes.CDLL:
@@ -153,3 +155,22 @@ def load(device: torch.device, names: list[str]) -> dict[str, Kernel]:
             _check_cu(_driver().cuModuleLoadData(ctypes.byref(module), cubin), "module load")
             _modules[key] = {n: Kernel(module, lowered[n]) for n in names}
     return _modules[key]
+
+
+_probed: dict[tuple, bool] = {}
+
+
+def probe(device: torch.device, names: list[str], what: str, instead: str) -> bool:
+    """Whether `what` (the kernels `names`) runs on `device`: sm_80+ and they compile and load. Asked once per
+    device; a failure (no NVRTC, a driver without cuLaunchKernelEx) is one log line saying what runs `instead`."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if (idx, what) not in _probed:
+        ok = torch.cuda.get_device_capability(idx) >= (8, 0)
+        if ok:
+            try:
+                load(device, names)
+            except (OSError, RuntimeError, AttributeError) as err:
+                log.warning("%s unavailable (%s): %s run instead", what, err, instead)
+                ok = False
+        _probed[(idx, what)] = ok
+    return _probed[(idx, what)]
